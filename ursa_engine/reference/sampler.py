@@ -186,3 +186,27 @@ def _write(out: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
         return value
     out.copy_(value)
     return out
+
+
+def mask_confidence_step(cond, uncond, x, *, mask_id, n_unmasked, noise_scale, seeds, row_len, step,
+                         guidance_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, argmax=False):
+    """MaskGIT-style masked step (§2.4): keep the ``n_unmasked`` most confident tokens per row.
+
+    x (R, L) tokens of R rows; cond/uncond (R, L, K). Confidence of a masked token is
+    ``log p(x̂1) + noise_scale·g`` with Gumbel noise ``g`` from lane 3 (MaskGIT's annealed
+    temperature is ``noise_scale``); already unmasked tokens rank first and stay. Ties break
+    towards the lower index. Returns (R, L).
+    """
+    R, L = x.shape
+    words = _lanes(seeds, row_len, x.numel(), step, TAG_STEP)
+    z = guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature,
+                      top_k=top_k, top_p=top_p, exclude=mask_id)
+    x1 = draw_x1(z, to_uniform(words[0]).view(R, L), argmax=argmax)
+    logp = torch.log_softmax(z, dim=-1).gather(-1, x1.unsqueeze(-1)).squeeze(-1)
+    gumbel = -torch.log(-torch.log(to_uniform(words[3]).to(torch.float64))).view(R, L)
+    masked = x == mask_id
+    conf = torch.where(masked, logp + noise_scale * gumbel, torch.full_like(logp, torch.inf))
+    order = torch.sort(conf, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(L, device=x.device).expand(R, L))
+    keep = rank < n_unmasked.view(R, 1)
+    return torch.where(keep, torch.where(masked, x1, x), torch.full_like(x, mask_id))

@@ -1,0 +1,91 @@
+"""Argument checks shared by the public API: each error names the argument (DESIGN §7).
+
+Checks that read tensor values (ids in range, NaN logits) synchronize with the device; the
+runtime turns them off inside captured steps with ``validate=False``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tokens(name: str, x, K: int, *, values: bool = True, device=None) -> torch.Tensor:
+    """An integer tensor of ids in [0, K)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a LongTensor of token ids, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name}: expected an integer tensor of token ids, got {x.dtype}")
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"{name}: on {x.device}, expected {device}")
+    if values and x.numel():
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"{name}: ids must be in [0, {K}), found values in [{lo}, {hi}]")
+    return x.to(torch.int64)
+
+
+def logits(name: str, z, shape: tuple[int, ...], K: int, *, device, values: bool = True) -> torch.Tensor:
+    """A float tensor of shape ``shape + (K,)`` on ``device``, free of NaN."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{name}: expected a float tensor of logits, got {type(z).__name__}")
+    if z.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"{name}: expected float32/float16/bfloat16 logits, got {z.dtype}")
+    if z.device != torch.device(device):
+        raise ValueError(f"{name}: on {z.device}, but the tokens are on {device}")
+    if z.dim() == 0 or z.shape[-1] != K:
+        last = z.shape[-1] if z.dim() else "none"
+        raise ValueError(f"{name}: last dim {last} but the codebook has K={K}")
+    if tuple(z.shape[:-1]) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(z.shape)} does not match tokens {tuple(shape)} + (K={K},)")
+    if values and torch.isnan(z).any():
+        raise ValueError(f"{name}: contains NaN")
+    return z
+
+
+def times(name: str, t, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Times in [0, 1] broadcast to ``shape``, float64."""
+    if isinstance(t, torch.Tensor):
+        if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+            raise TypeError(f"{name}: expected float times, got {t.dtype}")
+        tt = t.to(device=device, dtype=torch.float64)
+    elif isinstance(t, (int, float)) and not isinstance(t, bool):
+        tt = torch.tensor(float(t), dtype=torch.float64, device=device)
+    else:
+        raise TypeError(f"{name}: expected a float or a tensor, got {type(t).__name__}")
+    if torch.isnan(tt).any() or (tt < 0).any() or (tt > 1).any():
+        raise ValueError(f"{name}: times must lie in [0, 1]")
+    try:
+        return torch.broadcast_to(tt, shape)
+    except RuntimeError:
+        # one time per sample: (B,) against tokens (B, ...)
+        if tt.dim() == 1 and len(shape) >= 1 and tt.shape[0] == shape[0]:
+            return tt.view((-1,) + (1,) * (len(shape) - 1)).expand(shape)
+        raise ValueError(f"{name}: shape {tuple(tt.shape)} does not broadcast to tokens {tuple(shape)}") from None
+
+
+def positive(name: str, v: float) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name}: must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def finite(name: str, v: float) -> float:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ValueError(f"{name}: must be a finite number, got {v!r}")
+    return float(v)
+
+
+def filtering(top_k, top_p, K: int) -> tuple[int, float]:
+    if top_k is None:
+        top_k = 0
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k: must be an int >= 0 (0 = off), got {top_k!r}")
+    if top_p is None:
+        top_p = 1.0
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p: must be in (0, 1], got {top_p!r}")
+    return (0 if top_k >= K else top_k), float(top_p)

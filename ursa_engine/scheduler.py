@@ -1,0 +1,236 @@
+"""The sampling scheduler (DESIGN §2.4): time grid, one Euler step, and its exact law."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validate
+from ._dispatch import resolve
+from .paths import MaskPath, MetricPath, MixturePath
+from .reference import laws
+from .reference.rng import seeds_per_row
+from .reference.sampler import NUM_PARAMS, P_BETA, P_BETA_DOT, P_H, P_RATE, mask_confidence_step
+from .schedules import shift_time
+
+
+class Scheduler:
+    """Euler sampler over the grid ``t_k = shift(k / N)``, ``k = 0..N`` (``t_N = 1``).
+
+    Parameters
+    ----------
+    path : MetricPath | MixturePath | MaskPath
+    num_steps : int
+        N, the number of model evaluations.
+    shift : float
+        Resolution shift λ (§2.2).
+    mask_sampler : {"euler", "confidence"}
+        For the masked path: the Euler step of §2.4, or MaskGIT's confidence ranking.
+    confidence_temperature : float
+        MaskGIT's Gumbel temperature at step 0, annealed linearly to 0.
+    """
+
+    def __init__(self, path, num_steps: int, shift: float = 1.0, *, mask_sampler: str = "euler",
+                 confidence_temperature: float = 4.5):
+        if not isinstance(path, (MetricPath, MixturePath, MaskPath)):
+            raise TypeError(f"path: expected a MetricPath, MixturePath or MaskPath, got {type(path).__name__}")
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+            raise ValueError(f"num_steps: must be an int >= 1, got {num_steps!r}")
+        if mask_sampler not in ("euler", "confidence"):
+            raise ValueError(f"mask_sampler: expected 'euler' or 'confidence', got {mask_sampler!r}")
+        if mask_sampler == "confidence" and not isinstance(path, MaskPath):
+            raise ValueError("mask_sampler: 'confidence' needs a MaskPath")
+        self.path, self.num_steps = path, num_steps
+        self.shift = _validate.positive("shift", shift)
+        self.mask_sampler = mask_sampler
+        self.confidence_temperature = _validate.finite("confidence_temperature", confidence_temperature)
+        grid = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        self.times = shift_time(grid, self.shift)
+        self.times[-1] = 1.0
+        self._params64 = self._step_table()
+        self._params = self._params64.to(torch.float32)  # what the kernels read
+        self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _step_table(self) -> torch.Tensor:
+        """Per-step values (N, NUM_PARAMS) float64: h, β, β̇ and κ̇/(1−κ) at t_k."""
+        table = torch.zeros(self.num_steps, NUM_PARAMS, dtype=torch.float64)
+        t = self.times
+        table[:, P_H] = t[1:] - t[:-1]
+        if isinstance(self.path, MetricPath):
+            table[:, P_BETA] = self.path.beta(t[:-1])
+            table[:, P_BETA_DOT] = self.path.beta_dot(t[:-1])
+        else:
+            table[:, P_RATE] = torch.tensor([self.path.rate(float(v)) for v in t[:-1]], dtype=torch.float64)
+        return table
+
+    def step_values(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-step table and step counters on ``device`` (cached): graph-safe inputs."""
+        key = str(torch.device(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = (self._params.to(device),
+                                       torch.arange(self.num_steps, dtype=torch.int64, device=device))
+        return self._device_cache[key]
+
+    # ------------------------------------------------------------------ step
+    def _check_k(self, k, validate: bool) -> int | torch.Tensor:
+        if isinstance(k, torch.Tensor):
+            if k.dtype != torch.int64 or k.numel() != 1:
+                raise ValueError(f"k: a tensor step index must be one int64 value, got {k.dtype} {tuple(k.shape)}")
+            if validate and not 0 <= int(k) < self.num_steps - 1:
+                raise ValueError(f"k: a tensor step index must be in [0, {self.num_steps - 1}) (the last step "
+                                 f"takes a python int), got {int(k)}")
+            return k
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < self.num_steps:
+            raise ValueError(f"k: must be an int in [0, {self.num_steps}), got {k!r}")
+        return k
+
+    def _options(self, logits, uncond_logits, k, x, guidance_scale, guidance_trunc, temperature,
+                 top_k, top_p, validate):
+        """Validate once; return flattened inputs and the kernel options."""
+        K = self.path.size
+        x = _validate.tokens("x", x, K, values=validate)
+        shape = tuple(x.shape)
+        logits = _validate.logits("logits", logits, shape, K, device=x.device, values=validate)
+        if uncond_logits is not None:
+            uncond_logits = _validate.logits("uncond_logits", uncond_logits, shape, K, device=x.device,
+                                             values=validate)
+            if uncond_logits.dtype != logits.dtype:
+                raise TypeError(f"uncond_logits: dtype {uncond_logits.dtype} differs from logits {logits.dtype}")
+        guidance_scale = _validate.finite("guidance_scale", guidance_scale)
+        guidance_trunc = _validate.finite("guidance_trunc", guidance_trunc)
+        temperature = _validate.positive("temperature", temperature)
+        top_k, top_p = _validate.filtering(top_k, top_p, K)
+        # Guidance truncation (§2.4): past t_k >= trunc the conditional logits alone are used.
+        # With a tensor k the caller decides (it chose whether to compute uncond_logits at all).
+        if uncond_logits is not None and not isinstance(k, torch.Tensor):
+            if self.times[k] >= guidance_trunc:
+                uncond_logits = None
+        opts = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        return logits, uncond_logits, x, opts
+
+    def step(self, logits, k, x, *, uncond_logits=None, guidance_scale: float = 1.0,
+             guidance_trunc: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             argmax_last: bool = False, seed=0, backend: str = "auto", validate: bool = True,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """One sampling step from ``x = x_{t_k}`` (DESIGN §2.4).
+
+        Parameters
+        ----------
+        logits : Tensor S + (K,)
+            Conditional logits for every token (bf16 / fp16 / fp32).
+        k : int or 0-dim int64 device tensor
+            Step index in [0, N). A tensor index reads t, h, β, β̇ from device memory (for CUDA
+            graphs): guidance then applies iff ``uncond_logits`` is given, and the last step
+            (k = N − 1) must be a python int.
+        x : LongTensor S
+            Current tokens.
+        uncond_logits : Tensor S + (K,), optional
+            Unconditional logits; guidance ``z = u + s·(c − u)`` while ``t_k < guidance_trunc``.
+        temperature, top_k, top_p : filtering of z before the x̂1 draw (top_k = 0, top_p = 1: off).
+        argmax_last : bool
+            On the last step return argmax z instead of a draw ("churning by argmax").
+        seed : int or int64 tensor (S[0],)
+            RNG key (§2.5): one int, or one seed per sample (results then do not depend on the
+            batch a sample is generated in). Draws use TAG_STEP and the step index k.
+        backend : {"auto", "torch", "triton", "native"}
+        validate : bool
+            Check token ranges and NaN logits (a host sync); turn off inside CUDA graphs.
+        out : LongTensor S, optional
+            Written in place (may be ``x`` itself).
+
+        Returns
+        -------
+        LongTensor S: x_{t_{k+1}}.
+        """
+        k = self._check_k(k, validate)
+        logits, uncond, x, opts = self._options(logits, uncond_logits, k, x, guidance_scale, guidance_trunc,
+                                                temperature, top_k, top_p, validate)
+        shape, K, device = tuple(x.shape), self.path.size, x.device
+        if out is None:
+            out = torch.empty(shape, dtype=torch.int64, device=device)
+        elif out.shape != x.shape or out.dtype != torch.int64 or out.device != device or not out.is_contiguous():
+            raise ValueError(f"out: expected a contiguous int64 tensor of shape {shape} on {device}")
+        seeds, row_len = seeds_per_row(seed, shape, device)
+        params_all, counters = self.step_values(device)
+        if isinstance(k, torch.Tensor):
+            kk = k.reshape(1).to(device)
+            params, step, last = params_all.index_select(0, kk).view(-1), kk, False
+        else:
+            params, step, last = params_all[k], counters[k:k + 1], k == self.num_steps - 1
+        flat = dict(cond=logits.reshape(-1, K).contiguous(),
+                    uncond=None if uncond is None else uncond.reshape(-1, K).contiguous(),
+                    x=x.reshape(-1).contiguous())
+        if self.mask_sampler == "confidence":
+            return self._confidence_step(flat, k, shape, seeds, row_len, step, opts, argmax_last, out)
+        common = dict(seeds=seeds, row_len=row_len, last=last, argmax_last=argmax_last, **opts)
+        filt = dict(top_k=opts["top_k"], top_p=opts["top_p"])
+        flat_out = out.view(-1)
+        if isinstance(self.path, MetricPath):
+            fn = resolve("metric_step", backend, device, **filt)
+            table = self.path.codebook.normalized_on(device)
+            fn(flat["cond"], flat["uncond"], flat["x"], table, params, step, power=self.path.power,
+               levels=self.path.codebook.levels, out=flat_out, **common)
+        elif isinstance(self.path, MixturePath):
+            fn = resolve("mixture_step", backend, device, **filt)
+            fn(flat["cond"], flat["uncond"], flat["x"], params, step, out=flat_out, **common)
+        else:
+            fn = resolve("mask_step", backend, device, **filt)
+            fn(flat["cond"], flat["uncond"], flat["x"], params, step, mask_id=self.path.mask_id,
+               out=flat_out, **common)
+        return out
+
+    def _confidence_step(self, flat, k, shape, seeds, row_len, step, opts, argmax_last, out):
+        if isinstance(k, torch.Tensor):
+            raise ValueError("k: the confidence sampler takes a python int step index")
+        rows = shape[0] if len(shape) > 1 else 1
+        length = flat["x"].numel() // max(rows, 1)
+        K = self.path.size
+        n = math.ceil(float(self.path.kappa(float(self.times[k + 1]))) * length - 1e-9)
+        # at least one more token per step while any remain masked (MaskGIT)
+        unmasked = (flat["x"].view(rows, length) != self.path.mask_id).sum(-1)
+        n_unmasked = torch.clamp(torch.maximum(unmasked + 1, torch.full_like(unmasked, n)), max=length)
+        last = k == self.num_steps - 1
+        noise = self.confidence_temperature * (1 - (k + 1) / self.num_steps)
+        cond = flat["cond"].view(rows, length, K)
+        uncond = None if flat["uncond"] is None else flat["uncond"].view(rows, length, K)
+        new = mask_confidence_step(cond, uncond, flat["x"].view(rows, length), mask_id=self.path.mask_id,
+                                   n_unmasked=n_unmasked, noise_scale=noise, seeds=seeds, row_len=row_len,
+                                   step=step.reshape(-1)[0], argmax=last and argmax_last, **opts)
+        out.view(-1).copy_(new.view(-1))
+        return out
+
+    # ------------------------------------------------------------------ exact law
+    def step_probs(self, logits, k, x, *, uncond_logits=None, guidance_scale: float = 1.0,
+                   guidance_trunc: float = 1.0, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, argmax_last: bool = False, **_ignored) -> torch.Tensor:
+        """Exact law of :meth:`step`'s result (§2.4): float64 of shape S + (K,). Small K only
+        (the metric law costs O(D·K²)). Accepts and ignores ``seed`` / ``backend`` / ``out``."""
+        if self.mask_sampler == "confidence":
+            raise NotImplementedError("step_probs: the confidence sampler couples tokens (top-n "
+                                      "selection) and has no per-token law")
+        if not isinstance(k, int):
+            raise ValueError(f"k: step_probs takes a python int, got {type(k).__name__}")
+        k = self._check_k(k, True)
+        logits, uncond, x, opts = self._options(logits, uncond_logits, k, x, guidance_scale, guidance_trunc,
+                                                temperature, top_k, top_p, True)
+        K = self.path.size
+        cond = logits.reshape(-1, K)
+        uncond = None if uncond is None else uncond.reshape(-1, K)
+        flat_x = x.reshape(-1)
+        last = k == self.num_steps - 1
+        p = self._params64[k]
+        common = dict(last=last, argmax_last=argmax_last, **opts)
+        if isinstance(self.path, MetricPath):
+            law = laws.metric_step_probs(cond, uncond, flat_x, self.path.codebook.normalized_on(x.device),
+                                         h=float(p[P_H]), beta=float(p[P_BETA]), beta_dot=float(p[P_BETA_DOT]),
+                                         power=self.path.power, **common)
+        elif isinstance(self.path, MixturePath):
+            law = laws.mixture_step_probs(cond, uncond, flat_x, h=float(p[P_H]), rate=float(p[P_RATE]), **common)
+        else:
+            law = laws.mask_step_probs(cond, uncond, flat_x, mask_id=self.path.mask_id, h=float(p[P_H]),
+                                       rate=float(p[P_RATE]), **common)
+        return law.view(*x.shape, K)
+
+    def __repr__(self):
+        return f"Scheduler({self.path!r}, num_steps={self.num_steps}, shift={self.shift})"
