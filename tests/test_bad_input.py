@@ -1,0 +1,122 @@
+"""Bad input raises a clear error naming the argument, and writes nothing (DESIGN §7)."""
+
+import pytest
+import torch
+
+import ursa_engine as ue
+
+
+class NotATensor:
+    """An arbitrary object: a weights-only load must refuse to unpickle it."""
+
+
+@pytest.fixture
+def sched():
+    return ue.Scheduler(ue.MetricPath(ue.Codebook.fsq((3, 3)), alpha=1.0, c=5.0), 10)
+
+
+def _inputs(K=9, S=(2, 5)):
+    return torch.randn(*S, K), torch.randint(0, K, S)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda z, x: (z, x + 9), r"x: ids must be in \[0, 9\)"),
+    (lambda z, x: (z, x - 10), r"x: ids must be in"),
+    (lambda z, x: (z.index_fill(-1, torch.tensor([2]), float("nan")), x), "logits: contains NaN"),
+    (lambda z, x: (z[..., :8], x), "logits: last dim 8 but the codebook has K=9"),
+    (lambda z, x: (z[:1], x), r"logits: shape \(1, 5, 9\) does not match tokens \(2, 5\)"),
+    (lambda z, x: (z.to(torch.int32), x), "logits: expected float32/float16/bfloat16"),
+    (lambda z, x: (z, x.float()), "x: expected an integer tensor"),
+    (lambda z, x: (z.to("meta"), x), "logits: on meta"),
+])
+def test_step_rejects_bad_tensors(sched, mutate, match):
+    z, x = mutate(*_inputs())
+    out = torch.full((2, 5), -1, dtype=torch.int64)
+    with pytest.raises((ValueError, TypeError), match=match):
+        sched.step(z, 3, x, out=out, backend="torch")
+    assert (out == -1).all(), "nothing may be written on error"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=0.0), "temperature: must be a positive"),
+    (dict(guidance_scale=float("nan")), "guidance_scale: must be a finite"),
+    (dict(top_k=-1), "top_k: must be an int >= 0"),
+    (dict(top_p=0.0), r"top_p: must be in \(0, 1\]"),
+    (dict(seed=-3), r"seed: must be in \[0, 2\^63\)"),
+    (dict(seed=1.5), "seed: expected an int"),
+    (dict(seed=torch.tensor([1, 2, 3])), r"seed: one seed per sample needs shape \(2,\)"),
+    (dict(backend="cuda"), "backend: expected 'auto' or one of"),
+    (dict(uncond_logits=torch.randn(2, 5, 9, dtype=torch.float64)), "uncond_logits: dtype"),
+])
+def test_step_rejects_bad_options(sched, kwargs, match):
+    z, x = _inputs()
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        sched.step(z, 3, x, **kwargs)
+
+
+@pytest.mark.parametrize("k", [-1, 10, 2.0, True])
+def test_step_rejects_bad_step_index(sched, k):
+    z, x = _inputs()
+    with pytest.raises(ValueError, match="k: must be an int in"):
+        sched.step(z, k, x)
+
+
+@pytest.mark.parametrize("t, match", [
+    (1.5, r"t: times must lie in \[0, 1\]"),
+    (-0.1, r"t: times must lie in \[0, 1\]"),
+    (float("nan"), r"t: times must lie in \[0, 1\]"),
+    (torch.rand(3), r"t: shape \(3,\) does not broadcast"),
+    ("0.5", "t: expected a float or a tensor"),
+])
+def test_path_sample_rejects_bad_times(t, match):
+    path = ue.MetricPath(ue.Codebook.fsq((3, 3)))
+    with pytest.raises((ValueError, TypeError), match=match):
+        path.sample(torch.zeros(2, 4, dtype=torch.int64), t)
+
+
+def test_path_sample_rejects_ids_outside_codebook():
+    for path in (ue.MetricPath(ue.Codebook.fsq((3, 3))), ue.MixturePath(9), ue.MaskPath(9, 8)):
+        with pytest.raises(ValueError, match=r"x1: ids must be in \[0, 9\)"):
+            path.sample(torch.tensor([0, 9]), 0.5)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: ue.Codebook(torch.randn(5)), r"emb: expected shape \(K, m\)"),
+    (lambda: ue.Codebook(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])), "emb: contains NaN"),
+    (lambda: ue.Codebook(torch.ones(4, 2, dtype=torch.int64)), "emb: expected a float tensor"),
+    (lambda: ue.Codebook.fsq((8, 1)), "levels: every level must be >= 2"),
+    (lambda: ue.MetricPath(torch.randn(4, 2)), "codebook: expected a ue.Codebook"),
+    (lambda: ue.MetricPath(ue.Codebook.fsq((3,)), alpha=-1.0), "alpha: must be a positive"),
+    (lambda: ue.MetricPath(ue.Codebook.fsq((3,)), power=3), "power: must be 2 or 4"),
+    (lambda: ue.MixturePath(1), "K: must be an int >= 2"),
+    (lambda: ue.MixturePath(5, "sigmoid"), "schedule: expected one of"),
+    (lambda: ue.MaskPath(5, 5), r"mask_id: must be an int in \[0, 5\)"),
+    (lambda: ue.Scheduler(ue.MixturePath(5), 0), "num_steps: must be an int >= 1"),
+    (lambda: ue.Scheduler(ue.MixturePath(5), 4, shift=0.0), "shift: must be a positive"),
+    (lambda: ue.Scheduler(ue.MixturePath(5), 4, mask_sampler="confidence"), "mask_sampler: 'confidence' needs"),
+])
+def test_constructors_reject_bad_arguments(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_codebook_from_pretrained_rejects_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path: .* holds neither scheduler_model.pth"):
+        ue.Codebook.from_pretrained(tmp_path)
+    torch.save({"other": torch.zeros(3, 2)}, tmp_path / "scheduler_model.pth")
+    with pytest.raises(KeyError, match="has no 'path.emb' entry"):
+        ue.Codebook.from_pretrained(tmp_path)
+
+    torch.save({"path.emb": NotATensor()}, tmp_path / "scheduler_model.pth")
+    with pytest.raises(ValueError, match="is not a tensors-only torch file"):
+        ue.Codebook.from_pretrained(tmp_path)
+
+
+def test_codebook_loads_pth_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    emb = torch.randn(12, 4)
+    torch.save({"path.emb": emb}, tmp_path / "scheduler_model.pth")
+    assert torch.equal(ue.Codebook.from_pretrained(tmp_path).emb, emb)
+    save_file({"path.emb": emb}, str(tmp_path / "codes.safetensors"))
+    assert torch.equal(ue.Codebook.from_pretrained(tmp_path / "codes.safetensors").emb, emb)
