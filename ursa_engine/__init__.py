@@ -5,6 +5,7 @@ Importing the package compiles nothing: Triton kernels and the native extension 
 
 from . import compat
 from .codebook import Codebook
+from .model import ModelConfig, URSATransformer, latent_positions
 from .paths import MaskPath, MetricPath, MixturePath
 from .scheduler import Scheduler
 from .schedules import frame_times_to_tokens, sample_timesteps, shift_time
@@ -19,5 +20,6 @@ __all__ = [
     "sample_timesteps",
     "frame_times_to_tokens",
     "compat",
+    "ModelConfig", "URSATransformer", "latent_positions",
 ]
 __version__ = "0.1.0"

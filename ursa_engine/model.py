@@ -1,0 +1,305 @@
+"""The URSA transformer: a Qwen3 decoder run bidirectionally over [prompt, BOV, latents] (DESIGN §3).
+
+Layer: RMSNorm -> attention (QK-norm, GQA, 3D RoPE, no mask) -> residual -> RMSNorm -> SwiGLU
+MLP -> residual; a final RMSNorm and ``lm_head`` (hidden -> K). Logits of latent token ``j`` come
+from the position one earlier (BOV predicts latent 0).
+
+The q / k / v and gate / up projections are stored fused (``qkv_proj``, ``gate_up_proj``): one
+GEMM each instead of three / two. :mod:`ursa_engine.checkpoint` converts to and from the Qwen3
+names of the checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from . import model_ops
+from .attention import attention
+from .reference.rope import rope_tables
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Transformer sizes and vocabulary (DESIGN §3); field names follow ``transformer/config.json``."""
+
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    num_hidden_layers: int = 28
+    head_dim: int = 128
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    vocab_size: int = 215669  # text ids [0, lm_vocab_size) then K visual ids
+    lm_vocab_size: int = 151669  # visual token v has input id lm_vocab_size + v
+    lm_head_size: int = 64000  # K, the codebook size
+    bov_token_id: int = 151652
+    pad_token_id: int = 151643  # Qwen3 "<|endoftext|>", the tokenizer's pad
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "ursa-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_hidden_layers=28),
+        "ursa-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_hidden_layers=28),
+        "ursa-4b": dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_hidden_layers=36),
+        # CPU tests: every feature (GQA, 3D RoPE with both pair groups, K = 64 = FSQ (4, 4, 4))
+        "tiny": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                     num_hidden_layers=2, head_dim=16, vocab_size=576, lm_vocab_size=512, lm_head_size=64,
+                     bov_token_id=500, pad_token_id=1),
+    }
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim: must be even for RoPE, got {self.head_dim}")
+        if self.vocab_size < self.lm_vocab_size + self.lm_head_size:
+            raise ValueError(f"vocab_size={self.vocab_size} < lm_vocab_size + lm_head_size = "
+                             f"{self.lm_vocab_size + self.lm_head_size}: visual ids would not fit")
+        for name in ("bov_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.lm_vocab_size:
+                raise ValueError(f"{name}={getattr(self, name)} is not a text id in [0, {self.lm_vocab_size})")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """``"tiny" | "ursa-0.6b" | "ursa-1.7b" | "ursa-4b"``; keyword overrides win (e.g. ``lm_head_size``)."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"preset: unknown {name!r}, expected one of {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """From a ``config.json`` dict; keys that are not fields (diffusers metadata...) are ignored.
+
+        Missing fields take the Qwen3 / URSA defaults (``head_dim`` 128, ``rms_norm_eps`` 1e-6...).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "vocab_size" not in kwargs and {"lm_vocab_size", "lm_head_size"} <= kwargs.keys():
+            kwargs["vocab_size"] = kwargs["lm_vocab_size"] + kwargs["lm_head_size"]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def num_params(self) -> int:
+        """Parameter count (embedding, layers, final norm, lm_head)."""
+        h, d, hq, hkv = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * self.intermediate_size + 2 * h + 2 * d
+        return self.vocab_size * h + self.num_hidden_layers * layer + h + self.lm_head_size * h
+
+    def forward_flops(self, seq_len: int, *, batch: int = 1, latent_tokens: int | None = None) -> float:
+        """Matmul FLOPs of one forward (DESIGN §6 counting): linear layers, attention, lm_head."""
+        h, d, hq, hkv = self.hidden_size, self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        per_token = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * self.intermediate_size
+        linear = 2.0 * per_token * self.num_hidden_layers * seq_len
+        attn = 4.0 * seq_len * seq_len * hq * d * self.num_hidden_layers
+        head = 2.0 * (seq_len if latent_tokens is None else latent_tokens) * h * self.lm_head_size
+        return batch * (linear + attn + head)
+
+
+def latent_positions(prompt_len: int, latents_shape, *, device=None) -> torch.Tensor:
+    """3D RoPE positions of ``[prompt, BOV, latents]`` (DESIGN §3).
+
+    Prompt token ``p`` -> ``(p, p, p)``; BOV -> ``(P, P, P)``; latent ``(f, y, x)`` -> ``(P + 1 + f, y, x)``
+    in row-major (f, y, x) order.
+
+    Parameters
+    ----------
+    prompt_len : P, the (padded) prompt length
+    latents_shape : (T, H, W), or (H, W) for an image (T = 1)
+
+    Returns
+    -------
+    (P + 1 + T·H·W, 3) int64 tensor
+    """
+    shape = tuple(int(s) for s in latents_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"latents_shape: expected (T, H, W) or (H, W) of positive sizes, got {latents_shape}")
+    if prompt_len < 0:
+        raise ValueError(f"prompt_len: must be >= 0, got {prompt_len}")
+    text = torch.arange(prompt_len + 1, device=device)[:, None].expand(-1, 3)  # prompt and BOV
+    grid = torch.stack(torch.meshgrid(*(torch.arange(s, device=device) for s in shape), indexing="ij"), -1)
+    grid = grid.reshape(-1, 3)
+    grid[:, 0] += prompt_len + 1
+    return torch.cat([text, grid])
+
+
+def sequence_ids(prompt_ids: torch.Tensor, latents: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Input ids ``[prompt, BOV, lm_vocab_size + latents]``: (B, P) and (B, ...) -> (B, P + 1 + N)."""
+    B = prompt_ids.shape[0]
+    bov = torch.full((B, 1), config.bov_token_id, dtype=torch.long, device=prompt_ids.device)
+    return torch.cat([prompt_ids.long(), bov, latents.reshape(B, -1).long() + config.lm_vocab_size], 1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, residual=None, *, backend="auto"):
+        return model_ops.rms_norm(x, self.weight, self.eps, residual=residual, backend=backend)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_q, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_q + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_q * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, *, attn_backend="auto", ops_backend="auto"):
+        # x: (B, L, hidden); cos, sin: (L, D/2) or (B, L, D/2)
+        d, nq, nkv = self.head_dim, self.n_q, self.n_kv
+        qkv = self.qkv_proj(x)  # (B, L, (Hq + 2 Hkv) D)
+        q = qkv[..., : nq * d].unflatten(-1, (nq, d))
+        k = qkv[..., nq * d : (nq + nkv) * d].unflatten(-1, (nkv, d))
+        v = qkv[..., (nq + nkv) * d :].unflatten(-1, (nkv, d))
+        q, k = model_ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps,
+                                      backend=ops_backend)
+        o = attention(q, k, v, backend=attn_backend)  # (B, L, Hq, D)
+        return self.o_proj(o.flatten(2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, *, backend="auto"):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # views of one (B, L, 2I) GEMM output
+        return self.down_proj(model_ops.swiglu(gate, up, backend=backend))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, *, attn_backend="auto", ops_backend="auto"):
+        a = self.self_attn(self.input_layernorm(h, backend=ops_backend), cos, sin,
+                           attn_backend=attn_backend, ops_backend=ops_backend)
+        h, n = self.post_attention_layernorm(a, h, backend=ops_backend)  # h += a; n = norm(h), fused
+        return h + self.mlp(n, backend=ops_backend)
+
+
+class Decoder(nn.Module):
+    """Qwen3's ``model`` submodule: embeddings, layers, final norm (checkpoint prefix ``model.``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class URSATransformer(nn.Module):
+    """Bidirectional Qwen3 over ``[prompt, BOV, latents]`` returning logits over the K codes.
+
+    ``URSATransformer(cfg)`` has random weights (benchmarks, tests); use :meth:`from_pretrained`
+    for a checkpoint. ``attn_backend`` (see :mod:`ursa_engine.attention`) and ``ops_backend``
+    (``"auto" | "torch" | "triton"`` for RMSNorm, QK-norm + RoPE, SwiGLU) are plain attributes.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype | None = None, device=None,
+                 attn_backend: str = "auto", ops_backend: str = "auto", init_std: float = 0.02):
+        super().__init__()
+        self.config = cfg
+        self.attn_backend, self.ops_backend = attn_backend, ops_backend
+        with torch.device(device if device is not None else torch.get_default_device()):
+            self.model = Decoder(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.lm_head_size, bias=False)
+        if self.lm_head.weight.device.type != "meta":
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=init_std)
+        if dtype is not None:
+            self.to(dtype)
+        self.requires_grad_(False)  # an inference engine; call requires_grad_(True) to train
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
+                        **options) -> "URSATransformer":
+        """Load a diffusers-layout ``transformer/`` folder (config.json + safetensors); see
+        :func:`ursa_engine.checkpoint.load_transformer`."""
+        from .checkpoint import load_transformer
+
+        return load_transformer(folder, dtype=dtype, device=device, **options)
+
+    def save_pretrained(self, folder: str | os.PathLike, **options) -> None:
+        """Write this model as a ``transformer/`` folder; see :func:`ursa_engine.checkpoint.save_transformer`."""
+        from .checkpoint import save_transformer
+
+        save_transformer(self, folder, **options)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos / sin tables, (L, D/2) or (B, L, D/2), for positions (L, 3) or (B, L, 3)."""
+        return rope_tables(positions.to(self.device), self.config.head_dim, self.config.rope_theta)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, latent_tokens: int | None = None,
+                attn_backend: str | None = None, ops_backend: str | None = None) -> torch.Tensor:
+        """Logits over the K visual codes.
+
+        Parameters
+        ----------
+        input_ids : (B, L) int64, from :func:`sequence_ids`
+        positions : (L, 3) or (B, L, 3) from :func:`latent_positions`; or give ``rope``
+        rope : precomputed ``self.rope_tables(positions)`` (the engine computes them once)
+        latent_tokens : N; when given, only the N positions that predict the last N tokens
+            (``L − N − 1 .. L − 2``) go through the final norm and ``lm_head``
+        attn_backend, ops_backend : override the model's attributes for this call
+
+        Returns
+        -------
+        (B, L, K) logits, or (B, N, K) with ``latent_tokens``; the model's dtype
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (B, L), got shape {tuple(input_ids.shape)}")
+        L = input_ids.shape[1]
+        if rope is None:
+            if positions is None:
+                raise ValueError("positions: required (or pass rope=model.rope_tables(positions))")
+            if positions.shape[-2] != L:
+                raise ValueError(f"positions: {positions.shape[-2]} positions for {L} input ids")
+            rope = self.rope_tables(positions)
+        if latent_tokens is not None and not 0 < latent_tokens < L:
+            raise ValueError(f"latent_tokens: must be in [1, {L}), got {latent_tokens}")
+        attn_backend = attn_backend or self.attn_backend
+        ops_backend = ops_backend or self.ops_backend
+        cos, sin = rope
+        h = self.model.embed_tokens(input_ids)  # (B, L, hidden)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attn_backend=attn_backend, ops_backend=ops_backend)
+        if latent_tokens is not None:
+            h = h[:, L - latent_tokens - 1 : L - 1]  # position i predicts token i + 1
+        return self.lm_head(self.model.norm(h, backend=ops_backend))

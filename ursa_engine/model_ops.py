@@ -1,0 +1,73 @@
+"""The transformer's fused ops with a ``backend`` switch: ``"torch"`` (the oracle in
+:mod:`ursa_engine.reference`) or ``"triton"`` (:mod:`triton_kernels`); ``"auto"`` picks Triton on
+CUDA tensors when it is importable. On the CPU ``"triton"`` needs ``TRITON_INTERPRET=1`` (tests).
+
+Each function validates nothing beyond what its backend needs: the model calls them with shapes
+it built itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .reference import rmsnorm as _ref_norm
+from .reference import rope as _ref_rope
+from .reference import swiglu as _ref_swiglu
+
+MODEL_OP_BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """None if the Triton kernels can run on ``device``, else the reason."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"Triton kernels need a CUDA device (got {device}; set TRITON_INTERPRET=1 to interpret)"
+    try:
+        importlib.import_module("triton")
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"torch"`` or ``"triton"`` for a requested backend; raises if the request cannot be met."""
+    if backend not in MODEL_OP_BACKENDS:
+        raise ValueError(f"backend: expected one of {MODEL_OP_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_unavailable(device) is None else "torch"
+    if backend == "triton":
+        reason = triton_unavailable(device)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton': {reason}")
+    return backend
+
+
+def _kernels(name: str):
+    return importlib.import_module(f"triton_kernels.{name}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
+             backend: str = "auto"):
+    """RMSNorm of ``x`` (..., N); with ``residual``, returns ``(x + residual, rms_norm(x + residual))``."""
+    if resolve_backend(backend, x.device) == "triton":
+        return _kernels("rmsnorm").rms_norm(x, weight, eps, residual=residual)
+    if residual is None:
+        return _ref_norm.rms_norm(x, weight, eps)
+    return _ref_norm.add_rms_norm(x, residual, weight, eps)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float, *, backend: str = "auto"):
+    """QK-norm + 3D RoPE: q (B, L, Hq, D), k (B, L, Hkv, D) -> both contiguous, same shapes."""
+    if resolve_backend(backend, q.device) == "triton":
+        return _kernels("qk_norm_rope").qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+    return _ref_rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up`` for (..., I) tensors."""
+    if resolve_backend(backend, gate.device) == "triton":
+        return _kernels("swiglu").swiglu(gate, up)
+    return _ref_swiglu.swiglu(gate, up)
