@@ -10,12 +10,12 @@ if not torch.cuda.is_available():  # must be set before any @triton.jit is decor
 
 pytest.importorskip("triton")
 
-from triton_kernels import qk_norm_rope as k_rope  # noqa: E402
-from triton_kernels import rmsnorm as k_norm  # noqa: E402
-from triton_kernels import swiglu as k_swiglu  # noqa: E402
-from ursa_engine.reference import rmsnorm as ref_norm  # noqa: E402
-from ursa_engine.reference import rope as ref_rope  # noqa: E402
-from ursa_engine.reference import swiglu as ref_swiglu  # noqa: E402
+from triton_kernels import qk_norm_rope as k_rope
+from triton_kernels import rmsnorm as k_norm
+from triton_kernels import swiglu as k_swiglu
+from ursa_engine.reference import rmsnorm as ref_norm
+from ursa_engine.reference import rope as ref_rope
+from ursa_engine.reference import swiglu as ref_swiglu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -5,6 +5,7 @@ Importing the package compiles nothing: Triton kernels and the native extension 
 
 from . import compat
 from .codebook import Codebook
+from .engine import Engine, GenerationResult
 from .model import ModelConfig, URSATransformer, latent_positions
 from .paths import MaskPath, MetricPath, MixturePath
 from .scheduler import Scheduler
@@ -21,5 +22,6 @@ __all__ = [
     "frame_times_to_tokens",
     "compat",
     "ModelConfig", "URSATransformer", "latent_positions",
+    "Engine", "GenerationResult",
 ]
 __version__ = "0.1.0"

@@ -112,7 +112,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     -------
     (B, L, Hq, D) tensor of q's dtype
     """
-    B, L, Hq, D = q.shape
+    _, L, Hq, D = q.shape
     Hkv = k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"q / k: {Hq} query heads is not a multiple of {Hkv} key-value heads")

@@ -126,7 +126,7 @@ def weight_files(folder: str | os.PathLike, *, variant: str | None = None) -> di
             raise CheckpointError(f"{folder}: expected one *{suffix} weights file or an index json, found {what}")
         found = candidates[0]
     with safe_open(found, framework="pt") as f:
-        return {k: found for k in f.keys()}
+        return dict.fromkeys(f.keys(), found)
 
 
 def check_weights(folder: str | os.PathLike, cfg: ModelConfig, files: dict[str, Path]) -> None:
@@ -142,7 +142,7 @@ def check_weights(folder: str | os.PathLike, cfg: ModelConfig, files: dict[str, 
     bad = []
     for path in sorted(set(files.values())):
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if name not in expected or files.get(name) != path:
                     continue
                 sl = f.get_slice(name)
@@ -179,7 +179,7 @@ def load_transformer(folder: str | os.PathLike, *, dtype: torch.dtype | None = N
     tensors = {}
     for path in sorted(set(files.values())):
         with safe_open(path, framework="pt", device=str(device)) as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if files.get(name) == path:
                     t = f.get_tensor(name)
                     dtype = dtype or t.dtype

@@ -44,13 +44,13 @@ class ModelConfig:
     pad_token_id: int = 151643  # Qwen3 "<|endoftext|>", the tokenizer's pad
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "ursa-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_hidden_layers=28),
-        "ursa-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_hidden_layers=28),
-        "ursa-4b": dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_hidden_layers=36),
+        "ursa-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16, "num_hidden_layers": 28},
+        "ursa-1.7b": {"hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16, "num_hidden_layers": 28},
+        "ursa-4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32, "num_hidden_layers": 36},
         # CPU tests: every feature (GQA, 3D RoPE with both pair groups, K = 64 = FSQ (4, 4, 4))
-        "tiny": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                     num_hidden_layers=2, head_dim=16, vocab_size=576, lm_vocab_size=512, lm_head_size=64,
-                     bov_token_id=500, pad_token_id=1),
+        "tiny": {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "num_hidden_layers": 2, "head_dim": 16, "vocab_size": 576, "lm_vocab_size": 512, "lm_head_size": 64,
+                     "bov_token_id": 500, "pad_token_id": 1},
     }
 
     def __post_init__(self):
@@ -67,14 +67,14 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is not a text id in [0, {self.lm_vocab_size})")
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
+    def preset(cls, name: str, **overrides) -> ModelConfig:
         """``"tiny" | "ursa-0.6b" | "ursa-1.7b" | "ursa-4b"``; keyword overrides win (e.g. ``lm_head_size``)."""
         if name not in cls.PRESETS:
             raise ValueError(f"preset: unknown {name!r}, expected one of {sorted(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         """From a ``config.json`` dict; keys that are not fields (diffusers metadata...) are ignored.
 
         Missing fields take the Qwen3 / URSA defaults (``head_dim`` 128, ``rms_norm_eps`` 1e-6...).
@@ -86,7 +86,7 @@ class ModelConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
@@ -240,7 +240,7 @@ class URSATransformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
-                        **options) -> "URSATransformer":
+                        **options) -> URSATransformer:
         """Load a diffusers-layout ``transformer/`` folder (config.json + safetensors); see
         :func:`ursa_engine.checkpoint.load_transformer`."""
         from .checkpoint import load_transformer

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -54,7 +54,7 @@ class PromptTokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, length: int = PROMPT_LENGTH,
-                        default_pad: str = "<|endoftext|>") -> "PromptTokenizer":
+                        default_pad: str = "<|endoftext|>") -> PromptTokenizer:
         from tokenizers import Tokenizer
 
         folder = Path(folder)

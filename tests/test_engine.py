@@ -1,0 +1,239 @@
+"""Engine.generate on the CPU: equal to a hand-written loop, deterministic, batch invariant,
+conditioning, extrapolation, loading a whole checkpoint root, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+import ursa_engine as ue
+from ursa_engine.checkpoint import save_transformer
+from ursa_engine.model import latent_positions, sequence_ids
+from ursa_engine.tokenizer import pad_prompt_ids
+
+CFG = ue.ModelConfig.preset("tiny")
+P = 8  # prompt length for these tests (URSA: 320)
+SHAPE = (2, 3, 4)
+N_TOK = 24
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ue.URSATransformer(CFG, init_std=0.2)
+
+
+def metric_sched(steps=4, shift=1.0):
+    return ue.Scheduler(ue.MetricPath(ue.Codebook.fsq((4, 4, 4)), alpha=1.0, c=5.0), steps, shift=shift)
+
+
+def engine_for(model, sched=None, **kw):
+    return ue.Engine(model, sched or metric_sched(), prompt_length=P, mode="eager", **kw)
+
+
+PROMPTS = [[11, 12, 13], [40, 41, 42, 43, 44]]
+NEG = [[7, 7]]
+
+
+def hand_loop(model, sched, prompts, neg, x0, *, scale, trunc, seed):
+    """model + scheduler, every step evaluated (no skipping), full logits sliced by hand."""
+    B = len(prompts)
+    cond = pad_prompt_ids(prompts, CFG.pad_token_id, P)
+    uncond = pad_prompt_ids(neg, CFG.pad_token_id, P).expand(B, -1)
+    pos = latent_positions(P, SHAPE)
+    x = x0.reshape(B, -1)
+    seeds = torch.arange(B) + seed
+    for k in range(sched.num_steps):
+        ids = torch.cat([sequence_ids(cond, x, CFG), sequence_ids(uncond, x, CFG)])
+        logits = model(ids, pos)[:, -N_TOK - 1 : -1]
+        x = sched.step(logits[:B], k, x, uncond_logits=logits[B:], guidance_scale=scale, guidance_trunc=trunc,
+                       seed=seeds)
+    return x.view(B, *SHAPE)
+
+
+def test_generate_equals_hand_written_loop(model):
+    sched = metric_sched(steps=5, shift=2.0)
+    eng = engine_for(model, sched)
+    out = eng.generate(PROMPTS, NEG, SHAPE, guidance_scale=3.0, guidance_trunc=0.8, seed=7)
+    x0 = eng.initial_tokens(2, SHAPE, seed=7)
+    ref = hand_loop(model, sched, PROMPTS, NEG, x0, scale=3.0, trunc=0.8, seed=7)
+    assert out.tokens.shape == (2, *SHAPE) and out.tokens.dtype == torch.int64
+    assert torch.equal(out.tokens, ref)
+    times = sched.times[:-1]
+    assert out.guided_steps == int(((times > 0) & (times < 0.8)).sum())  # step 0 skipped
+    assert out.model_calls == 4 and len(out.step_times) == 5 and out.peak_memory is None
+
+
+def test_guidance_runs_as_one_2b_batch_and_truncation_drops_the_unconditional_half(model):
+    sizes = []
+    hook = model.register_forward_hook(lambda m, args, kwargs_out: sizes.append(args[0].shape[0]))
+    try:
+        sched = metric_sched(steps=6)
+        engine_for(model, sched).generate(PROMPTS, NEG, SHAPE, guidance_scale=5.0, guidance_trunc=0.5)
+    finally:
+        hook.remove()
+    t = sched.times[1:-1]  # steps 1..N-1 call the model
+    assert sizes == [4 if float(v) < 0.5 else 2 for v in t]
+
+
+def test_guidance_scale_one_never_evaluates_the_negative_prompt(model):
+    sizes = []
+    hook = model.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    try:
+        engine_for(model).generate(PROMPTS, latents_shape=SHAPE, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 2]
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(model):
+    eng = engine_for(model)
+    a = eng.generate(PROMPTS, NEG, SHAPE, seed=3).tokens
+    assert torch.equal(a, eng.generate(PROMPTS, NEG, SHAPE, seed=3).tokens)
+    assert not torch.equal(a, eng.generate(PROMPTS, NEG, SHAPE, seed=4).tokens)
+
+
+def test_batch_invariant(model):
+    eng = engine_for(model)
+    both = eng.generate(PROMPTS, NEG, SHAPE, seed=10).tokens
+    alone = eng.generate(PROMPTS[1:], NEG, SHAPE, seed=11).tokens  # sample b uses seed + b
+    assert torch.equal(both[1:], alone)
+
+
+def test_mixture_path_equals_hand_written_loop_without_skipping(model):
+    sched = ue.Scheduler(ue.MixturePath(64), 3)
+    eng = engine_for(model, sched)
+    out = eng.generate(PROMPTS, NEG, SHAPE, guidance_scale=2.0, guidance_trunc=1.0, seed=1)
+    ref = hand_loop(model, sched, PROMPTS, NEG, eng.initial_tokens(2, SHAPE, 1), scale=2.0, trunc=1.0, seed=1)
+    assert torch.equal(out.tokens, ref) and out.model_calls == 3
+
+
+def test_mask_path_starts_masked_and_ends_unmasked(model):
+    sched = ue.Scheduler(ue.MaskPath(64, mask_id=63), 3)
+    eng = engine_for(model, sched)
+    assert (eng.initial_tokens(2, SHAPE) == 63).all()
+    out = eng.generate(PROMPTS, NEG, SHAPE, seed=2)
+    assert not (out.tokens == 63).any()
+
+
+def test_single_step_metric_path_is_not_skipped(model):
+    out = engine_for(model, metric_sched(steps=1)).generate(PROMPTS, NEG, SHAPE)
+    assert out.model_calls == 1
+
+
+def test_frozen_conditioning_frames_are_kept(model):
+    eng = engine_for(model)
+    cond = torch.randint(0, 64, (1, 2, 3, 4), generator=torch.Generator().manual_seed(0))
+    out = eng.generate(PROMPTS, NEG, SHAPE, cond_latents=cond, cond_indices=[0, -1], freeze_cond=True)
+    assert torch.equal(out.tokens[:, 0], cond[0, 0].expand(2, -1, -1))
+    assert torch.equal(out.tokens[:, 1], cond[0, 1].expand(2, -1, -1))
+    first = eng.generate(PROMPTS, NEG, SHAPE, cond_latents=cond[:, :1], freeze_cond=True).tokens
+    assert torch.equal(first[:, 0], cond[0, 0].expand(2, -1, -1))
+
+
+def test_conditioning_frames_are_written_before_the_loop(model):
+    eng = engine_for(model)
+    cond = torch.randint(0, 64, (2, 1, 3, 4), generator=torch.Generator().manual_seed(1))
+    out = eng.generate(PROMPTS, NEG, SHAPE, num_steps=1, guidance_scale=1.0, cond_latents=cond, argmax_last=True)
+    x0 = eng.initial_tokens(2, SHAPE)
+    x0[:, 0] = cond[:, 0]
+    ref = eng.generate(PROMPTS, NEG, SHAPE, num_steps=1, guidance_scale=1.0, latents=x0, argmax_last=True)
+    assert torch.equal(out.tokens, ref.tokens)
+
+
+def test_full_length_cond_video_with_indices_uses_those_frames(model):
+    eng = engine_for(model)
+    video = torch.randint(0, 64, (1, 2, 3, 4), generator=torch.Generator().manual_seed(2))
+    out = eng.generate(PROMPTS, NEG, SHAPE, cond_latents=video, cond_indices=[1], freeze_cond=True)
+    assert torch.equal(out.tokens[:, 1], video[0, 1].expand(2, -1, -1))
+
+
+def test_cond_noise_resamples_given_frames(model):
+    eng = engine_for(model)
+    cond = torch.zeros(1, 2, 3, 4, dtype=torch.long)
+    out = eng.generate(PROMPTS, NEG, SHAPE, cond_latents=cond, freeze_cond=True, cond_noise_scale=0.9)
+    assert (out.tokens != 0).any()  # frozen at the noised values, not at the clean ones
+
+
+def test_extrapolate_slides_a_noised_history_window(model):
+    eng = engine_for(model)
+    kw = {"guidance_scale": 2.0, "num_steps": 3}
+    out = eng.extrapolate(PROMPTS, num_windows=2, latents_shape=(3, 3, 4), history_frames=1, seed=5, **kw)
+    assert out.tokens.shape == (2, 3 + 2 * 2, 3, 4)
+    first = eng.generate(PROMPTS, latents_shape=(3, 3, 4), seed=5, **kw).tokens
+    assert torch.equal(out.tokens[:, :3], first)
+    second = eng.generate(PROMPTS, latents_shape=(3, 3, 4), seed=5 + (1 << 32), cond_latents=first[:, -1:],
+                          cond_noise_scale=0.1, **kw).tokens
+    assert torch.equal(out.tokens[:, 3:5], second[:, 1:])
+    assert len(out.step_times) == 9 and out.model_calls == 6
+
+
+def test_progress_bar(model, capsys):
+    engine_for(model).generate(PROMPTS, NEG, SHAPE, progress=True)
+    assert "denoising" in capsys.readouterr().err
+
+
+def _write_root(root, model, *, alpha=1.0, shift=3.0, tokenizer=True):
+    save_transformer(model, root / "transformer")
+    (root / "scheduler").mkdir()
+    cfg = {"shift": shift, "c": 5.0, **({"alpha": alpha} if alpha is not None else {})}
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    torch.save({"path.emb": ue.Codebook.fsq((4, 4, 4)).emb}, root / "scheduler" / "scheduler_model.pth")
+    if tokenizer:
+        tokenizers = pytest.importorskip("tokenizers")
+        vocab = {"[UNK]": 0, "<|endoftext|>": CFG.pad_token_id, "a": 3, "bear": 4}
+        tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+        (root / "tokenizer").mkdir()
+        tok.save(str(root / "tokenizer" / "tokenizer.json"))
+
+
+def test_from_pretrained_root_generates_from_text(tmp_path, model):
+    _write_root(tmp_path, model)
+    eng = ue.Engine.from_pretrained(tmp_path, dtype=torch.float32, device="cpu", prompt_length=P)
+    assert isinstance(eng.scheduler.path, ue.MetricPath) and eng.scheduler.shift == 3.0
+    assert eng.scheduler_for(None, None, frames=1).num_steps == 25  # authors' defaults
+    assert eng.scheduler_for(None, None, frames=13).num_steps == 50
+    out = eng.generate(["a bear", "bear"], latents_shape=(3, 4), num_steps=3, seed=1)
+    ids = [[3, 4], [4]]
+    ref = engine_for(eng.model, eng.scheduler_for(3, None, 1)).generate(ids, [[]], (3, 4), seed=1)
+    assert torch.equal(out.tokens, ref.tokens)
+    assert ue.Engine.from_pretrained(tmp_path, device="cpu", shift=1.0).scheduler.shift == 1.0  # user shift wins
+
+
+def test_from_pretrained_without_alpha_is_the_mixture_path(tmp_path, model):
+    _write_root(tmp_path, model, alpha=None, tokenizer=False)
+    eng = ue.Engine.from_pretrained(tmp_path, device="cpu", num_steps=2)
+    assert isinstance(eng.scheduler.path, ue.MixturePath) and eng.tokenizer is None
+
+
+def test_rejects_bad_arguments(model, tmp_path):
+    eng = engine_for(model)
+    cases = [
+        ({"prompt_ids": "a bear"}, ValueError, "tokenizer"),
+        ({"prompt_ids": [[CFG.lm_vocab_size]]}, ValueError, "text ids"),
+        ({"latents_shape": (0, 3, 4)}, ValueError, "latents_shape"),
+        ({"negative_prompt_ids": [[1], [2], [3]]}, ValueError, "negative_prompt_ids"),
+        ({"cond_latents": torch.zeros(1, 1, 4, 4, dtype=torch.long)}, ValueError, "cond_latents"),
+        ({"cond_latents": torch.full((1, 1, 3, 4), 64)}, ValueError, "cond_latents"),
+        ({"cond_latents": torch.zeros(1, 1, 3, 4)}, TypeError, "cond_latents"),
+        ({"cond_latents": torch.zeros(1, 1, 3, 4, dtype=torch.long), "cond_indices": [5]}, ValueError, "cond_indices"),
+        ({"cond_latents": torch.zeros(1, 1, 3, 4, dtype=torch.long), "cond_noise_scale": 2.0}, ValueError,
+         "cond_noise_scale"),
+        ({"cond_indices": [0]}, ValueError, "cond_indices"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"guidance_scale": float("nan")}, ValueError, "guidance_scale"),
+        ({"latents": torch.zeros(2, 1, 3, 4, dtype=torch.long)}, ValueError, "latents"),
+        ({"mode": "graph"}, RuntimeError, "CUDA"),
+        ({"mode": "fast"}, ValueError, "mode"),
+        ({"num_steps": 0}, ValueError, "num_steps"),
+    ]
+    for kwargs, err, match in cases:
+        with pytest.raises(err, match=match):
+            eng.generate(**{"prompt_ids": PROMPTS, "latents_shape": SHAPE, **kwargs})
+    with pytest.raises(ValueError, match="K=27"):
+        ue.Engine(model, ue.Scheduler(ue.MixturePath(27), 2))
+    with pytest.raises(FileNotFoundError, match="transformer/"):
+        ue.Engine.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="history_frames"):
+        eng.extrapolate(PROMPTS, num_windows=1, latents_shape=SHAPE, history_frames=2)
