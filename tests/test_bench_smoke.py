@@ -1,0 +1,165 @@
+"""The benchmark harness in CPU smoke mode: it runs in seconds and writes valid results.
+
+Everything goes to a tmp folder, never to benchmarks/results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tarfile
+
+import pytest
+import torch
+
+from benchmarks import BENCHES, report
+from benchmarks.harness import (
+    BenchContext,
+    Deadline,
+    ResultWriter,
+    Work,
+    check_targets,
+    classify_failure,
+    measure,
+)
+from benchmarks.run import run_suite
+
+CPU = torch.device("cpu")
+# every record carries these (issue 6: device, driver, commit, versions, shape, provider, timings,
+# throughput, floor and ratio, ratio to dense, peak memory)
+RECORD_KEYS = {"suite", "case", "provider", "status", "reason", "device_name", "driver", "commit", "torch",
+               "triton", "shape", "median_ms", "min_ms", "max_ms", "throughput", "throughput_unit",
+               "floor_ms", "ratio_to_floor", "dense_ms", "ratio_to_dense", "speedup_vs_dense",
+               "peak_mem_bytes", "peak_extra_bytes", "data_seed", "targets", "meets"}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    paths = [run_suite(name, mode="smoke", out_dir=out, device=CPU, deadline=Deadline(120), quiet=True)
+             for name in BENCHES]
+    return out, paths
+
+
+def test_smoke_writes_one_json_per_suite_named_by_op_device_commit(smoke_results):
+    out, paths = smoke_results
+    assert sorted(p.name.split("-")[0] for p in paths) == sorted(BENCHES)
+    for p in paths:
+        assert p.parent == out and p.suffix == ".json"
+        name = p.name
+        doc = json.loads(p.read_text())
+        assert name.startswith(f"{doc['suite']}-smoke-cpu-{str(doc['commit'])[:7]}-")
+        assert doc["schema"] == "ursa-bench/1" and doc["ceilings"]["copy_bytes_per_s"] > 0
+        assert doc["device"]["name"] and doc["software"]["torch"] == torch.__version__
+
+
+def test_smoke_records_are_complete_and_consistent(smoke_results):
+    _, paths = smoke_results
+    ok = 0
+    for p in paths:
+        for rec in json.loads(p.read_text())["records"]:
+            assert RECORD_KEYS <= rec.keys(), RECORD_KEYS - rec.keys()
+            assert rec["status"] in ("ok", "skipped", "error")
+            assert rec["status"] != "error", rec["reason"]
+            if rec["status"] != "ok":
+                assert rec["reason"]
+                continue
+            ok += 1
+            assert 0 < rec["min_ms"] <= rec["median_ms"] <= rec["max_ms"]
+            if rec["floor_ms"]:
+                assert rec["ratio_to_floor"] == pytest.approx(rec["median_ms"] / rec["floor_ms"])
+            if rec["dense_ms"]:
+                assert rec["speedup_vs_dense"] == pytest.approx(rec["dense_ms"] / rec["median_ms"])
+    assert ok >= 5
+
+
+def test_smoke_times_real_sampler_ops_on_the_dense_reference(smoke_results):
+    _, paths = smoke_results
+    recs = [r for p in paths for r in json.loads(p.read_text())["records"]]
+    steps = [r for r in recs if r["suite"] == "metric_step" and r["provider"] == "torch"]
+    assert steps and all(r["status"] == "ok" for r in steps)
+    assert all(r["shape"]["cfg_pair"] and r["floor_bound"] == "memory" for r in steps if r["shape"]["codebook"].startswith("fsq"))
+    samples = [r for r in recs if r["suite"] == "metric_sample" and r["provider"] == "torch"]
+    assert samples and all(r["status"] == "ok" for r in samples)
+
+
+def test_report_builds_markdown_and_plot_from_json(smoke_results, tmp_path):
+    out, _ = smoke_results
+    md, png = report.write_report([out], tmp_path)
+    text = md.read_text()
+    assert "| case | provider | median ms" in text and "metric_step" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png is not None and png.stat().st_size > 1000
+
+
+def test_paper_comparison_is_labelled():
+    rec = {"suite": "generate", "status": "ok", "median_ms": 35_000.0, "provider": "projected",
+           "device_name": "GPU", "shape": {"paper_s": 70.0, "latents": [13, 30, 48], "tokens": 19_041}}
+    rows = report.paper_comparison([{"records": [rec]}])
+    text = "\n".join(rows)
+    assert "hardware unstated" in text and "2.00×" in text and "projected" in text
+
+
+def test_measure_counts_reps_and_rotates_inputs():
+    seen = []
+    t = measure(lambda i: seen.append(i), CPU, warmup=2, reps=7, budget_s=10)
+    assert t.reps == 7 and t.warmup == 2 and len(t.samples_ms) == 7
+    assert seen == list(range(9))  # warm-up 0, 1, then timed 2..8: the index rotates inputs
+
+
+def test_floor_is_the_binding_roofline_term():
+    from benchmarks.harness import Ceilings
+
+    c = Ceilings(copy_bytes_per_s=1e12, matmul_flops_per_s=1e15, matmul_dtype="bf16", copy_bytes=0,
+                 matmul_n=0, exp_per_s=2e12, datasheet_bf16_flops=None)
+    assert Work(bytes=1e9, flops=1e12).floor(c) == (pytest.approx(1.0), "memory")
+    assert Work(bytes=1e9, flops=1e13).floor(c) == (pytest.approx(10.0), "matmul")
+    ms, bound = Work(exps=4e9).floor(c)
+    assert ms == pytest.approx(2.0) and bound.startswith("exp")
+
+
+def test_targets_and_failure_classes():
+    rec = {"ratio_to_floor": 1.2, "speedup_vs_dense": 25.0, "mfu": None,
+           "targets": {"max_ratio_to_floor": 1.3, "min_speedup_vs_dense": 30, "min_mfu": 0.5}}
+    assert check_targets(rec) == {"max_ratio_to_floor": True, "min_speedup_vs_dense": False}
+    assert classify_failure(RuntimeError("backend='native' cannot run metric_step: not built"))[0] == "skipped"
+    assert classify_failure(ValueError("logits: bad shape"))[0] == "error"
+
+
+def test_a_failing_case_becomes_a_record_and_the_run_goes_on(tmp_path):
+    header = {"device": {"name": "cpu"}, "software": {}, "commit": "x", "mode": "smoke",
+              "created": "2026-01-01T00:00:00Z"}
+    writer = ResultWriter(tmp_path / "r.json", header, None)
+    ctx = BenchContext(suite="t", mode="smoke", device=CPU, deadline=Deadline(60), ceilings=None,
+                       header=header, writer=writer, quiet=True)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    ctx.bench(case="c", provider="p", setup=broken, work=Work(bytes=1), shape={})
+    ctx.bench(case="c", provider="q", setup=lambda: (lambda i: torch.ones(4).sum()), work=Work(bytes=1),
+              shape={})
+    recs = json.loads((tmp_path / "r.json").read_text())["records"]
+    assert [r["status"] for r in recs] == ["error", "ok"] and "boom" in recs[0]["reason"]
+
+
+def test_gpu_suite_rehearsal_packs_at_most_eight_files(tmp_path):
+    from benchmarks import gpu_suite
+
+    out = tmp_path / "out"
+    gpu_suite.main(["--out", str(out), "--mode", "smoke", "--skip-install", "--tests", "none",
+                    "--budget", "120", "metric_step"])
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"suite.log", "suite.json", "summary.md", "results.tar.gz"} <= set(files)
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert len(names) == 1 and names[0].startswith("metric_step-smoke-cpu-")
+    stages = json.loads((out / "suite.json").read_text())["stages"]
+    assert stages[-1]["stage"] == "bench metric_step" and stages[-1]["rc"] == 0
+
+
+def test_cli_bench_run(tmp_path):
+    from ursa_engine.cli import main
+
+    assert main(["bench", "run", "--mode", "smoke", "--quiet", "--out", str(tmp_path), "metric_step"]) == 0
+    assert len(list(tmp_path.glob("metric_step-smoke-cpu-*.json"))) == 1

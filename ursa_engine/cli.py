@@ -1,0 +1,70 @@
+"""The ``ursa-engine`` command line (DESIGN §8).
+
+``ursa-engine bench run [SUITE...] --mode smoke|cpu|gpu``: benchmarks, one JSON per suite run;
+``ursa-engine bench report RESULTS...``: markdown summary + PNG plot from result JSON;
+``ursa-engine bench suite --out DIR``: the whole GPU suite (build, GPU tests, benchmarks).
+
+Each subcommand registers itself through one ``_add_<name>(subparsers)`` function and imports
+its implementation only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_bench(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="latency / memory / roofline benchmarks (benchmarks/)",
+                                  description="Benchmarks; see benchmarks/__init__.py.")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    run = sub.add_parser("run", help="run benchmark suites, one JSON per suite run")
+    from benchmarks import add_arguments
+
+    add_arguments(run)
+    run.set_defaults(handler=_bench_run)
+
+    rep = sub.add_parser("report", help="summary.md + latency.png from result JSON")
+    rep.add_argument("results", nargs="+", help="result JSON files or folders")
+    rep.add_argument("--out", default=None, help="output folder (default: the first folder given)")
+    rep.set_defaults(handler=_bench_report)
+
+    suite = sub.add_parser("suite", help="the whole GPU suite in one call (python -m benchmarks.gpu_suite)")
+    suite.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks.gpu_suite")
+    suite.set_defaults(handler=_bench_suite)
+
+
+def _bench_run(args) -> int:
+    from benchmarks.run import run_from_args
+
+    return run_from_args(args)
+
+
+def _bench_report(args) -> int:
+    from benchmarks import report
+
+    argv = list(args.results) + (["--out", args.out] if args.out else [])
+    return report.main(argv)
+
+
+def _bench_suite(args) -> int:
+    from benchmarks import gpu_suite
+
+    return gpu_suite.main(args.args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ursa-engine", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_bench(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
