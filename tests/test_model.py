@@ -239,3 +239,24 @@ def test_rejects_bad_arguments():
         ModelConfig.preset("tiny", num_key_value_heads=3)
     with pytest.raises(ValueError, match="latents_shape"):
         latent_positions(3, (2, 0, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flash"])
+def test_attention_backends_match_math_on_gpu(backend):
+    from ursa_engine.attention import attention, flash_unavailable, math_attention
+
+    if backend == "flash" and flash_unavailable(torch.device("cuda"), torch.bfloat16, 128):
+        pytest.skip("flash-attn not installed")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    L = 333  # not a multiple of 128: the cuDNN trap of DESIGN §4
+    q = torch.randn(2, L, 16, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, L, 8, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    ref = math_attention(q.float(), k.float(), v.float())
+    own = (math_attention(q, k, v).float() - ref).abs().max().item()
+    try:
+        out = attention(q, k, v, backend=backend)
+    except RuntimeError as err:  # a forced SDPA kernel this GPU / torch build cannot run: says so
+        pytest.skip(f"{backend}: {err}")
+    assert (out.float() - ref).abs().max().item() <= 2 * own + 1e-2

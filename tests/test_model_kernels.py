@@ -125,3 +125,16 @@ def test_rope_reduces_to_1d_rope_on_text_positions():
     ang = p[:, None].float() * ref_rope.inv_freq(16, 1e4)
     torch.testing.assert_close(cos3, ang.cos())
     torch.testing.assert_close(sin3, ang.sin())
+
+
+def test_model_forward_with_triton_ops_matches_torch_ops():
+    from ursa_engine.model import ModelConfig, URSATransformer, latent_positions, sequence_ids
+
+    cfg = ModelConfig.preset("tiny", num_hidden_layers=1)
+    torch.manual_seed(0)
+    model = URSATransformer(cfg, device=DEVICE)
+    ids = sequence_ids(torch.randint(0, 500, (2, 4)), torch.randint(0, 64, (2, 2, 3)), cfg).to(DEVICE)
+    pos = latent_positions(4, (2, 3), device=DEVICE)
+    ref = model(ids, pos, ops_backend="torch", attn_backend="math")
+    out = model(ids, pos, ops_backend="triton", attn_backend="math", latent_tokens=6)
+    torch.testing.assert_close(out, ref[:, -7:-1], rtol=1e-4, atol=1e-5)

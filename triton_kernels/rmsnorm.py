@@ -48,12 +48,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, residu
     """
     n = x.shape[-1]
     x2 = _rows(x, "x")
-    y = torch.empty_like(x) if out is None else out
-    y2 = _rows(y, "out")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    y2 = y.view(-1, n)  # outputs must be views: a reshape copy would lose the writes
     if residual is not None:
         r2 = _rows(residual, "residual")
-        h = torch.empty_like(x) if residual_out is None else residual_out
-        h2 = _rows(h, "residual_out")
+        h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+        h2 = h.view(-1, n)
     else:
         r2 = h2 = x2
     block = triton.next_power_of_2(n)

@@ -54,10 +54,41 @@ def _bench_suite(args) -> int:
     return gpu_suite.main(args.args)
 
 
+def _add_generate(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help="generate latent tokens from an URSA checkpoint",
+                                description="Text-to-image / video latent tokens (ursa_engine.engine).")
+    gen.add_argument("root", help="checkpoint root: transformer/, scheduler/, tokenizer/")
+    gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for a batch)")
+    gen.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
+    gen.add_argument("--latents-shape", type=int, nargs="+", default=[1, 40, 64], metavar="N",
+                     help="T H W, or H W (default: 1 40 64, a 320x512 image)")
+    gen.add_argument("--steps", type=int, default=None, help="default: 25 for images, 50 for video")
+    gen.add_argument("--guidance", type=float, default=7.0)
+    gen.add_argument("--guidance-trunc", type=float, default=0.9)
+    gen.add_argument("--shift", type=float, default=None, help="override the checkpoint's shift")
+    gen.add_argument("--motion", type=float, default=None, help="video checkpoints' motion=X prefix")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--mode", default="auto", choices=["auto", "eager", "graph"])
+    gen.add_argument("--attn", default="auto", help="attention backend (ursa_engine.attention)")
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    gen.add_argument("--prompt-length", type=int, default=320)
+    gen.add_argument("--out", default="tokens.pt", help="where the (B, T, H, W) tokens are saved")
+    gen.add_argument("--no-progress", action="store_true")
+    gen.set_defaults(handler=_generate)
+
+
+def _generate(args) -> int:
+    from ursa_engine.engine import cli_generate
+
+    return cli_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ursa-engine", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_bench(subparsers)
+    _add_generate(subparsers)
     return parser
 
 

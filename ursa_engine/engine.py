@@ -481,14 +481,33 @@ class _LoopState:
             torch.add(self.x, self.shift, out=self.ids[r * B : (r + 1) * B, -self.n :])
 
 
+def _cuda_graph_capture(fn, pool):
+    """Warm ``fn`` up on a side stream (Triton compilation, cuDNN plans), capture it into a CUDA
+    graph drawing on ``pool``; return the replay callable."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        fn()
+    return graph.replay
+
+
 class _GraphRunner:
-    """CUDA graphs of :meth:`_LoopState.body` for 2B and B rows, sharing one memory pool."""
+    """CUDA graphs of :meth:`_LoopState.body` for 2B and B rows, sharing one memory pool.
+
+    The pool is shared safely: every value that outlives a replay (ids, x, seeds, the frozen
+    frames) is a static buffer allocated outside the graphs, and replays never overlap.
+    """
 
     def __init__(self, state: _LoopState):
         self.state = state
         self.k = torch.zeros((), dtype=torch.int64, device=state.x.device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if state.x.is_cuda else None
+        self.graphs: dict[int, object] = {}
 
     def load(self, state: _LoopState) -> None:
         """Reuse the captured graphs for a new generation with the same layout: copy its inputs in."""
@@ -501,26 +520,38 @@ class _GraphRunner:
             s.freeze[1].copy_(state.freeze[1])
         state.ids, state.x, state.seeds, state.freeze, state.x_next = s.ids, s.x, s.seeds, s.freeze, s.x_next
 
-    def _capture(self, rows: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, rows: int):
         s = self.state
         saved = (s.ids.clone(), s.x.clone())
         self.k.fill_(0)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: Triton compilation, cuDNN plans, allocator
-            for _ in range(2):
-                s.body(self.k, rows)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            s.body(self.k, rows)
+        replay = _cuda_graph_capture(lambda: s.body(self.k, rows), self.pool)
         s.ids.copy_(saved[0])  # the warm-up steps changed the state; capture itself ran nothing
         s.x.copy_(saved[1])
-        return graph
+        return replay
 
     def replay(self, k: int, rows: int) -> None:
-        graph = self.graphs.get(rows)
-        if graph is None:
-            graph = self.graphs[rows] = self._capture(rows)
+        replay = self.graphs.get(rows)
+        if replay is None:
+            replay = self.graphs[rows] = self._capture(rows)
         self.k.fill_(k)  # per-step values are read from device memory by the captured sampler
-        graph.replay()
+        replay()
+
+
+def cli_generate(args) -> int:
+    """``ursa-engine generate``: load a checkpoint root, generate, save tokens, print timings as JSON."""
+    import json
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine = Engine.from_pretrained(args.root, dtype=dtype, device=args.device, shift=args.shift, mode=args.mode,
+                                    attn_backend=args.attn, prompt_length=args.prompt_length)
+    negative = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+    result = engine.generate(args.prompt, [negative], args.latents_shape, guidance_scale=args.guidance,
+                             guidance_trunc=args.guidance_trunc, num_steps=args.steps, motion=args.motion,
+                             seed=args.seed, progress=not args.no_progress)
+    torch.save(result.tokens.cpu(), args.out)
+    steps = sorted(t for t in result.step_times if t > 0) or [0.0]
+    print(json.dumps({"out": args.out, "tokens": list(result.tokens.shape), "mode": result.mode,
+                      "attention": result.attention, "total_s": round(result.total_time, 4),
+                      "median_step_s": round(steps[len(steps) // 2], 5), "model_calls": result.model_calls,
+                      "peak_memory_bytes": result.peak_memory}))
+    return 0
