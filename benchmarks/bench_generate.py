@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from .harness import BenchContext, Work, synchronize, timing_of
+from .harness import Work, synchronize, timing_of
 from .model_common import (
     GUIDANCE_SCALE,
     GUIDANCE_TRUNC,
@@ -33,6 +33,7 @@ from .model_common import (
     steady_steps,
     step_flops,
 )
+from .records import BenchContext
 
 NAME = "generate"
 PAPER = {19_041: 70.0, 33_601: 180.0}  # seconds per video, UDM-1.7B, paper appendix J, Table 6

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .common import FSQ, FSQ_SMOKE, dense_tokens, providers, scale_note
-from .harness import BenchContext, Work, rotations
+from .harness import Work, rotations
+from .records import BenchContext
 
 NAME = "metric_sample"
 

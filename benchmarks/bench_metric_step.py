@@ -26,7 +26,8 @@ from .common import (
     step_bytes,
     step_inputs,
 )
-from .harness import BenchContext, Work
+from .harness import Work
+from .records import BenchContext
 
 NAME = "metric_step"
 MIB = 1 << 20

@@ -17,7 +17,8 @@ from .common import (
     step_bytes,
     step_inputs,
 )
-from .harness import BenchContext, Work
+from .harness import Work
+from .records import BenchContext
 
 NAME = "mixture_step"
 

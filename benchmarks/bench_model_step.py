@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .harness import BenchContext, Work, timing_of
+import torch
+
+from .harness import Work, timing_of
 from .model_common import LATENTS, PRESETS, ModelHolder, seq_len, steady_steps, step_flops
+from .records import BenchContext
 
 NAME = "model_step"
 ATTENTION_SWEEP = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flash")
@@ -71,8 +74,12 @@ def _resolved_attention(name: str, model, tokens: int) -> dict:
         from ursa_engine.attention import cudnn_attention_safe, resolve_attention
 
         cfg = model.config
-        return {"attention_resolved": resolve_attention(name, model.device, model.dtype, cfg.head_dim),
-                "cudnn_attention_safe": cudnn_attention_safe(tokens)}
+        resolved = resolve_attention(name, model.device, model.dtype, cfg.head_dim)
+        out = {"attention_resolved": resolved, "cudnn_attention_safe": cudnn_attention_safe(tokens)}
+        if resolved == "sdpa-cudnn" and not out["cudnn_attention_safe"]:
+            out["warning"] = (f"cuDNN {torch.backends.cudnn.version()} < 9.15.1 and {tokens} % 128 != 0: "
+                              "cuDNN SDPA is known to give wrong results here (DESIGN §4); timing only")
+        return out
     except Exception as err:  # noqa: BLE001 - recorded; the timing itself will fail loudly
         return {"attention_resolved": None, "attention_error": str(err)}
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .harness import BenchContext, rotations
+from .harness import rotations
+from .records import BenchContext
 
 # The dense reference (backend="torch") builds several float64 (D, K) tensors: give it at most
 # this many elements per tensor, timing a subset of the tokens and scaling linearly (its cost is

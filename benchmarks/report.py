@@ -91,10 +91,11 @@ def markdown(docs: list[dict]) -> str:
         if ceil:
             lines.append(f"ceilings measured in this run: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s "
                          f"(read + write), {ceil['matmul_dtype']} matmul {ceil['matmul_n']}³ "
-                         f"{ceil['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s")
+                         f"{ceil['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s")
         lines += ["", TABLE_HEAD, "|" + "---|" * 11]
         lines += [_record_row(r) for r in doc["records"]]
-        notes = sorted({r["scale_note"] for r in doc["records"] if r.get("scale_note")})
+        notes = sorted({r["scale_note"] for r in doc["records"] if r.get("scale_note")}
+                       | {f"{r['case']} {r['provider']}: {r['warning']}" for r in doc["records"] if r.get("warning")})
         lines += [""] + [f"- {n}" for n in notes] + [""]
     lines += paper_comparison(docs) + targets_section(docs)
     return "\n".join(lines)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import BENCHES, DEFAULT_OUT, add_arguments, telemetry  # noqa: F401
-from .harness import BenchContext, Ceilings, Deadline, ResultWriter, measure_ceilings, result_path
+from .harness import Ceilings, Deadline, measure_ceilings
+from .records import BenchContext, ResultWriter, result_path
 
 CASE_BUDGET_S = {"smoke": 0.05, "cpu": 3.0, "gpu": 1.5}
 
@@ -62,7 +63,7 @@ def run_suite(name: str, *, mode: str, out_dir: Path, device: torch.device | Non
     if ceilings and not quiet:
         print(f"[{name}] ceilings on {header['device'].get('name')}: copy "
               f"{ceilings.copy_bytes_per_s / 1e9:.0f} GB/s, {ceilings.matmul_dtype} matmul "
-              f"{ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s", flush=True)
+              f"{ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s", flush=True)
     t0 = time.time()
     try:
         module = importlib.import_module(f"benchmarks.bench_{name}")

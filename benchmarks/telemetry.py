@@ -63,6 +63,7 @@ def software() -> dict:
         "numpy": _version("numpy"),
         "ursa_engine": _version("ursa_engine"),
         "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),

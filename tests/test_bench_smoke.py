@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from benchmarks import BENCHES, report
-from benchmarks.harness import (
-    BenchContext,
-    Deadline,
-    ResultWriter,
-    Work,
-    check_targets,
-    classify_failure,
-    measure,
-)
+from benchmarks.harness import Deadline, Work, measure
+from benchmarks.records import BenchContext, ResultWriter, check_targets, classify_failure
 from benchmarks.run import run_suite
 
 CPU = torch.device("cpu")
