@@ -138,3 +138,14 @@ def test_model_forward_with_triton_ops_matches_torch_ops():
     ref = model(ids, pos, ops_backend="torch", attn_backend="math")
     out = model(ids, pos, ops_backend="triton", attn_backend="math", latent_tokens=6)
     torch.testing.assert_close(out, ref[:, -7:-1], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_uses_the_differentiable_twin_while_autograd_records():
+    from ursa_engine import model_ops
+
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    w = torch.ones(8, device=DEVICE)
+    model_ops.rms_norm(x, w, 1e-6, backend="auto").sum().backward()  # Triton kernels have no backward
+    assert x.grad is not None
+    with pytest.raises(ValueError, match="backend"):
+        model_ops.swiglu(x, x, backend="cuda")

@@ -217,8 +217,9 @@ class Decoder(nn.Module):
 class URSATransformer(nn.Module):
     """Bidirectional Qwen3 over ``[prompt, BOV, latents]`` returning logits over the K codes.
 
-    ``URSATransformer(cfg)`` has random weights (benchmarks, tests); use :meth:`from_pretrained`
-    for a checkpoint. ``attn_backend`` (see :mod:`ursa_engine.attention`) and ``ops_backend``
+    ``URSATransformer(cfg)`` has random weights, N(0, init_std²) for linear and embedding
+    weights, ones for norms, created directly on ``device`` in ``dtype`` (benchmarks, tests; the
+    4B preset never exists in fp32); use :meth:`from_pretrained` for a checkpoint. ``attn_backend`` (see :mod:`ursa_engine.attention`) and ``ops_backend``
     (``"auto" | "torch" | "triton"`` for RMSNorm, QK-norm + RoPE, SwiGLU) are plain attributes.
     """
 
@@ -227,15 +228,19 @@ class URSATransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.attn_backend, self.ops_backend = attn_backend, ops_backend
-        with torch.device(device if device is not None else torch.get_default_device()):
+        with torch.device("meta"):  # no memory until the final device and dtype are known
             self.model = Decoder(cfg)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.lm_head_size, bias=False)
-        if self.lm_head.weight.device.type != "meta":
+        if dtype is not None:
+            self.to(dtype)
+        device = torch.device(device if device is not None else "cpu")
+        if device.type != "meta":
+            self.to_empty(device=device)
             for m in self.modules():
                 if isinstance(m, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(m.weight, std=init_std)
-        if dtype is not None:
-            self.to(dtype)
+                elif isinstance(m, RMSNorm):
+                    nn.init.ones_(m.weight)
         self.requires_grad_(False)  # an inference engine; call requires_grad_(True) to train
 
     @classmethod

@@ -1,6 +1,7 @@
 """The transformer's fused ops with a ``backend`` switch: ``"torch"`` (the oracle in
 :mod:`ursa_engine.reference`) or ``"triton"`` (:mod:`triton_kernels`); ``"auto"`` picks Triton on
-CUDA tensors when it is importable. On the CPU ``"triton"`` needs ``TRITON_INTERPRET=1`` (tests).
+CUDA tensors when it is importable, except when autograd is recording (the kernels are forward
+only; the torch twins differentiate). On the CPU ``"triton"`` needs ``TRITON_INTERPRET=1`` (tests).
 
 Each function validates nothing beyond what its backend needs: the model calls them with shapes
 it built itself.
@@ -44,6 +45,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    if backend == "auto" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return resolve_backend(backend, tensors[0].device) == "triton"
+
+
 def _kernels(name: str):
     return importlib.import_module(f"triton_kernels.{name}")
 
@@ -51,7 +58,7 @@ def _kernels(name: str):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
              backend: str = "auto"):
     """RMSNorm of ``x`` (..., N); with ``residual``, returns ``(x + residual, rms_norm(x + residual))``."""
-    if resolve_backend(backend, x.device) == "triton":
+    if _use_triton(backend, x, weight, *(() if residual is None else (residual,))):
         return _kernels("rmsnorm").rms_norm(x, weight, eps, residual=residual)
     if residual is None:
         return _ref_norm.rms_norm(x, weight, eps)
@@ -61,13 +68,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, eps: float, *, backend: str = "auto"):
     """QK-norm + 3D RoPE: q (B, L, Hq, D), k (B, L, Hkv, D) -> both contiguous, same shapes."""
-    if resolve_backend(backend, q.device) == "triton":
+    if _use_triton(backend, q, k, q_weight, k_weight):
         return _kernels("qk_norm_rope").qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
     return _ref_rope.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate) * up`` for (..., I) tensors."""
-    if resolve_backend(backend, gate.device) == "triton":
+    if _use_triton(backend, gate, up):
         return _kernels("swiglu").swiglu(gate, up)
     return _ref_swiglu.swiglu(gate, up)
