@@ -31,11 +31,10 @@ from tqdm import tqdm
 
 from .model import URSATransformer, latent_positions, sequence_ids
 from .paths import MaskPath, MetricPath
-from .reference.rng import random_words, to_below
+from .reference.rng import TAG_INIT, random_words, to_below
 from .scheduler import Scheduler
 from .tokenizer import PROMPT_LENGTH, PromptTokenizer, pad_prompt_ids
 
-TAG_INIT = 3  # RNG tag of the initial noise (rng.py: 0 step, 1 path, 2 timesteps)
 NEGATIVE_PROMPT = "worst quality, low quality, inconsistent motion, static, still, blurry, jittery, distorted, ugly"
 MODES = ("auto", "eager", "graph")
 

@@ -15,7 +15,8 @@ tiling, launch configuration, batch composition or backend.
   Per-sample seeds make a sample's tokens independent of which batch it is generated in.
 * ``tag`` names the consumer: :data:`TAG_STEP` for a sampler step (``step`` = the step index
   ``k``), :data:`TAG_PATH` for path sampling ``x_t ~ p_t(.|x1)`` (``step`` = 0),
-  :data:`TAG_TIMESTEP` for training-time draws (``step`` = 0).
+  :data:`TAG_TIMESTEP` for training-time draws (``step`` = 0), :data:`TAG_INIT` for the
+  engine's initial noise x_0 (``step`` = 0).
 * Lanes: 0 draws the categorical ``x̂1`` (or the path sample), 1 the jump / keep decision,
   2 the jump destination (or the uniform replacement code of the mixture path), 3 the Gumbel
   noise of the MaskGIT confidence sampler.
@@ -34,6 +35,7 @@ import torch
 TAG_STEP = 0
 TAG_PATH = 1
 TAG_TIMESTEP = 2
+TAG_INIT = 3
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
