@@ -51,6 +51,7 @@ class Suite:
         self.work.mkdir(exist_ok=True)
         self.log_file = open(out / "suite.log", "a", buffering=1)  # noqa: SIM115 - closed by finish()
         self.stages: list[dict] = []
+        self.brief = ""
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -138,6 +139,7 @@ class Suite:
 
         files = sorted(self.work.glob("*.json"))
         try:
+            self.brief = report.brief(report.load(files))
             md, _ = report.write_report(files, self.out)
             with open(md, "a") as f:
                 f.write(suite_markdown(self.stages))
@@ -177,8 +179,8 @@ def suite_markdown(stages: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tail_summary(out: Path, limit: int = 9000) -> str:
-    """What the device tool's reply shows: targets and stages, then the start of the table."""
+def tail_summary(out: Path, limit: int = 5000) -> str:
+    """The paper comparison, targets and stages of summary.md (the device reply shows the end)."""
     try:
         text = (out / "summary.md").read_text()
     except OSError:
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         suite.benches([b for b in args.benches if b in BENCHES], args.mode)
     finally:
         suite.finish()
+    print(suite.brief[-6000:], flush=True)
     print(tail_summary(args.out), flush=True)
     return 0
 

@@ -78,11 +78,11 @@ def measure(fn: Callable[[int], object], device: torch.device, *, warmup: int = 
     The number of timed calls is ``reps``, cut so that the timed part fits ``budget_s``
     (never under ``min_reps``). GPU calls are timed one by one with CUDA events.
     """
-    t0 = time.perf_counter()
-    for i in range(max(warmup, 1)):
+    for i in range(max(warmup, 1)):  # the last warm-up call, past compilation, sizes the run
+        t0 = time.perf_counter()
         fn(i)
-    synchronize(device)
-    estimate = (time.perf_counter() - t0) / max(warmup, 1)
+        synchronize(device)
+        estimate = time.perf_counter() - t0
     n = int(max(min_reps, min(reps, budget_s / max(estimate, 1e-6))))
     samples: list[float] = []
     if device.type == "cuda":

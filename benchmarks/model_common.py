@@ -56,7 +56,7 @@ class ModelHolder:
             self.release()
             cfg = ue.ModelConfig.preset(PRESETS[preset])
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            # built on the device directly: no host copy, no fp32 detour for 4B parameters
+            # built on the device directly (no host copy); random init, then cast
             self.model = ue.URSATransformer(cfg, dtype=dtype, device=self.device).eval()
             self.name = preset
         return self.model

@@ -101,6 +101,22 @@ def markdown(docs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def brief(docs: list[dict]) -> str:
+    """One line per measured record (skips and errors counted), for a terminal or a log tail."""
+    from .records import format_line
+
+    lines, failed = [], []
+    for doc in docs:
+        for r in doc["records"]:
+            if r["status"] == "ok":
+                lines.append(format_line(r))
+            else:
+                failed.append(f"{r['suite']}/{r['case']}/{r['provider']}: {r['status']}")
+    if failed:
+        lines.append(f"not measured ({len(failed)}): " + "; ".join(failed))
+    return "\n".join(lines)
+
+
 def paper_comparison(docs: list[dict]) -> list[str]:
     """Our 1.7B generation latencies next to the paper's, labelled for what they are."""
     rows = []
