@@ -50,26 +50,37 @@ def _fmt(v, spec=".3g", none="–"):
     return str(v)
 
 
+def _ms(v) -> str:
+    """Milliseconds with sensible precision (``1,312``, ``41.7``, ``2.84``, ``0.0123``)."""
+    if v is None:
+        return "–"
+    if v >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if v >= 10 else (f"{v:.2f}" if v >= 1 else f"{v:.3g}")
+
+
+def _target(name: str, value: float) -> str:
+    return f"{name} {value / 1e9:g} GB" if name.endswith("_bytes") else f"{name} {value:g}"
+
+
 def _targets(rec: dict) -> str:
     meets = rec.get("meets") or {}
-    if not meets:
-        return ""
-    return ", ".join(f"{k} {rec['targets'][k]:g}: {'PASS' if ok else 'FAIL'}" for k, ok in meets.items())
+    return ", ".join(f"{_target(k, rec['targets'][k])}: {'PASS' if ok else 'FAIL'}" for k, ok in meets.items())
 
 
 def _record_row(rec: dict) -> str:
     if rec["status"] != "ok":
         reason = str(rec.get("reason") or "").splitlines()[0][:160].replace("|", "/")
         return f"| {rec['case']} | {rec['provider']} | {rec['status']}: {reason} |" + " |" * 8
-    spread = f"{rec['min_ms']:.3g}–{rec['max_ms']:.3g}"
+    spread = f"{_ms(rec['min_ms'])}–{_ms(rec['max_ms'])}"
     thr = f"{rec['throughput']:.4g} {rec['throughput_unit']}" if rec.get("throughput") else "–"
     peak = f"{rec['peak_mem_bytes'] / GIB:.2f}" if rec.get("peak_mem_bytes") is not None else "–"
     mfu = f"{100 * rec['mfu']:.1f}%" if rec.get("mfu") is not None else "–"
     vs = rec.get("speedup_vs_dense") or rec.get("speedup_vs_eager")
     vs_txt = "–" if vs is None else f"{vs:.3g}× vs {'dense' if rec.get('speedup_vs_dense') else 'eager'}"
     note = " (scaled)" if rec.get("scaled") else ""
-    return (f"| {rec['case']} | {rec['provider']} | {rec['median_ms']:.4g}{note} | {spread} | {thr} | "
-            f"{_fmt(rec.get('floor_ms'))} | {_fmt(rec.get('ratio_to_floor'), '.3g')} | {vs_txt} | "
+    return (f"| {rec['case']} | {rec['provider']} | {_ms(rec['median_ms'])}{note} | {spread} | {thr} | "
+            f"{_ms(rec.get('floor_ms'))} | {_fmt(rec.get('ratio_to_floor'), '.3g')} | {vs_txt} | "
             f"{peak} | {mfu} | {_targets(rec)} |")
 
 
@@ -141,7 +152,7 @@ def targets_section(docs: list[dict]) -> list[str]:
     for doc in docs:
         for r in doc["records"]:
             for name, ok in (r.get("meets") or {}).items():
-                rows.append(f"| {r['suite']} | {r['case']} | {r['provider']} | {name} {r['targets'][name]:g} "
+                rows.append(f"| {r['suite']} | {r['case']} | {r['provider']} | {_target(name, r['targets'][name])} "
                             f"| {'PASS' if ok else 'FAIL'} |")
     if not rows:
         return []
