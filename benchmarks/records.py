@@ -181,7 +181,8 @@ class BenchContext:
             rec.update(extra)
         if timing is not None:
             rec.update(median_ms=timing.median_ms * scale, min_ms=timing.min_ms * scale,
-                       max_ms=timing.max_ms * scale, mean_ms=timing.mean_ms * scale, reps=timing.reps)
+                       max_ms=timing.max_ms * scale, mean_ms=timing.mean_ms * scale, reps=timing.reps,
+                       samples_ms=[round(v * scale, 5) for v in timing.samples_ms[:64]])
             rec["floor_ms"], rec["floor_bound"] = work.floor(self.ceilings)
             rec["throughput"], rec["throughput_unit"] = work.throughput(rec["median_ms"], rec["floor_bound"])
             if rec["floor_ms"]:
