@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench-smoke: $(STAMP)
-	$(BIN)/ursa-engine bench --smoke
+	$(BIN)/ursa-engine bench run --mode smoke --out benchmarks/smoke --report
 
 clean:
 	rm -rf $(VENV) build *.egg-info samples
