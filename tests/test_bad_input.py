@@ -120,3 +120,9 @@ def test_codebook_loads_pth_and_safetensors(tmp_path):
     assert torch.equal(ue.Codebook.from_pretrained(tmp_path).emb, emb)
     save_file({"path.emb": emb}, str(tmp_path / "codes.safetensors"))
     assert torch.equal(ue.Codebook.from_pretrained(tmp_path / "codes.safetensors").emb, emb)
+
+
+def test_confidence_sampler_refuses_other_backends():
+    sched = ue.Scheduler(ue.MaskPath(5, 4), 3, mask_sampler="confidence")
+    with pytest.raises(RuntimeError, match="backend='native' cannot run the confidence sampler"):
+        sched.step(torch.randn(1, 6, 5), 0, torch.full((1, 6), 4), backend="native")

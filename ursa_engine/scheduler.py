@@ -162,6 +162,9 @@ class Scheduler:
                     uncond=None if uncond is None else uncond.reshape(-1, K).contiguous(),
                     x=x.reshape(-1).contiguous())
         if self.mask_sampler == "confidence":
+            if backend not in ("auto", "torch"):
+                raise RuntimeError(f"backend={backend!r} cannot run the confidence sampler: its top-n "
+                                   "selection per sample runs on the torch backend only")
             return self._confidence_step(flat, k, shape, seeds, row_len, step, opts, argmax_last, out)
         common = dict(seeds=seeds, row_len=row_len, last=last, argmax_last=argmax_last, **opts)
         filt = dict(top_k=opts["top_k"], top_p=opts["top_p"])
