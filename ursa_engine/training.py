@@ -1,0 +1,213 @@
+"""Training API: noising, timesteps and the latent-token loss for any PyTorch loop (DESIGN §2.3, §3).
+
+Everything here is plain autograd-compatible torch (plus the paths' fused sampling backends for
+the noising, which needs no gradient), so it runs under ``torch.compile`` and DDP::
+
+    import ursa_engine as ue
+    from ursa_engine import training
+
+    path = ue.MetricPath(ue.Codebook(emb), alpha=1.0, c=3.0)
+    net = training.LatentLoss(model)                 # wrap *this* in DDP / torch.compile
+    t = training.sample_frame_times(B, T, shift=1.0, seed=step)       # (B, T) asynchronous
+    x_t = training.add_noise(path, x1, t, seed=seeds)                  # x1: (B, T, H, W)
+    loss = net(prompt_ids, x_t, x1)                  # cross-entropy on the latent logits
+    loss.backward()
+
+Under DDP give each rank its own seeds (e.g. ``seed = step * world_size + rank``): the draws are
+counter-based (§2.5), so equal seeds give equal noise on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .model import URSATransformer, latent_positions, sequence_ids
+from .paths import MaskPath, MetricPath, MixturePath
+from .schedules import sample_timesteps
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------- noising
+def expand_times(t, shape: tuple[int, ...]):
+    """Times for tokens of ``shape``: a float, per-token (broadcastable), per-sample ``(B,)`` or
+    per-frame ``(B, T)`` (aligned on the leading dims, e.g. against tokens ``(B, T, H, W)``)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    lead = tuple(shape[: t.dim()])
+    if t.dim() < len(shape) and tuple(t.shape) == lead:  # leading-aligned: per sample / per frame
+        return t.reshape(*t.shape, *([1] * (len(shape) - t.dim()))).expand(shape)
+    return t  # the path broadcasts (and names the argument if it cannot)
+
+
+def add_noise(path: MetricPath | MixturePath | MaskPath, x1: torch.Tensor, t, *, seed=0,
+              backend: str = "auto") -> torch.Tensor:
+    """Draw ``x_t ~ p_t(· | x1)`` for any path (DESIGN §2.3) with per-token, per-frame or per-sample times.
+
+    Parameters
+    ----------
+    path : MetricPath | MixturePath | MaskPath
+    x1 : LongTensor S, e.g. (B, T, H, W) clean latent tokens
+    t : float, or a tensor broadcastable to S, or leading-aligned with S: ``(B,)`` one time per
+        sample, ``(B, T)`` one per latent frame (asynchronous scheduling)
+    seed : int, or int64 tensor (B,) of one seed per sample (RNG contract §2.5, tag TAG_PATH)
+    backend : ``"auto" | "torch" | "triton" | "native"``: the fused path-sampling kernels
+
+    Returns
+    -------
+    LongTensor S, no gradient
+    """
+    if not isinstance(path, (MetricPath, MixturePath, MaskPath)):
+        raise TypeError(f"path: expected a MetricPath, MixturePath or MaskPath, got {type(path).__name__}")
+    if not isinstance(x1, torch.Tensor):
+        raise TypeError(f"x1: expected a LongTensor of tokens, got {type(x1).__name__}")
+    with torch.no_grad():
+        return path.sample(x1, expand_times(t, tuple(x1.shape)), seed=seed, backend=backend)
+
+
+def sample_frame_times(batch: int, num_frames: int = 1, *, shift: float = 1.0, seed=0,
+                       asynchronous: bool = True, device=None) -> torch.Tensor:
+    """Training times (DESIGN §2.3), one per latent frame: (B, T) float32 in (0, 1).
+
+    ``asynchronous=True`` draws an independent shifted time for every frame; ``False`` draws one
+    per sample and repeats it over the frames. ``seed``: int, or int64 (B,) per-sample seeds
+    (tag TAG_TIMESTEP). Broadcast to tokens with :func:`expand_times` / ``ue.frame_times_to_tokens``.
+    """
+    if asynchronous:
+        return sample_timesteps((batch, num_frames), shift=shift, seed=seed, device=device)
+    return sample_timesteps((batch,), shift=shift, seed=seed, device=device)[:, None].expand(batch, num_frames)
+
+
+# ---------------------------------------------------------------------------------------- loss
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` computed chunk by chunk.
+
+    The forward also computes both gradients chunk by chunk (the Liger-Kernel scheme), so
+    neither the (N, K) fp32 logits nor their softmax ever exist in full: peak extra memory is
+    one (chunk, K) fp32 block.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int):
+        # hidden: (N, h); weight: (K, h); targets: (N,)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid = targets != ignore_index
+        count = valid.sum().clamp_min(1).to(torch.float32)
+        w32 = weight.float()
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(hidden) if need_grad else None
+        grad_w = torch.zeros_like(w32) if need_grad else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h = hidden[s : s + chunk_size].float()
+            tgt, ok = targets[s : s + chunk_size], valid[s : s + chunk_size]
+            safe = torch.where(ok, tgt, torch.zeros_like(tgt))
+            logits = h @ w32.T  # (c, K) fp32: the only logits alive
+            lse = torch.logsumexp(logits, -1)
+            picked = logits.gather(1, safe[:, None])[:, 0]
+            loss = loss + torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+            if need_grad:
+                g = (logits - lse[:, None]).exp_()  # softmax, in place of the logits
+                g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1]))
+                g.mul_(ok[:, None].to(g.dtype))
+                grad_h[s : s + chunk_size] = (g @ w32).to(hidden.dtype)
+                grad_w.add_(g.T @ h)
+        if need_grad:
+            ctx.save_for_backward(grad_h / count.to(grad_h.dtype), (grad_w / count).to(weight.dtype))
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         chunk_size: int = 2048, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, chunked.
+
+    Parameters
+    ----------
+    hidden : (..., h) final-normed hidden states (any float dtype)
+    weight : (K, h) the ``lm_head`` weight
+    targets : (...) int64 in [0, K), or ``ignore_index``
+    chunk_size : rows per fp32 logits block
+
+    Returns
+    -------
+    0-dim float32 loss (mean over the non-ignored targets); differentiable in hidden and weight.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets: shape {tuple(targets.shape)} does not match hidden {tuple(hidden.shape[:-1])}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected (K, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
+                                     int(chunk_size), int(ignore_index))
+
+
+def latent_hidden(model: URSATransformer, input_ids: torch.Tensor, positions: torch.Tensor,
+                  latent_tokens: int) -> torch.Tensor:
+    """Final-normed hidden states of the positions that predict the last ``latent_tokens`` ids.
+
+    Same computation as ``model(input_ids, positions, latent_tokens=N)`` without the ``lm_head``
+    (DESIGN §3: latent ``j`` is predicted one position earlier; BOV predicts latent 0).
+    Returns (B, N, hidden).
+    """
+    L = input_ids.shape[1]
+    if not 0 < latent_tokens < L:
+        raise ValueError(f"latent_tokens: must be in [1, {L}), got {latent_tokens}")
+    cos, sin = model.rope_tables(positions)
+    h = model.model.embed_tokens(input_ids)  # (B, L, hidden)
+    for layer in model.model.layers:
+        h = layer(h, cos, sin, attn_backend=model.attn_backend, ops_backend=model.ops_backend)
+    h = h[:, L - latent_tokens - 1 : L - 1]
+    return model.model.norm(h, backend=model.ops_backend)
+
+
+class LatentLoss(nn.Module):
+    """``model`` plus the latent-token cross-entropy: the module to wrap in DDP / ``torch.compile``.
+
+    ``forward(prompt_ids, x_t, x1)`` builds ``[prompt, BOV, x_t]`` (DESIGN §3), runs the model
+    bidirectionally and returns the mean cross-entropy of the predicted codes against ``x1``
+    over every latent token, chunked so fp32 logits for long sequences never exist in full.
+
+    Parameters
+    ----------
+    model : URSATransformer (its parameters are set trainable)
+    chunk_size : rows per fp32 logits block
+    ops_backend : backend of the model's RMSNorm / RoPE / SwiGLU during training; ``"torch"`` by
+        default because its autograd is plain torch
+    """
+
+    def __init__(self, model: URSATransformer, *, chunk_size: int = 2048, ops_backend: str = "torch"):
+        super().__init__()
+        self.model = model.requires_grad_(True)
+        self.chunk_size = chunk_size
+        self.model.ops_backend = ops_backend
+
+    def forward(self, prompt_ids: torch.Tensor, x_t: torch.Tensor, x1: torch.Tensor, *,
+                ignore: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Parameters
+        ----------
+        prompt_ids : (B, P) left-padded prompt ids
+        x_t : (B, T, H, W) noised tokens (model input); x1 : (B, T, H, W) clean tokens (targets)
+        ignore : optional bool (B, T, H, W): tokens left out of the loss (e.g. given frames)
+
+        Returns
+        -------
+        0-dim float32 loss
+        """
+        if x_t.shape != x1.shape or x1.dim() != 4:
+            raise ValueError(f"x_t, x1: expected equal (B, T, H, W) shapes, got {tuple(x_t.shape)}, "
+                             f"{tuple(x1.shape)}")
+        B, P, N = x1.shape[0], prompt_ids.shape[1], x1[0].numel()
+        ids = sequence_ids(prompt_ids, x_t, self.model.config)
+        pos = latent_positions(P, tuple(x1.shape[1:]), device=ids.device)
+        h = latent_hidden(self.model, ids, pos, N)  # (B, N, hidden)
+        targets = x1.reshape(B, N)
+        if ignore is not None:
+            targets = targets.masked_fill(ignore.reshape(B, N), IGNORE_INDEX)
+        return linear_cross_entropy(h, self.model.lm_head.weight, targets, chunk_size=self.chunk_size)
