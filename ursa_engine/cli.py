@@ -84,9 +84,29 @@ def _generate(args) -> int:
     return cli_generate(args)
 
 
+def _add_demo(subparsers) -> None:
+    demo = subparsers.add_parser("demo", help="sample the bundled digits model on the CPU (samples.png, samples.npz)",
+                                 description="Class-conditional digit images and videos, one image-to-video and "
+                                             "one start-end interpolation from the embedded default model.")
+    demo.add_argument("--out", default="samples", help="output folder (default: ./samples)")
+    demo.add_argument("--root", default=None, help="a digits checkpoint root (default: the bundled model)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--per-class", type=int, default=4, help="images per digit class")
+    demo.add_argument("--steps", type=int, default=25, help="sampling steps")
+    demo.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    demo.set_defaults(handler=_demo)
+
+
+def _demo(args) -> int:
+    from .demo import main_from_args
+
+    return main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ursa-engine", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_demo(subparsers)
     _add_bench(subparsers)
     _add_generate(subparsers)
     return parser
