@@ -97,3 +97,20 @@ def test_latent_loss_trains_and_compiles():
     ref_part = F.cross_entropy(model(ids, latent_positions(3, (2, 2, 3)), latent_tokens=12)[:, 6:].reshape(-1, 32),
                                x1[:, 1].reshape(-1))
     torch.testing.assert_close(part, ref_part, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_loss_under_ddp(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        net = DDP(training.LatentLoss(model))
+        x1 = torch.randint(0, 32, (2, 1, 2, 3))
+        x_t = training.add_noise(paths()["metric"], x1, 0.5, seed=torch.tensor([0, 1]))
+        loss = net(torch.randint(0, 400, (2, 3)), x_t, x1)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
