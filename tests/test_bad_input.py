@@ -28,6 +28,8 @@ def _inputs(K=9, S=(2, 5)):
     (lambda z, x: (z.to(torch.int32), x), "logits: expected float32/float16/bfloat16"),
     (lambda z, x: (z, x.float()), "x: expected an integer tensor"),
     (lambda z, x: (z.to("meta"), x), "logits: on meta"),
+    (lambda z, x: (z.index_fill(-1, torch.tensor([1]), float("inf")), x), r"logits: contains \+inf"),
+    (lambda z, x: (torch.full_like(z, -float("inf")), x), "logits: a token has every logit at -inf"),
 ])
 def test_step_rejects_bad_tensors(sched, mutate, match):
     z, x = mutate(*_inputs())
@@ -65,7 +67,7 @@ def test_step_rejects_bad_step_index(sched, k):
     (1.5, r"t: times must lie in \[0, 1\]"),
     (-0.1, r"t: times must lie in \[0, 1\]"),
     (float("nan"), r"t: times must lie in \[0, 1\]"),
-    (torch.rand(3), r"t: shape \(3,\) does not broadcast"),
+    (torch.rand(3), r"t: shape \(3,\) matches neither the leading axes"),
     ("0.5", "t: expected a float or a tensor"),
 ])
 def test_path_sample_rejects_bad_times(t, match):
@@ -126,3 +128,9 @@ def test_confidence_sampler_refuses_other_backends():
     sched = ue.Scheduler(ue.MaskPath(5, 4), 3, mask_sampler="confidence")
     with pytest.raises(RuntimeError, match="backend='native' cannot run the confidence sampler"):
         sched.step(torch.randn(1, 6, 5), 0, torch.full((1, 6), 4), backend="native")
+
+
+def test_step_probs_rejects_unknown_options(sched):
+    z, x = _inputs()
+    with pytest.raises(TypeError, match="guidance_scal"):
+        sched.step_probs(z, 3, x, guidance_scal=2.0)

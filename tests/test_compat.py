@@ -87,3 +87,32 @@ def test_step_before_set_timesteps_is_a_clear_error(folder):
     s = KineticOptimalScheduler.from_pretrained(folder)
     with pytest.raises(RuntimeError, match="call set_timesteps"):
         s.step(torch.randn(2, 7), 0, torch.zeros(2, dtype=torch.int64))
+
+
+def test_drop_in_call_forms_of_ursas_pipeline(folder):
+    """URSA's pipeline indexes the output, passes the generator fourth, sets timesteps first."""
+    s = KineticOptimalScheduler()
+    s.set_timesteps(4)
+    assert s.timestep_to_t(2) == pytest.approx(0.5)  # the grid needs no codebook
+    s = KineticOptimalScheduler.from_pretrained(folder, shift=1.0)
+    assert s.shift == 1.0  # a user shift of exactly 1 still overrides the config's 2.0
+    s.set_timesteps(4)
+    z, x = torch.randn(3, 7), torch.zeros(3, dtype=torch.long)
+    a = s.step(z, 1, x, torch.Generator().manual_seed(0))[0]
+    b = s.step(z, 1, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert torch.equal(a, b)
+    s.set_shift(3.0)
+    assert s.timestep_to_t(2) == pytest.approx(0.5 / (0.5 + 3.0 * 0.5))
+
+
+def test_errors_use_ursas_argument_names(folder):
+    s = KineticOptimalScheduler.from_pretrained(folder)
+    s.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"sample: ids must be in \[0, 7\)"):
+        s.step(torch.randn(2, 7), 0, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="model_output: last dim 6"):
+        s.step(torch.randn(2, 6), 0, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"timesteps: times must lie in \[0, 1\]"):
+        s.add_noise(torch.tensor([0, 1]), 2.0)
+    with pytest.raises(ValueError, match=r"prev_sample: ids must be in \[0, 7\)"):
+        s.step(torch.randn(2, 7), 1, torch.tensor([0, 1]), prev_sample=torch.tensor([9, 0]))

@@ -105,3 +105,28 @@ def test_confidence_sampler_prefers_confident_tokens():
     z[0, :3, 0] = 20.0  # three near-certain tokens
     out = sched.step(z, 1, torch.full((1, L), mask), seed=0)  # κ(t_2) = 0.2 → 2 tokens
     assert (out[0, :3] != mask).sum() == 2 and (out[0, 3:] == mask).all()
+
+
+def test_per_sample_times_align_with_the_leading_axis_even_when_the_last_axis_matches():
+    """(B,) times are per sample and (B, T) per frame, as in URSA's add_noise (DESIGN §8)."""
+    path = ue.MixturePath(50)
+    x1 = torch.arange(16).view(4, 4)
+    probs = path.probs(x1, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert torch.allclose(probs[2:].amax(-1), torch.ones(2, 4, dtype=torch.float64))
+    assert torch.allclose(probs[:2], torch.full((2, 4, 50), 1 / 50, dtype=torch.float64))
+    t_frames = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    frames = path.probs(torch.zeros(2, 2, 2, 2, dtype=torch.long), t_frames)[..., 0]
+    assert torch.equal(frames[:, :, 0, 0], t_frames.double() + (1 - t_frames.double()) / 50)
+
+
+def test_guidance_keeps_codes_banned_in_both_passes_banned(backend, device):
+    K = 7
+    sched = ue.Scheduler(ue.MetricPath(ue.Codebook(torch.randn(K, 3, generator=torch.Generator().manual_seed(0)))), 4)
+    z = torch.randn(200, K, generator=torch.Generator().manual_seed(1))
+    u = torch.randn(200, K, generator=torch.Generator().manual_seed(2))
+    z[:, 3] = u[:, 3] = -torch.inf
+    law = sched.step_probs(z, 3, torch.zeros(200, dtype=torch.long), uncond_logits=u, guidance_scale=3.0)
+    assert torch.isfinite(law).all() and (law[:, 3] == 0).all()
+    out = sched.step(z.to(device), 3, torch.zeros(200, dtype=torch.long, device=device), uncond_logits=u.to(device),
+                     guidance_scale=3.0, seed=0, backend=backend)
+    assert (out != 3).all()

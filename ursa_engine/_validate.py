@@ -41,8 +41,13 @@ def logits(name: str, z, shape: tuple[int, ...], K: int, *, device, values: bool
         raise ValueError(f"{name}: last dim {last} but the codebook has K={K}")
     if tuple(z.shape[:-1]) != tuple(shape):
         raise ValueError(f"{name}: shape {tuple(z.shape)} does not match tokens {tuple(shape)} + (K={K},)")
-    if values and torch.isnan(z).any():
-        raise ValueError(f"{name}: contains NaN")
+    if values:
+        if torch.isnan(z).any():
+            raise ValueError(f"{name}: contains NaN")
+        if torch.isposinf(z).any():
+            raise ValueError(f"{name}: contains +inf")
+        if z.numel() and (z == -torch.inf).all(-1).any():
+            raise ValueError(f"{name}: a token has every logit at -inf")
     return z
 
 
@@ -58,13 +63,15 @@ def times(name: str, t, shape: tuple[int, ...], device) -> torch.Tensor:
         raise TypeError(f"{name}: expected a float or a tensor, got {type(t).__name__}")
     if torch.isnan(tt).any() or (tt < 0).any() or (tt > 1).any():
         raise ValueError(f"{name}: times must lie in [0, 1]")
+    # Leading axes first: (B,) is one time per sample and (B, T) one per frame of (B, T, H, W)
+    # tokens (URSA's add_noise convention), even where trailing broadcasting would also fit.
+    if 0 < tt.dim() < len(shape) and tuple(tt.shape) == tuple(shape[: tt.dim()]):
+        return tt.view(tuple(tt.shape) + (1,) * (len(shape) - tt.dim())).expand(shape)
     try:
         return torch.broadcast_to(tt, shape)
     except RuntimeError:
-        # one time per sample: (B,) against tokens (B, ...)
-        if tt.dim() == 1 and len(shape) >= 1 and tt.shape[0] == shape[0]:
-            return tt.view((-1,) + (1,) * (len(shape) - 1)).expand(shape)
-        raise ValueError(f"{name}: shape {tuple(tt.shape)} does not broadcast to tokens {tuple(shape)}") from None
+        raise ValueError(f"{name}: shape {tuple(tt.shape)} matches neither the leading axes of the tokens "
+                         f"{tuple(shape)} nor broadcasts to them") from None
 
 
 def positive(name: str, v: float) -> float:

@@ -82,7 +82,10 @@ class Codebook:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            state = load_file(path)
+            try:
+                state = load_file(path)
+            except Exception as err:  # noqa: BLE001 - re-raised with the argument named
+                raise ValueError(f"path: {path!r} is not a readable safetensors file ({err})") from err
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
@@ -91,7 +94,11 @@ class Codebook:
         if not isinstance(state, dict) or "path.emb" not in state:
             keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
             raise KeyError(f"path: {path!r} has no 'path.emb' entry (found {keys})")
-        return cls(state["path.emb"])
+        emb = state["path.emb"]
+        if not isinstance(emb, torch.Tensor) or emb.dim() != 2:
+            raise ValueError(f"path: {path!r} entry 'path.emb' must be a (K, m) tensor, got "
+                             f"{tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__}")
+        return cls(emb)
 
     @property
     def size(self) -> int:

@@ -95,6 +95,11 @@ class _KappaPath(_Path):
         if schedule not in schedules.KAPPA_SCHEDULES:
             raise ValueError(f"schedule: expected one of {schedules.KAPPA_SCHEDULES}, got {schedule!r}")
         self.K, self.schedule, self.a, self.b = K, schedule, float(a), float(b)
+        if schedule == "cubic":  # a, b must keep κ a non-decreasing map of [0, 1] onto [0, 1]
+            grid = torch.linspace(0, 1, 1001, dtype=torch.float64)
+            k, kd = self.kappa(grid), self.kappa_dot(grid)
+            if (k < -1e-12).any() or (k > 1 + 1e-12).any() or (kd < -1e-12).any():
+                raise ValueError(f"a, b: the cubic schedule with a={a}, b={b} leaves [0, 1] or decreases")
 
     @property
     def size(self) -> int:

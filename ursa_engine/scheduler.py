@@ -154,7 +154,9 @@ class Scheduler:
         seeds, row_len = seeds_per_row(seed, shape, device)
         params_all, counters = self.step_values(device)
         if isinstance(k, torch.Tensor):
-            kk = k.reshape(1).to(device)
+            if k.device != device:
+                raise ValueError(f"k: on {k.device}, but the tokens are on {device}")
+            kk = k.reshape(1)
             params, step, last = params_all.index_select(0, kk).view(-1), kk, False
         else:
             params, step, last = params_all[k], counters[k:k + 1], k == self.num_steps - 1
@@ -206,9 +208,11 @@ class Scheduler:
     # ------------------------------------------------------------------ exact law
     def step_probs(self, logits, k, x, *, uncond_logits=None, guidance_scale: float = 1.0,
                    guidance_trunc: float = 1.0, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, argmax_last: bool = False, **_ignored) -> torch.Tensor:
+                   top_p: float = 1.0, argmax_last: bool = False, seed=None, backend=None, out=None,
+                   validate=None) -> torch.Tensor:
         """Exact law of :meth:`step`'s result (§2.4): float64 of shape S + (K,). Small K only
-        (the metric law costs O(D·K²)). Accepts and ignores ``seed`` / ``backend`` / ``out``."""
+        (the metric law costs O(D·K²)). Accepts and ignores ``seed`` / ``backend`` / ``out`` /
+        ``validate`` so that one option dict serves both calls."""
         if self.mask_sampler == "confidence":
             raise NotImplementedError("step_probs: the confidence sampler couples tokens (top-n "
                                       "selection) and has no per-token law")

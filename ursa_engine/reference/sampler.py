@@ -15,7 +15,8 @@ Shared conventions
 * ``seeds`` (R,) int64 and ``row_len``: the RNG rows of :mod:`ursa_engine.reference.rng`
   (token ``i`` uses ``seeds[i // row_len]`` and index ``i % row_len``).
 * Guidance (§2.4): ``z = u + s·(c − u)`` when ``uncond`` is given (the caller applies the
-  truncation by passing ``uncond=None``), then ``z / temperature``, then top-k / top-p.
+  truncation by passing ``uncond=None``), and ``z = c`` where ``c == u`` (so a code at −inf in
+  both stays −inf instead of NaN); then ``z / temperature``, then top-k / top-p.
 * ``last=True`` is the final step: the result is x̂1 (or ``argmax z`` with ``argmax_last``).
 * The reference computes in float64; kernels may use float32 (the "rare ties" of §2.5).
 """
@@ -49,7 +50,9 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, *, guidance_s
     z = cond.to(torch.float64)
     if uncond is not None:
         u = uncond.to(torch.float64)
-        z = u + guidance_scale * (z - u)
+        # where both are equal (e.g. a code banned with −inf in both passes) z is that value:
+        # u + s·(c − u) would give NaN for −inf. Every backend applies the same rule.
+        z = torch.where(z == u, z, u + guidance_scale * (z - u))
     z = z / temperature
     if exclude is not None:
         z = z.clone()
@@ -142,11 +145,8 @@ def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidanc
     d0 = d_all.gather(-1, x.unsqueeze(-1)).squeeze(-1)
     w, lam = metric_rates(d_all, d0, p[P_BETA], p[P_BETA_DOT])
     jump = (to_uniform(words[1]).to(torch.float64) < -torch.expm1(-p[P_H] * lam)) & (lam > 0)
-    moving = jump.nonzero().squeeze(-1)
-    new = x.clone()
-    if moving.numel():
-        new[moving] = categorical(w[moving], to_uniform(words[2])[moving])
-    return _write(out, new)
+    # every row draws a destination (rows with λ = 0 are discarded): no host sync, graph-safe
+    return _write(out, torch.where(jump, categorical(w, to_uniform(words[2])), x))
 
 
 def mixture_step(cond, uncond, x, params, step, *, seeds, row_len, guidance_scale=1.0,
