@@ -34,14 +34,51 @@ def _module(backend: str):
         return None, f"{backend} backend is not importable ({err})"
 
 
-def auto_order(device: torch.device) -> tuple[str, ...]:
+# GPU choice between the fused backends, measured per (op, device, shape bucket) by tune().
+_MEASURED: dict[tuple, str] = {}
+
+
+def _bucket(op: str, device: torch.device, shape) -> tuple | None:
+    """(op, device, log2 tokens, K): shapes whose timings are interchangeable."""
+    if shape is None:
+        return None
+    tokens, K = int(shape[0]), int(shape[1])
+    return (op, str(device), max(tokens, 1).bit_length(), K)
+
+
+def auto_order(device: torch.device, op: str | None = None, shape=None) -> tuple[str, ...]:
     """Preference for ``backend="auto"``: fused kernels first, the dense reference last.
 
     On the CPU the Triton interpreter is far slower than the reference, so it is never chosen.
+    On the GPU the faster of Triton and native for this op and shape ``(tokens, K)``, as
+    measured by :func:`tune`; Triton where nothing was measured.
     """
     if device.type == "cuda":
+        if _MEASURED.get(_bucket(op, device, shape)) == "native":
+            return ("native", "triton", "torch")
         return ("triton", "native", "torch")
     return ("native", "torch")
+
+
+def tune(op: str, device: torch.device, shape, calls: dict, reps: int = 5) -> str:
+    """Time ``calls`` (backend -> zero-argument callable on real inputs) with CUDA events and
+    remember the fastest for ``auto`` at this op and shape bucket. It synchronizes: call it at
+    warm-up, never inside CUDA graph capture. Returns the chosen backend."""
+    times = {}
+    for name, fn in calls.items():
+        if why_not(name, op, device, {}) is not None:
+            continue
+        fn()  # warm-up: compilation, autotuning
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        times[name] = start.elapsed_time(end) / reps
+    best = min(times, key=times.get)
+    _MEASURED[_bucket(op, device, shape)] = best
+    return best
 
 
 def why_not(backend: str, op: str, device: torch.device, options: dict) -> str | None:
@@ -57,12 +94,15 @@ def why_not(backend: str, op: str, device: torch.device, options: dict) -> str |
     return reason
 
 
-def resolve(op: str, backend: str, device: torch.device, **options):
-    """The function implementing ``op`` for ``backend`` ("auto" or one of :data:`BACKENDS`)."""
+def resolve(op: str, backend: str, device: torch.device, *, shape=None, **options):
+    """The function implementing ``op`` for ``backend`` ("auto" or one of :data:`BACKENDS`).
+
+    ``shape`` = (tokens, K) lets ``auto`` use the GPU timings of :func:`tune`.
+    """
     if op not in OPS:
         raise ValueError(f"op: unknown sampler op {op!r}")
     if backend == "auto":
-        for name in auto_order(device):
+        for name in auto_order(device, op, shape):
             if why_not(name, op, device, options) is None:
                 return getattr(_module(name)[0], op)
         raise RuntimeError(f"no backend can run {op} on {device}")  # torch always can

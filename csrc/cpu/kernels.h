@@ -1,0 +1,285 @@
+// CPU building blocks of the sampler ops: logits conversion, a vectorizable exp, the streaming
+// inverse-CDF draw and the step loop over tokens (the codebooks are in codes.h). Included by
+// every csrc/cpu/*.cpp, which CMake compiles once per instruction set (namespace URSA_ISA:
+// base, avx2, avx512).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+
+#include "ursa/ops.h"
+
+#ifndef URSA_ISA
+#define URSA_ISA base
+#endif
+
+namespace ursa {
+namespace cpu {
+namespace URSA_ISA {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kLogitBlock = 1024;  // codes per block of the streaming draw
+
+template <typename To, typename From>
+inline To bits(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between different sizes");
+  return __builtin_bit_cast(To, v);
+}
+
+// ----------------------------------------------------------------------------- numbers
+struct BF16 {
+  static float get(const uint16_t* p, int64_t j) { return bits<float>(static_cast<uint32_t>(p[j]) << 16); }
+};
+struct F16 {  // IEEE half -> float by bit manipulation (branch-free, handles subnormals/inf/NaN)
+  static float get(const uint16_t* p, int64_t j) {
+    const uint32_t w = static_cast<uint32_t>(p[j]) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = bits<float>((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits<float>((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t mag = two_w < (1u << 27) ? bits<uint32_t>(denormalized) : bits<uint32_t>(normalized);
+    return bits<float>(sign | mag);
+  }
+};
+struct F32 {
+  static float get(const float* p, int64_t j) { return p[j]; }
+};
+
+// exp(x) for x <= 0 (the only arguments here: z − max z and −β·d), ~1 ulp (Cephes expf), 0
+// below −87 and for −inf. Plain arithmetic and bit casts, so loops over it vectorize.
+inline float fast_exp(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float t = xc * 1.44269504088896341f + 12582912.0f;  // round to nearest by the 1.5·2^23 trick
+  const float fn = t - 12582912.0f;
+  const int32_t n = bits<int32_t>(t) - 0x4B400000;
+  float r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float res = p * bits<float>((n + 127) << 23);
+  return x < -87.0f ? 0.0f : res;
+}
+
+// ----------------------------------------------------------------------------- logits
+// z = (u + s·(c − u)) / T for one token's row, block [k0, k0 + n) written to buf.
+template <class Load, typename T>
+struct GuidedRow {
+  const T* cond;
+  const T* uncond;  // null: no guidance
+  float scale, temperature;
+  int64_t exclude;  // −1: none
+
+  void operator()(int64_t k0, int64_t n, float* buf) const {
+    const T* c = cond + k0;
+    if (uncond != nullptr) {
+      const T* u = uncond + k0;
+      const float s = scale;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float cv = Load::get(c, j), uv = Load::get(u, j);
+        buf[j] = uv + s * (cv - uv);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) buf[j] = Load::get(c, j);
+    }
+    if (temperature != 1.0f) {
+      const float tt = temperature;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] / tt;
+    }
+    if (exclude >= k0 && exclude < k0 + n) buf[exclude - k0] = kNegInf;
+  }
+};
+
+// ----------------------------------------------------------------------------- draws
+struct Scratch {
+  std::vector<float> buf, aux, aux2;
+  std::vector<float> bmax, bsum;
+  std::vector<double> bweight;
+  explicit Scratch(int64_t block, int64_t blocks)
+      : buf(block), aux(block), aux2(block), bmax(blocks), bsum(blocks), bweight(blocks) {}
+};
+
+inline float block_max(const float* v, int64_t n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+// Σ exp(v − m).
+inline float block_expsum(const float* v, int64_t n, float m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += fast_exp(v[j] - m);
+  return s;
+}
+
+// Σ exp(v − m), with e[j] = exp(v[j] − m) written.
+inline float block_expsum(const float* v, int64_t n, float m, float* e) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = fast_exp(v[j] - m);
+    e[j] = x;
+    s += x;
+  }
+  return s;
+}
+
+// Smallest j of [0, n) with base + Σ_{i<=j} w_i > target (sequential, double); else the last
+// positive weight (a float tie: the block sums said the crossing is here); −1 if all zero.
+inline int64_t scan_block(const float* w, int64_t n, double base, double target) {
+  double cum = base;
+  int64_t last_pos = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    if (w[j] > 0.0f) last_pos = j;
+    cum += static_cast<double>(w[j]);
+    if (cum > target && w[j] > 0.0f) return j;
+  }
+  return last_pos;
+}
+
+// The smallest block b with Σ_{c<=b} weight_c > target; else the last positive block.
+inline int64_t find_block(const double* weight, int64_t blocks, double target, double& before) {
+  double cum = 0.0;
+  int64_t last_pos = -1;
+  double last_before = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (weight[b] > 0.0) {
+      last_pos = b;
+      last_before = cum;
+    }
+    if (cum + weight[b] > target && weight[b] > 0.0) {
+      before = cum;
+      return b;
+    }
+    cum += weight[b];
+  }
+  before = last_before;
+  return last_pos;
+}
+
+// Inverse-CDF draw from softmax(z) with z streamed by `fill` block by block (§2.5): one pass
+// keeps each block's max and Σ exp(z − max); the block crossing u·W is then rescanned alone.
+template <class Fill>
+int64_t draw_softmax(const Fill& fill, int64_t K, int64_t block, float u, Scratch& s) {
+  const int64_t blocks = (K + block - 1) / block;
+  float gmax = kNegInf;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k0 = b * block, n = std::min(block, K - k0);
+    fill(k0, n, s.buf.data());
+    const float m = block_max(s.buf.data(), n);
+    s.bmax[b] = m;
+    s.bsum[b] = m == kNegInf ? 0.0f : block_expsum(s.buf.data(), n, m);
+    gmax = std::max(gmax, m);
+  }
+  double total = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    s.bweight[b] = s.bsum[b] > 0.0f ? s.bsum[b] * std::exp(static_cast<double>(s.bmax[b]) - gmax) : 0.0;
+    total += s.bweight[b];
+  }
+  const double target = static_cast<double>(u) * total;
+  double before = 0.0;
+  const int64_t b = find_block(s.bweight.data(), blocks, target, before);
+  if (b < 0) return 0;  // no finite logit: not reachable with validated inputs
+  const int64_t k0 = b * block, n = std::min(block, K - k0);
+  fill(k0, n, s.buf.data());
+  block_expsum(s.buf.data(), n, s.bmax[b], s.aux.data());
+  const double scale = std::exp(static_cast<double>(s.bmax[b]) - gmax);
+  const int64_t j = scan_block(s.aux.data(), n, before / scale, target / scale);
+  return k0 + std::max<int64_t>(j, 0);
+}
+
+// argmax z (first index of the maximum), streamed like draw_softmax.
+template <class Fill>
+int64_t argmax_stream(const Fill& fill, int64_t K, int64_t block, Scratch& s) {
+  float best = kNegInf;
+  int64_t arg = 0;
+  for (int64_t k0 = 0; k0 < K; k0 += block) {
+    const int64_t n = std::min(block, K - k0);
+    fill(k0, n, s.buf.data());
+    const float m = block_max(s.buf.data(), n);
+    if (m > best) {
+      best = m;
+      for (int64_t j = 0; j < n; ++j) {
+        if (s.buf[j] == m) {
+          arg = k0 + j;
+          break;
+        }
+      }
+    }
+  }
+  return arg;
+}
+
+// f(Load{}, (const T*)nullptr) for the logits dtype.
+template <class F>
+void with_dtype(int dtype, F&& f) {
+  if (dtype == DTYPE_BF16) {
+    f(BF16{}, static_cast<const uint16_t*>(nullptr));
+  } else if (dtype == DTYPE_F16) {
+    f(F16{}, static_cast<const uint16_t*>(nullptr));
+  } else {
+    f(F32{}, static_cast<const float*>(nullptr));
+  }
+}
+
+inline int threads(int n) { return n > 0 ? n : omp_get_max_threads(); }
+
+// ----------------------------------------------------------------------------- steps
+// For each token: `decide(z0, u1)` says whether it takes x̂1 (else it keeps z0, and its logits
+// are never read); x̂1 is drawn from the guided logits (argmax on an argmax last step).
+template <class Load, typename T, class Decide>
+void token_step_loop(const StepArgs& a, Decide decide) {
+  const Logits& L = a.logits;
+  const int64_t K = a.K;
+  const int64_t step = a.rng.step ? *a.rng.step : 0;
+  const int64_t blocks = (K + kLogitBlock - 1) / kLogitBlock;
+#pragma omp parallel num_threads(threads(a.n_threads))
+  {
+    Scratch s(kLogitBlock, blocks);
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t i = 0; i < a.D; ++i) {
+      const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, step, TAG_STEP);
+      const int64_t z0 = a.x[i];
+      if (!decide(z0, to_uniform(r.w[LANE_JUMP]))) {
+        a.out[i] = z0;
+        continue;
+      }
+      const GuidedRow<Load, T> row{static_cast<const T*>(L.cond) + i * L.cond_stride,
+                                   L.uncond ? static_cast<const T*>(L.uncond) + i * L.uncond_stride : nullptr,
+                                   L.scale, L.temperature, L.exclude};
+      a.out[i] = a.last && a.argmax_last ? argmax_stream(row, K, kLogitBlock, s)
+                                         : draw_softmax(row, K, kLogitBlock, to_uniform(r.w[LANE_DRAW]), s);
+    }
+  }
+}
+
+template <class Decide>
+std::string token_step(const StepArgs& a, Decide decide) {
+  if (a.D == 0) return "";
+  with_dtype(a.logits.dtype, [&](auto load, auto ptr) {
+    using Load = decltype(load);
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(ptr)>>;
+    token_step_loop<Load, T>(a, decide);
+  });
+  return "";
+}
+
+}  // namespace URSA_ISA
+}  // namespace cpu
+}  // namespace ursa
