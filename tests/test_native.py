@@ -159,6 +159,19 @@ def test_path_samples_same_seed_same_tokens(device, kind):
     assert torch.equal(a, nat.mask_sample(x1, keep, mask_id=K, seeds=seeds, row_len=D // 4))
 
 
+def test_strided_logit_rows_and_a_strided_out_give_the_reference_tokens():
+    cb = _codebook("table")
+    K, D = cb.size, 1000
+    big = torch.randn(D, K + 13, generator=_gen(18)) * 2
+    cond = big[:, 5:5 + K]  # rows K + 13 apart
+    x = torch.randint(0, K, (D,), generator=_gen(19))
+    args = (cond, None, x, cb.normalized, torch.tensor([0.1, 2.0, 9.0, 0.0]), torch.tensor([3]))
+    kw = dict(seeds=torch.tensor([4]), row_len=D)
+    out = torch.zeros(D, 2, dtype=torch.int64)[:, 0]
+    nat.metric_step(*args, out=out, **kw)
+    assert _agree(ref.metric_step(*args, **kw), out) >= AGREE
+
+
 def test_scheduler_auto_picks_native_on_cpu_and_matches_reference():
     path = ue.MetricPath(_codebook("fsq"), alpha=1.0, c=5.0)
     sched = ue.Scheduler(path, 10)

@@ -47,6 +47,11 @@ def _load(kind: str):
         return None, str(err)
 
 
+@functools.cache
+def _cuda_device_count() -> int:
+    return _load("cuda")[0].device_count()
+
+
 def build_info() -> dict:
     """What the build produced: ``{"cuda": bool, "cuda_note": str, "isas": "base,avx2,..."}``."""
     mod, err = _load("cpu")
@@ -67,7 +72,7 @@ def unavailable(device) -> str | None:
             cpu, _ = _load("cpu")
             note = cpu.build_info["cuda_note"] if cpu is not None else err
             return f"native CUDA module not built ({note})"
-        if mod.device_count() == 0:
+        if _cuda_device_count() == 0:
             return "the native CUDA module sees no CUDA device"
         return None
     return f"native backend runs on cpu and cuda, not {device.type}"

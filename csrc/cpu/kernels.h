@@ -73,6 +73,13 @@ inline float fast_exp(float x) {
 }
 
 // ----------------------------------------------------------------------------- logits
+inline float block_max(const float* v, int64_t n) {
+  float m = kNegInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
 // z = (u + s·(c − u)) / T for one token's row, block [k0, k0 + n) written to buf.
 template <class Load, typename T>
 struct GuidedRow {
@@ -81,26 +88,37 @@ struct GuidedRow {
   float scale, temperature;
   int64_t exclude;  // −1: none
 
-  void operator()(int64_t k0, int64_t n, float* buf) const {
+  // Writes the block and returns its max (one pass: the draw's block max comes for free).
+  float operator()(int64_t k0, int64_t n, float* buf) const {
     const T* c = cond + k0;
-    if (uncond != nullptr) {
-      const T* u = uncond + k0;
-      const float s = scale;
-#pragma omp simd
+    const T* u = uncond != nullptr ? uncond + k0 : nullptr;
+    const float s = scale, tt = temperature;
+    const auto run = [&](auto guided, auto tempered) {
+      float m = kNegInf;
+#pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < n; ++j) {
-        const float cv = Load::get(c, j), uv = Load::get(u, j);
-        buf[j] = uv + s * (cv - uv);
+        float z = Load::get(c, j);
+        if constexpr (decltype(guided)::value) {
+          const float uv = Load::get(u, j);
+          z = uv + s * (z - uv);
+        }
+        if constexpr (decltype(tempered)::value) z = z / tt;
+        buf[j] = z;
+        m = z > m ? z : m;
       }
+      return m;
+    };
+    float m;
+    if (u != nullptr) {
+      m = tt != 1.0f ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
     } else {
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) buf[j] = Load::get(c, j);
+      m = tt != 1.0f ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
     }
-    if (temperature != 1.0f) {
-      const float tt = temperature;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] / tt;
+    if (exclude >= k0 && exclude < k0 + n) {
+      buf[exclude - k0] = kNegInf;
+      m = block_max(buf, n);
     }
-    if (exclude >= k0 && exclude < k0 + n) buf[exclude - k0] = kNegInf;
+    return m;
   }
 };
 
@@ -112,13 +130,6 @@ struct Scratch {
   explicit Scratch(int64_t block, int64_t blocks)
       : buf(block), aux(block), aux2(block), bmax(blocks), bsum(blocks), bweight(blocks) {}
 };
-
-inline float block_max(const float* v, int64_t n) {
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = v[j] > m ? v[j] : m;
-  return m;
-}
 
 // Σ exp(v − m).
 inline float block_expsum(const float* v, int64_t n, float m) {
@@ -173,7 +184,7 @@ inline int64_t find_block(const double* weight, int64_t blocks, double target, d
   return last_pos;
 }
 
-// Inverse-CDF draw from softmax(z) with z streamed by `fill` block by block (§2.5): one pass
+// Inverse-CDF draw from softmax(z) with z streamed by `fill(k0, n, buf) -> max` (§2.5): one pass
 // keeps each block's max and Σ exp(z − max); the block crossing u·W is then rescanned alone.
 template <class Fill>
 int64_t draw_softmax(const Fill& fill, int64_t K, int64_t block, float u, Scratch& s) {
@@ -181,8 +192,7 @@ int64_t draw_softmax(const Fill& fill, int64_t K, int64_t block, float u, Scratc
   float gmax = kNegInf;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t k0 = b * block, n = std::min(block, K - k0);
-    fill(k0, n, s.buf.data());
-    const float m = block_max(s.buf.data(), n);
+    const float m = fill(k0, n, s.buf.data());
     s.bmax[b] = m;
     s.bsum[b] = m == kNegInf ? 0.0f : block_expsum(s.buf.data(), n, m);
     gmax = std::max(gmax, m);
@@ -211,8 +221,7 @@ int64_t argmax_stream(const Fill& fill, int64_t K, int64_t block, Scratch& s) {
   int64_t arg = 0;
   for (int64_t k0 = 0; k0 < K; k0 += block) {
     const int64_t n = std::min(block, K - k0);
-    fill(k0, n, s.buf.data());
-    const float m = block_max(s.buf.data(), n);
+    const float m = fill(k0, n, s.buf.data());
     if (m > best) {
       best = m;
       for (int64_t j = 0; j < n; ++j) {

@@ -141,8 +141,13 @@ std::string metric_sample(const PathArgs& a) {
         c.target(x1);
         const auto logits = [&](int64_t k0, int64_t n, float* buf) {
           c.distances(k0, n, buf);
-#pragma omp simd
-          for (int64_t y = 0; y < n; ++y) buf[y] = -beta * buf[y];
+          float m = kNegInf;
+#pragma omp simd reduction(max : m)
+          for (int64_t y = 0; y < n; ++y) {
+            buf[y] = -beta * buf[y];
+            m = buf[y] > m ? buf[y] : m;
+          }
+          return m;
         };
         a.out[i] = draw_softmax(logits, K, B, to_uniform(r.w[LANE_DRAW]), s);
       }
