@@ -78,7 +78,7 @@ class MetricPath(_Path):
         x1, tt = self._prepare(x1, t)
         seeds, row_len = seeds_per_row(seed, tuple(x1.shape), x1.device)
         flat_out = self._out(out, x1)
-        fn = resolve("metric_sample", backend, x1.device)
+        fn = resolve("metric_sample", backend, x1.device, shape=(x1.numel(), self.size))
         beta = self.beta(tt).to(torch.float32).reshape(-1).contiguous()
         fn(x1.reshape(-1).contiguous(), beta, self.codebook.normalized_on(x1.device), power=self.power,
            levels=self.codebook.levels, seeds=seeds, row_len=row_len, out=flat_out)
@@ -132,7 +132,7 @@ class MixturePath(_KappaPath):
         x1, tt = self._prepare(x1, t)
         seeds, row_len = seeds_per_row(seed, tuple(x1.shape), x1.device)
         flat_out = self._out(out, x1)
-        fn = resolve("mixture_sample", backend, x1.device)
+        fn = resolve("mixture_sample", backend, x1.device, shape=(x1.numel(), self.size))
         keep = self._keep(tt).to(torch.float32).reshape(-1).contiguous()
         fn(x1.reshape(-1).contiguous(), keep, K=self.K, seeds=seeds, row_len=row_len, out=flat_out)
         return flat_out.view(x1.shape)
@@ -167,7 +167,7 @@ class MaskPath(_KappaPath):
         x1, tt = self._prepare(x1, t)
         seeds, row_len = seeds_per_row(seed, tuple(x1.shape), x1.device)
         flat_out = self._out(out, x1)
-        fn = resolve("mask_sample", backend, x1.device)
+        fn = resolve("mask_sample", backend, x1.device, shape=(x1.numel(), self.size))
         keep = self._keep(tt).to(torch.float32).reshape(-1).contiguous()
         fn(x1.reshape(-1).contiguous(), keep, mask_id=self.mask_id, seeds=seeds, row_len=row_len,
            out=flat_out)

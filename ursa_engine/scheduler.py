@@ -169,7 +169,7 @@ class Scheduler:
                                    "selection per sample runs on the torch backend only")
             return self._confidence_step(flat, k, shape, seeds, row_len, step, opts, argmax_last, out)
         common = dict(seeds=seeds, row_len=row_len, last=last, argmax_last=argmax_last, **opts)
-        filt = dict(top_k=opts["top_k"], top_p=opts["top_p"])
+        filt = dict(top_k=opts["top_k"], top_p=opts["top_p"], shape=(x.numel(), K))
         flat_out = out.view(-1)
         if isinstance(self.path, MetricPath):
             fn = resolve("metric_step", backend, device, **filt)

@@ -100,7 +100,7 @@ struct GuidedRow {
         float z = Load::get(c, j);
         if constexpr (decltype(guided)::value) {
           const float uv = Load::get(u, j);
-          z = uv + s * (z - uv);
+          z = (z == uv) ? z : uv + s * (z - uv);  // c == u (e.g. both -inf) stays: no NaN
         }
         if constexpr (decltype(tempered)::value) z = z / tt;
         buf[j] = z;

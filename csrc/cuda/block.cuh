@@ -104,7 +104,7 @@ struct GuidedRow {  // z = (u + s·(c − u)) / T, −∞ at `exclude`
     float z = load_logit<DT>(cond, j);
     if (uncond != nullptr) {
       const float u = load_logit<DT>(uncond, j);
-      z = u + scale * (z - u);
+      z = (z == u) ? z : u + scale * (z - u);  // c == u (e.g. both -inf) stays: no NaN
     }
     if (temperature != 1.0f) z = z / temperature;
     return j == exclude ? -kInf : z;
