@@ -104,7 +104,7 @@ FSQ_SMALL = {**DRAW_SMALL, "CH_MAX": 10, "FW": 4}  # (4, 3, 5, 2): 10 chunks of 
 TABLE_SMALL = {**DRAW_SMALL, "BN": 16, "SPLITS": 2}
 CODEBOOKS = {
     "fsq": (lambda: Codebook.fsq((4, 3, 5, 2)), FSQ_SMALL),
-    "table-m6": (lambda: table_codebook(97, 6, 1), {**TABLE_SMALL, "BM": 32, "R": 64}),  # many programs
+    "table-m6": (lambda: table_codebook(97, 6, 1), {**TABLE_SMALL, "BM": 32, "R": 64, "GROUPS": 3}),  # many programs
     "table-m100": (lambda: table_codebook(97, 100, 2), TABLE_SMALL),  # two BKM chunks of m
 }
 

@@ -154,7 +154,7 @@ def draw_rows_split(cond_ptr, uncond_ptr, stride_c, stride_u, rows, active, K, u
 
 @triton.jit
 def draw_kernel(cond_ptr, uncond_ptr, x_ptr, out_ptr, x1_ptr, list_ptr, count_ptr, step_ptr, seeds_ptr,
-                row_len, D, K, stride_c, stride_u, gs, zs,
+                row_len, row0, D, K, stride_c, stride_u, gs, zs,
                 HAS_UNCOND: tl.constexpr, LAST: tl.constexpr, ARGMAX: tl.constexpr,
                 ROWS: tl.constexpr, DRAW_ROWS: tl.constexpr, CHUNKS: tl.constexpr, W: tl.constexpr,
                 NW: tl.constexpr, CW_P2: tl.constexpr, STAGES: tl.constexpr):
@@ -163,8 +163,9 @@ def draw_kernel(cond_ptr, uncond_ptr, x_ptr, out_ptr, x1_ptr, list_ptr, count_pt
     LAST: ``out = x̂1``. Otherwise ``out = x``, ``x1 = x̂1`` and the tokens with ``x̂1 ≠ x``
     are appended to ``list`` (``count`` += their number; order across programs is arbitrary
     and harmless: every later result depends only on the token, never on its slot).
+    Tokens ``row0 .. D−1`` (a group of the launcher's pipeline; ids in ``list`` are global).
     """
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rows = row0 + tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     ok = rows < D
     w0 = token_words(seeds_ptr, row_len, rows, ok, tl.load(step_ptr), TAG_STEP)[0]
     x1 = draw_rows_split(cond_ptr, uncond_ptr, stride_c, stride_u, rows, ok, K, to_uniform(w0), gs, zs, 0,

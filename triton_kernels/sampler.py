@@ -22,6 +22,7 @@ to the reference). Runs on CUDA devices, or on the CPU under ``TRITON_INTERPRET=
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -336,9 +337,7 @@ def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidanc
 
 def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidance_scale, temperature, top_k,
                  top_p, power, levels, last, argmax_last, out, cfg=None):
-    from .categorical import draw_kernel
     from .metric_step import metric_step_fsq_kernel
-    from .table import table_finish_kernel, table_pass_kernel
 
     reason = unsupported("metric_step", top_k=top_k, top_p=top_p)
     if reason:
@@ -373,29 +372,70 @@ def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidan
     # explicit table: x̂1 draw (and the list of tokens with x̂1 ≠ x), tensor-core pass, finish
     dc = draw_config(K, D, device, rows=cfg.get("ROWS"), chunks=cfg.get("CHUNKS"), w=cfg.get("W"),
                      draw_rows=cfg.get("DRAW_ROWS"), stages=cfg.get("STAGES"))
-    m = table.shape[1]
     table = table.contiguous()
-    x1 = torch.empty_like(x) if not last else x
-    lst = torch.empty_like(x) if not last else x
-    count = torch.zeros(1, dtype=torch.int32, device=device)
-    draw_kernel[(math.ceil(D / dc["ROWS"]),)](
-        cond, uptr, x, out, x1, lst, count, step, seeds, row_len, D, K, sc, su, gs, zs,
-        HAS_UNCOND=uncond is not None, LAST=bool(last), ARGMAX=argmax, **dc, **_launch_opts(device, cfg, "draw", 8))
+    common = dict(cond=cond, uncond=uptr, has_uncond=uncond is not None, x=x, out=out, table=table,
+                  params=params, step=step, seeds=seeds, row_len=row_len, strides=(sc, su), gs=gs, zs=zs,
+                  power=power, last=bool(last), argmax=argmax, dc=dc, cfg=cfg)
     if last:
+        _table_group(0, D, None, None, None, None, None, **common)
         return out
-    c = table_config(D, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
-                     splits=cfg.get("SPLITS"))
-    ts = torch.empty((D, c["NT"]), dtype=torch.float32, device=device)
-    zp = torch.empty((D, c["SPLITS"]), dtype=torch.float32, device=device)
-    table_pass_kernel[(math.ceil(D / c["BM"]), c["SPLITS"])](
-        table, _sq_norms(table), x1, x, lst, count, params, params, ts, zp, D, K, m, c["NT"], c["SPLITS"], TPS=c["TPS"],
-        RATES=True, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
-        DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "pass", 8, 3))
-    table_finish_kernel[(math.ceil(D / c["R"]),)](
-        table, x, x1, out, lst, count, params, params, step, seeds, ts, zp, row_len, D, K, m, c["NT"],
-        c["SPLITS"], RATES=True, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]), SP_P2=_pow2(c["SPLITS"]),
-        BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"], **_launch_opts(device, cfg, "finish", 4))
+    # Token groups: the draw of group g+1 (memory-bound) runs while the tensor-core pass of
+    # group g (compute-bound) runs on a side stream. A captured CUDA graph keeps the fork/join.
+    groups = cfg.get("GROUPS") or (4 if device.type == "cuda" and D >= 4096 else 1)
+    bounds = [D * g // groups for g in range(groups + 1)]
+    scratch = dict(x1=torch.empty_like(x), lst=torch.empty_like(x),
+                   count=torch.zeros(groups, dtype=torch.int32, device=device), sqc=_sq_norms(table))
+    side = torch.cuda.Stream(device) if device.type == "cuda" and groups > 1 else None
+    main = torch.cuda.current_stream(device) if side is not None else None
+    for g in range(groups):
+        a, b = bounds[g], bounds[g + 1]
+        if a == b:
+            continue
+        _table_group(a, b, g, side, main, scratch, "draw", **common)
+        _table_group(a, b, g, side, main, scratch, "rates", **common)
+    if side is not None:
+        main.wait_stream(side)
     return out
+
+
+def _table_group(a, b, g, side, main, scratch, phase, *, cond, uncond, has_uncond, x, out, table, params, step,
+                 seeds, row_len, strides, gs, zs, power, last, argmax, dc, cfg):
+    """Tokens [a, b) of the table metric step: the draw (main stream), then the rates (side stream)."""
+    from .categorical import draw_kernel
+    from .table import table_finish_kernel, table_pass_kernel
+
+    device, K, m = x.device, table.shape[0], table.shape[1]
+    n = b - a
+    if last or phase == "draw":
+        x1 = x if last else scratch["x1"]
+        lst = x if last else scratch["lst"][a:b]
+        count = scratch["count"][g:g + 1] if not last else torch.zeros(1, dtype=torch.int32, device=device)
+        draw_kernel[(math.ceil(n / dc["ROWS"]),)](
+            cond, uncond, x, out, x1, lst, count, step, seeds, row_len, a, b, K, *strides, gs, zs,
+            HAS_UNCOND=has_uncond, LAST=last, ARGMAX=argmax, **dc, **_launch_opts(device, cfg, "draw", 8))
+        return
+    c = table_config(n, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
+                     splits=cfg.get("SPLITS"))
+    ts = torch.empty((n, c["NT"]), dtype=torch.float32, device=device)
+    zp = torch.empty((n, c["SPLITS"]), dtype=torch.float32, device=device)
+    lst, count = scratch["lst"][a:b], scratch["count"][g:g + 1]
+    if side is not None:
+        side.wait_stream(main)  # this group's draw is done
+        ctx = torch.cuda.stream(side)
+        for t in (ts, zp):
+            t.record_stream(side)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        table_pass_kernel[(math.ceil(n / c["BM"]), c["SPLITS"])](
+            table, scratch["sqc"], scratch["x1"], x, lst, count, params, params, ts, zp, n, K, m, c["NT"],
+            c["SPLITS"], TPS=c["TPS"], RATES=True, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"],
+            BKM=c["BKM"], DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "pass", 8, 3))
+        table_finish_kernel[(math.ceil(n / c["R"]),)](
+            table, x, scratch["x1"], out, lst, count, params, params, step, seeds, ts, zp, row_len, n, K, m,
+            c["NT"], c["SPLITS"], RATES=True, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]),
+            SP_P2=_pow2(c["SPLITS"]), BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
+            **_launch_opts(device, cfg, "finish", 4))
 
 
 def _uniform_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, guidance_scale, temperature, top_k,
