@@ -4,20 +4,23 @@ Every op has the signature of :mod:`ursa_engine.reference.sampler` (the dense or
 same RNG contract (Philox keyed by seed, step, token index, lane: :mod:`triton_kernels.philox`),
 so one seed gives the same tokens on both backends up to float ties. Kernels:
 
-============== ==================================================================== ============
-op             kernel(s)                                                             extra memory
-============== ==================================================================== ============
-metric_step    FSQ (``levels``): one fused kernel (:mod:`.metric_step`)              0
-               table: x̂1 draw + tensor-core pass + finish (:mod:`.table`)           O(D·K/BN)
-metric_sample  FSQ: one kernel (:mod:`.metric_sample`); table: pass + finish         0 / O(D·K/BN)
-mixture_step,  one fused kernel; only changing tokens read logits (:mod:`.mixture_mask`) 0
-mask_step
-mixture_sample one elementwise kernel                                                0
-mask_sample
-============== ==================================================================== ============
+* ``metric_step``, FSQ codebook (``levels``): one fused kernel (:mod:`.metric_step`): streaming
+  x̂1 draw, then one arithmetic pass over the implicit codebook for tokens with x̂1 ≠ x.
+  Extra memory: none.
+* ``metric_step``, explicit table (IBQ): x̂1 draw + list of moving tokens, tensor-core pass,
+  finish (:mod:`.table`); token groups pipelined on two streams so the draw of one group
+  overlaps the pass of the previous one. Extra memory O(D·K/BN) float32 (BN = 64: 32 MiB for
+  the IBQ image step). A float32 table runs the dot in tf32, a bfloat16 table in bf16.
+* ``metric_sample``: FSQ: one kernel (:mod:`.metric_sample`), no extra memory; table: pass +
+  finish.
+* ``mixture_step``, ``mask_step``: one kernel; only tokens that change read their logits
+  (:mod:`.mixture_mask`). ``mixture_sample``, ``mask_sample``: one elementwise kernel.
 
 Not fused: top-k / top-p filtering (``unsupported`` says so; ``backend="auto"`` then falls back
 to the reference). Runs on CUDA devices, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
+Tilings come from :func:`draw_config`, :func:`fsq_config`, :func:`table_config`; the private
+``_metric_step`` / ``_metric_sample`` / ``_uniform_step`` take a ``cfg`` dict overriding them
+(tests force small tilings; ``benchmarks/bench_triton_sampler.py`` sweeps them on a GPU).
 """
 
 from __future__ import annotations
