@@ -134,3 +134,11 @@ def test_step_probs_rejects_unknown_options(sched):
     z, x = _inputs()
     with pytest.raises(TypeError, match="guidance_scal"):
         sched.step_probs(z, 3, x, guidance_scal=2.0)
+
+
+def test_explicit_fsq_table_is_recognised_and_other_tables_are_not():
+    fsq = ue.Codebook.fsq((8, 8, 8, 5, 5, 5))
+    assert ue.Codebook(fsq.emb.clone()).levels == (8, 8, 8, 5, 5, 5)
+    shuffled = fsq.emb[torch.randperm(fsq.size, generator=torch.Generator().manual_seed(0))]
+    assert ue.Codebook(shuffled).levels is None
+    assert ue.Codebook(torch.randn(60, 3)).levels is None

@@ -60,7 +60,7 @@ def load_z(cond_ptr, uncond_ptr, stride_c, stride_u, rows, mask, cols, gs, exclu
     c = tl.load(cond_ptr + rows * stride_c + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_UNCOND:
         u = tl.load(uncond_ptr + rows * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-        c = u + gs * (c - u)
+        c = tl.where(c == u, c, u + gs * (c - u))  # c == u (e.g. both -inf) stays: no NaN
     valid = mask
     if HAS_EXCLUDE:
         valid = valid & (cols != exclude)

@@ -26,6 +26,27 @@ def fsq_table(levels: tuple[int, ...]) -> torch.Tensor:
     return torch.stack(cols, dim=-1)
 
 
+def _fsq_levels_of(emb: torch.Tensor) -> tuple[int, ...] | None:
+    """The FSQ levels whose implicit table equals ``emb`` exactly, else None.
+
+    Checkpoints ship their FSQ codebook as an explicit table; recognising it lets kernels compute
+    codes from the index instead of reading the table (same values, so the same law).
+    """
+    K, m = emb.shape
+    if m > 16:
+        return None
+    levels = []
+    for col in emb.unbind(-1):
+        n = torch.unique(col).numel()
+        if n < 2 or n > 64:
+            return None
+        levels.append(n)
+    if math.prod(levels) != K:
+        return None
+    levels = tuple(levels)
+    return levels if torch.equal(fsq_table(levels), emb) else None
+
+
 def normalize(emb: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """``e / max(||e||, eps)`` row-wise."""
     return emb / emb.norm(dim=-1, keepdim=True).clamp_min(eps)
@@ -52,7 +73,7 @@ class Codebook:
         if not torch.isfinite(emb).all():
             raise ValueError("emb: contains NaN or infinite values")
         self.emb = emb.detach().to(torch.float32).contiguous()
-        self.levels = tuple(levels) if levels is not None else None
+        self.levels = tuple(levels) if levels is not None else _fsq_levels_of(self.emb)
 
     @classmethod
     def fsq(cls, levels=(8, 8, 8, 5, 5, 5)) -> "Codebook":
