@@ -263,3 +263,22 @@ def test_path_samples_agree_with_reference_tokens(backend, device, kind):
     got = path.sample(x1, t, seed=torch.tensor([1, 2, 3, 4], device=device), backend=backend)
     ref = path.sample(x1, t, seed=torch.tensor([1, 2, 3, 4], device=device), backend="torch")
     assert (got == ref).float().mean() >= 0.99 and (ref != x1).float().mean() > 0.05
+
+
+@pytest.mark.gpu
+def test_tune_makes_auto_pick_the_measured_faster_backend():
+    from ursa_engine import _dispatch
+
+    K = 4096
+    sched = ue.Scheduler(ue.MetricPath(random_codebook(K, 8, 11)), 10)
+    z = logits_for(2048, K, 15).cuda()
+    x = torch.randint(0, K, (2048,), device="cuda")
+    best = sched.tune(z, x, seed=0)
+    assert best in ("triton", "native")
+    fn = _dispatch.resolve("metric_step", "auto", x.device, shape=(x.numel(), K))
+    assert fn.__module__.startswith({"triton": "triton_kernels", "native": "ursa_engine._native"}[best])
+
+
+def test_tune_is_a_no_op_on_the_cpu():
+    sched = ue.Scheduler(ue.MixturePath(5), 3)
+    assert sched.tune(torch.randn(4, 5), torch.zeros(4, dtype=torch.long)) is None

@@ -521,6 +521,11 @@ class _GraphRunner:
 
     def _capture(self, rows: int):
         s = self.state
+        if s.engine.sampler_backend == "auto":  # pick Triton or native for this shape, measured
+            logits = s.engine.model(s.ids[:rows], rope=s.rope, latent_tokens=s.n)
+            s.sched.tune(logits[: s.B], s.x, uncond_logits=logits[s.B :] if rows > s.B else None, seed=s.seeds,
+                         argmax_last=s.argmax_last, **s.opts)
+            del logits
         saved = (s.ids.clone(), s.x.clone())
         self.k.fill_(0)
         replay = _cuda_graph_capture(lambda: s.body(self.k, rows), self.pool)

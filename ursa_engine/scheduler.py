@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from . import _validate
+from . import _dispatch, _validate
 from ._dispatch import resolve
 from .paths import MaskPath, MetricPath, MixturePath
 from .reference import laws
@@ -204,6 +204,23 @@ class Scheduler:
                                    step=step.reshape(-1)[0], argmax=last and argmax_last, **opts)
         out.view(-1).copy_(new.view(-1))
         return out
+
+    def tune(self, logits, x, *, uncond_logits=None, **options) -> str | None:
+        """On a GPU, time one step with each fused backend able to run it (Triton, native) and
+        let ``backend="auto"`` use the faster at this (tokens, K) from then on. Synchronizes:
+        call it at warm-up, outside CUDA-graph capture. Returns the choice (None on the CPU)."""
+        if x.device.type != "cuda" or self.mask_sampler == "confidence":
+            return None
+        op = {MetricPath: "metric_step", MixturePath: "mixture_step", MaskPath: "mask_step"}[type(self.path)]
+        filt = dict(top_k=options.get("top_k", 0) or 0, top_p=options.get("top_p", 1.0))
+        k = min(1, self.num_steps - 1)  # a mid-path step: the metric codebook pass runs
+        out = torch.empty_like(x)
+        calls = {name: (lambda name=name: self.step(logits, k, x, uncond_logits=uncond_logits, backend=name,
+                                                     validate=False, out=out, **options))
+                 for name in ("triton", "native") if _dispatch.why_not(name, op, x.device, filt) is None}
+        if len(calls) < 2:
+            return next(iter(calls), None)
+        return _dispatch.tune(op, x.device, (x.numel(), self.path.size), calls)
 
     # ------------------------------------------------------------------ exact law
     def step_probs(self, logits, k, x, *, uncond_logits=None, guidance_scale: float = 1.0,
