@@ -9,6 +9,9 @@ Generates, from the default model in ``ursa_engine/assets/digits`` (trained by
 * one start-end interpolation: the same digit two pixels a frame apart, given as the first and
   last latent frames.
 
+Given frames are frozen (``freeze_cond=True``, DESIGN §2.4): the small model, stepping a clean
+frame like any token, redraws about a fifth of its tokens (near-identical patches) by the end.
+
 Outputs in ``--out``: ``samples.png`` (a grid: images, one column per class; then the videos,
 two per row; then the image-to-video and the interpolation, given frames framed in grey) and
 ``samples.npz`` with ``frames`` float32 (N, 1, H, W) in [0, 1] and ``labels`` int64 (N,) for the
@@ -108,7 +111,8 @@ def run_demo(out: str | Path | None = None, *, root=None, seed: int = 0, per_cla
     i2v_label = 3
     given = shift_digit(images[int(np.flatnonzero(labels == i2v_label)[0]), 0], 0)
     cond = dm.encode(given[None, None])  # (1, 1, h, w)
-    i2v = dm.decode(dm.generate([i2v_label], F, seed=seed + 2000, cond_latents=cond, cond_indices=[0], **gen))
+    i2v = dm.decode(dm.generate([i2v_label], F, seed=seed + 2000, cond_latents=cond, cond_indices=[0],
+                                freeze_cond=True, **gen))
 
     # start-end interpolation: the first generated 7 moved by 2 pixels a frame (the fastest training
     # motion) from near the left edge: given as the first and the last latent frames
@@ -119,7 +123,7 @@ def run_demo(out: str | Path | None = None, *, root=None, seed: int = 0, per_cla
     ends = np.stack([shift_digit(digit, start), shift_digit(digit, start + span)])
     cond = dm.encode(ends[None])  # (1, 2, h, w)
     interp = dm.decode(dm.generate([it_label], F, seed=seed + 3000, cond_latents=cond, cond_indices=[0, F - 1],
-                                   **gen))
+                                   freeze_cond=True, **gen))
     seconds = time.perf_counter() - t0
 
     result = {"frames": images, "labels": labels.astype(np.int64), "video_frames": videos,
