@@ -37,8 +37,8 @@ import ursa_engine as ue
 from ursa_engine import digits, training
 
 ALPHA, C, SHIFT = 1.0, 3.0, 1.0
-MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-             "num_hidden_layers": 4}
+MODEL = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 32, "num_hidden_layers": 4}
 
 
 def build_config(K: int) -> ue.ModelConfig:
@@ -134,7 +134,7 @@ def main(argv=None) -> None:
         step += 1
         with torch.no_grad():
             d = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - d)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 50 == 0 or step in (1, 5, 10, 20):

@@ -127,9 +127,10 @@ def run_demo(out: str | Path | None = None, *, root=None, seed: int = 0, per_cla
     seconds = time.perf_counter() - t0
 
     result = {"frames": images, "labels": labels.astype(np.int64), "video_frames": videos,
-                  "video_labels": video_labels.astype(np.int64), "i2v_frames": i2v, "i2v_given": given[None].astype(np.float32),
-                  "i2v_label": np.int64(i2v_label), "interp_frames": interp, "interp_given": ends.astype(np.float32),
-                  "interp_label": np.int64(it_label)}
+              "video_labels": video_labels.astype(np.int64), "i2v_frames": i2v,
+              "i2v_given": given[None].astype(np.float32),
+              "i2v_label": np.int64(i2v_label), "interp_frames": interp, "interp_given": ends.astype(np.float32),
+              "interp_label": np.int64(it_label)}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

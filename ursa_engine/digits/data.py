@@ -77,7 +77,7 @@ def crop_digit(frames: np.ndarray) -> np.ndarray:
     centre = (cols * np.arange(W)).sum(1) / np.maximum(mass, 1e-6)
     start = np.clip(np.round(centre - (DIGIT - 1) / 2), 0, W - DIGIT).astype(int)
     start[mass <= 1e-6] = (W - DIGIT) // 2
-    out = np.stack([f[:, s : s + DIGIT] for f, s in zip(flat, start)])
+    out = np.stack([f[:, s : s + DIGIT] for f, s in zip(flat, start, strict=True)])
     return out.reshape(*frames.shape[:-1], DIGIT)
 
 
