@@ -3,7 +3,7 @@
 Importing the package compiles nothing: Triton kernels and the native extension load on first use.
 """
 
-from . import compat
+from . import compat, training
 from .codebook import Codebook
 from .engine import Engine, GenerationResult
 from .model import ModelConfig, URSATransformer, latent_positions
@@ -21,7 +21,11 @@ __all__ = [
     "sample_timesteps",
     "frame_times_to_tokens",
     "compat",
-    "ModelConfig", "URSATransformer", "latent_positions",
-    "Engine", "GenerationResult",
+    "training",
+    "ModelConfig",
+    "URSATransformer",
+    "latent_positions",
+    "Engine",
+    "GenerationResult",
 ]
 __version__ = "0.1.0"

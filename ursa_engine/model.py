@@ -273,7 +273,19 @@ class URSATransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, latent_tokens: int | None = None,
                 attn_backend: str | None = None, ops_backend: str | None = None) -> torch.Tensor:
-        """Logits over the K visual codes.
+        """Logits over the K visual codes: ``lm_head`` of :meth:`hidden_states` (same arguments).
+
+        Returns
+        -------
+        (B, L, K) logits, or (B, N, K) with ``latent_tokens``; the model's dtype
+        """
+        return self.lm_head(self.hidden_states(input_ids, positions, rope=rope, latent_tokens=latent_tokens,
+                                               attn_backend=attn_backend, ops_backend=ops_backend))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None = None, latent_tokens: int | None = None,
+                      attn_backend: str | None = None, ops_backend: str | None = None) -> torch.Tensor:
+        """Final-normed hidden states, the input of ``lm_head`` (chunked losses call this).
 
         Parameters
         ----------
@@ -286,7 +298,7 @@ class URSATransformer(nn.Module):
 
         Returns
         -------
-        (B, L, K) logits, or (B, N, K) with ``latent_tokens``; the model's dtype
+        (B, L, hidden), or (B, N, hidden) with ``latent_tokens``; the model's dtype
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (B, L), got shape {tuple(input_ids.shape)}")
@@ -307,4 +319,4 @@ class URSATransformer(nn.Module):
             h = layer(h, cos, sin, attn_backend=attn_backend, ops_backend=ops_backend)
         if latent_tokens is not None:
             h = h[:, L - latent_tokens - 1 : L - 1]  # position i predicts token i + 1
-        return self.lm_head(self.model.norm(h, backend=ops_backend))
+        return self.model.norm(h, backend=ops_backend)

@@ -155,15 +155,7 @@ def latent_hidden(model: URSATransformer, input_ids: torch.Tensor, positions: to
     (DESIGN §3: latent ``j`` is predicted one position earlier; BOV predicts latent 0).
     Returns (B, N, hidden).
     """
-    L = input_ids.shape[1]
-    if not 0 < latent_tokens < L:
-        raise ValueError(f"latent_tokens: must be in [1, {L}), got {latent_tokens}")
-    cos, sin = model.rope_tables(positions)
-    h = model.model.embed_tokens(input_ids)  # (B, L, hidden)
-    for layer in model.model.layers:
-        h = layer(h, cos, sin, attn_backend=model.attn_backend, ops_backend=model.ops_backend)
-    h = h[:, L - latent_tokens - 1 : L - 1]
-    return model.model.norm(h, backend=model.ops_backend)
+    return model.hidden_states(input_ids, positions, latent_tokens=latent_tokens)
 
 
 class LatentLoss(nn.Module):
