@@ -44,7 +44,8 @@ class Case:
 def cases(mode: str) -> list[Case]:
     """The real sizes of DESIGN §6 first, then smaller ones."""
     if mode == "gpu":
-        o_d = lambda d: {"max_peak_extra_bytes": 256 * d + 64 * MIB}
+        def o_d(d):
+            return {"max_peak_extra_bytes": 256 * d + 64 * MIB}
         return [
             Case("fsq-video-33280", FSQ, 33_280,
                  {"triton": {"max_ratio_to_floor": 1.3, "min_speedup_vs_dense": 30, **o_d(33_280)}}),

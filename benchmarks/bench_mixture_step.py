@@ -1,6 +1,7 @@
 """Uniform-mixture and masked path sampler steps (DESIGN §2.4), every backend vs dense.
 
-Cases: mixture (Euler), mask (Euler), mask-confidence (MaskGIT ranking). All are pure logits-read ops: draw x̂1 from the guided logits, then a per-token jump / unmask
+Cases: mixture (Euler), mask (Euler), mask-confidence (MaskGIT ranking). All are pure logits-read ops:
+draw x̂1 from the guided logits, then a per-token jump / unmask
 decision. Floor: the guided logits read once plus x read and written (DESIGN §6).
 """
 

@@ -93,7 +93,7 @@ def measure(fn: Callable[[int], object], device: torch.device, *, warmup: int = 
             fn(warmup + i)
             ends[i].record()
         torch.cuda.synchronize(device)
-        samples = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        samples = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=False)]
     else:
         for i in range(n):
             t = time.perf_counter()

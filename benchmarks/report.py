@@ -185,8 +185,9 @@ def plot(docs: list[dict], path: Path) -> Path | None:
     if not any(panels.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    titles = {"model_step": "model step (CFG batch 2)", "metric_step": "metric-path sampler step, FSQ codebook, CFG pair"}
-    for ax, (suite, series) in zip(axes, panels.items()):
+    titles = {"model_step": "model step (CFG batch 2)",
+              "metric_step": "metric-path sampler step, FSQ codebook, CFG pair"}
+    for ax, (suite, series) in zip(axes, panels.items(), strict=False):
         for key, pts in sorted(series.items()):
             pts = sorted(p for p in pts if p[0])
             if pts:

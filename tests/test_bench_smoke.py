@@ -71,7 +71,8 @@ def test_smoke_times_real_sampler_ops_on_the_dense_reference(smoke_results):
     recs = [r for p in paths for r in json.loads(p.read_text())["records"]]
     steps = [r for r in recs if r["suite"] == "metric_step" and r["provider"] == "torch"]
     assert steps and all(r["status"] == "ok" for r in steps)
-    assert all(r["shape"]["cfg_pair"] and r["floor_bound"] == "memory" for r in steps if r["shape"]["codebook"].startswith("fsq"))
+    fsq = [r for r in steps if r["shape"]["codebook"].startswith("fsq")]
+    assert all(r["shape"]["cfg_pair"] and r["floor_bound"] == "memory" for r in fsq)
     samples = [r for r in recs if r["suite"] == "metric_sample" and r["provider"] == "torch"]
     assert samples and all(r["status"] == "ok" for r in samples)
 

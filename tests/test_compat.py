@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from test_sampler_laws import N_REP, assert_follows  # same bounds as the native API's tests
 
 import ursa_engine as ue
 from ursa_engine.compat import KineticOptimalScheduler
-
-from test_sampler_laws import N_REP, assert_follows  # same bounds as the native API's tests
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def to_checkpoint_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
         for fused, parts in _FUSED.items():
-            for part, t in zip(parts, out.pop(p + fused).split(sizes[fused])):
+            for part, t in zip(parts, out.pop(p + fused).split(sizes[fused]), strict=False):
                 out[p + part] = t
     return out
 

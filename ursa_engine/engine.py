@@ -358,7 +358,8 @@ class Engine:
         graphable = self.device.type == "cuda" and sched.mask_sampler != "confidence"
         if mode == "graph" and not graphable:
             why = "a CUDA device" if self.device.type != "cuda" else "a sampler that takes tensor step indices"
-            raise RuntimeError(f"mode='graph' needs {why} (model on {self.device}, mask_sampler={sched.mask_sampler!r})")
+            raise RuntimeError(f"mode='graph' needs {why} "
+                               f"(model on {self.device}, mask_sampler={sched.mask_sampler!r})")
         return "graph" if mode == "graph" or (mode == "auto" and graphable) else "eager"
 
     def _graph_runner(self, state: _LoopState) -> _GraphRunner:

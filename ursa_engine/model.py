@@ -44,12 +44,16 @@ class ModelConfig:
     pad_token_id: int = 151643  # Qwen3 "<|endoftext|>", the tokenizer's pad
 
     PRESETS: ClassVar[dict[str, dict]] = {
-        "ursa-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_attention_heads": 16, "num_hidden_layers": 28},
-        "ursa-1.7b": {"hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16, "num_hidden_layers": 28},
-        "ursa-4b": {"hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32, "num_hidden_layers": 36},
+        "ursa-0.6b": {"hidden_size": 1024, "intermediate_size": 3072,
+                      "num_attention_heads": 16, "num_hidden_layers": 28},
+        "ursa-1.7b": {"hidden_size": 2048, "intermediate_size": 6144,
+                      "num_attention_heads": 16, "num_hidden_layers": 28},
+        "ursa-4b": {"hidden_size": 2560, "intermediate_size": 9728,
+                      "num_attention_heads": 32, "num_hidden_layers": 36},
         # CPU tests: every feature (GQA, 3D RoPE with both pair groups, K = 64 = FSQ (4, 4, 4))
         "tiny": {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "num_hidden_layers": 2, "head_dim": 16, "vocab_size": 576, "lm_vocab_size": 512, "lm_head_size": 64,
+                     "num_hidden_layers": 2, "head_dim": 16, "vocab_size": 576, "lm_vocab_size": 512,
+                     "lm_head_size": 64,
                      "bov_token_id": 500, "pad_token_id": 1},
     }
 
@@ -219,7 +223,8 @@ class URSATransformer(nn.Module):
 
     ``URSATransformer(cfg)`` has random weights, N(0, init_std²) for linear and embedding
     weights, ones for norms, created directly on ``device`` in ``dtype`` (benchmarks, tests; the
-    4B preset never exists in fp32); use :meth:`from_pretrained` for a checkpoint. ``attn_backend`` (see :mod:`ursa_engine.attention`) and ``ops_backend``
+    4B preset never exists in fp32); use :meth:`from_pretrained` for a checkpoint.
+    ``attn_backend`` (see :mod:`ursa_engine.attention`) and ``ops_backend``
     (``"auto" | "torch" | "triton"`` for RMSNorm, QK-norm + RoPE, SwiGLU) are plain attributes.
     """
 
