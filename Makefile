@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench-smoke clean
 
-$(STAMP): $(wildcard pyproject.toml setup.py CMakeLists.txt)
+$(STAMP): $(wildcard pyproject.toml setup.py CMakeLists.txt) $(shell find csrc -type f 2>/dev/null)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: on CPU machines this takes the local CPU build, never a CUDA one
