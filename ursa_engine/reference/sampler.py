@@ -130,14 +130,19 @@ def mask_sample(x1: torch.Tensor, keep: torch.Tensor, *, mask_id: int, seeds: to
 
 
 # ----------------------------------------------------------------------------- sampler steps
+def _predict(cond, uncond, x, step, seeds, row_len, argmax: bool, **guidance):
+    """The step's random words (TAG_STEP, step k) and its x̂1 (lane 0), shared by every path."""
+    words = _lanes(seeds, row_len, x.numel(), _step_value(step), TAG_STEP)
+    z = guided_logits(cond, uncond, **guidance)
+    return words, draw_x1(z, to_uniform(words[0]), argmax=argmax)
+
+
 def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidance_scale=1.0,
                 temperature=1.0, top_k=0, top_p=1.0, power=2, levels=None, last=False,
                 argmax_last=False, out=None):
     """One metric-path Euler step (§2.4). RNG: TAG_STEP; lanes 0 x̂1, 1 jump, 2 destination."""
-    words = _lanes(seeds, row_len, x.numel(), _step_value(step), TAG_STEP)
-    z = guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature,
-                      top_k=top_k, top_p=top_p)
-    x1 = draw_x1(z, to_uniform(words[0]), argmax=last and argmax_last)
+    words, x1 = _predict(cond, uncond, x, step, seeds, row_len, last and argmax_last, guidance_scale=guidance_scale,
+                         temperature=temperature, top_k=top_k, top_p=top_p)
     if last:
         return _write(out, x1)
     p = params.to(torch.float64)
@@ -152,10 +157,8 @@ def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidanc
 def mixture_step(cond, uncond, x, params, step, *, seeds, row_len, guidance_scale=1.0,
                  temperature=1.0, top_k=0, top_p=1.0, last=False, argmax_last=False, out=None):
     """Mixture-path step (§2.4): jump to x̂1 ≠ z0 with probability 1 − exp(−h·κ̇/(1−κ))."""
-    words = _lanes(seeds, row_len, x.numel(), _step_value(step), TAG_STEP)
-    z = guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature,
-                      top_k=top_k, top_p=top_p)
-    x1 = draw_x1(z, to_uniform(words[0]), argmax=last and argmax_last)
+    words, x1 = _predict(cond, uncond, x, step, seeds, row_len, last and argmax_last, guidance_scale=guidance_scale,
+                         temperature=temperature, top_k=top_k, top_p=top_p)
     if last:
         return _write(out, x1)
     p = params.to(torch.float64)
@@ -168,10 +171,8 @@ def mask_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, guidanc
               temperature=1.0, top_k=0, top_p=1.0, last=False, argmax_last=False, out=None):
     """Masked-path step (§2.4): a masked token becomes x̂1 with probability min(1, h·κ̇/(1−κ));
     on the last step every masked token does. Unmasked tokens stay. x̂1 never is the mask."""
-    words = _lanes(seeds, row_len, x.numel(), _step_value(step), TAG_STEP)
-    z = guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature,
-                      top_k=top_k, top_p=top_p, exclude=mask_id)
-    x1 = draw_x1(z, to_uniform(words[0]), argmax=last and argmax_last)
+    words, x1 = _predict(cond, uncond, x, step, seeds, row_len, last and argmax_last, guidance_scale=guidance_scale,
+                         temperature=temperature, top_k=top_k, top_p=top_p, exclude=mask_id)
     masked = x == mask_id
     if last:
         return _write(out, torch.where(masked, x1, x))
