@@ -210,6 +210,22 @@ def _check_rng(seeds, row_len, D, device, params=None, step=None) -> None:
             raise ValueError(f"step: expected an int64 tensor (1,) on {device}")
 
 
+def _check_step(op, cond, uncond, x, params, step, seeds, row_len, top_k, top_p):
+    """Checks shared by the step launchers; returns (device, D, K)."""
+    reason = unsupported(op, top_k=top_k, top_p=top_p)
+    if reason:
+        raise ValueError(reason)
+    device = x.device
+    _check_tokens("x", x, None, device)
+    D = x.shape[0]
+    _check_logits("cond", cond, D, None, device)
+    K = cond.shape[1]
+    if uncond is not None:
+        _check_logits("uncond", uncond, D, K, device)
+    _check_rng(seeds, row_len, D, device, params, step)
+    return device, D, K
+
+
 def _out(out, x: torch.Tensor, name="out") -> torch.Tensor:
     if out is None:
         return torch.empty_like(x)
@@ -342,18 +358,8 @@ def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidan
                  top_p, power, levels, last, argmax_last, out, cfg=None):
     from .metric_step import metric_step_fsq_kernel
 
-    reason = unsupported("metric_step", top_k=top_k, top_p=top_p)
-    if reason:
-        raise ValueError(reason)
-    device = x.device
-    _check_tokens("x", x, None, device)
-    D = x.shape[0]
-    _check_logits("cond", cond, D, None, device)
-    K = cond.shape[1]
-    if uncond is not None:
-        _check_logits("uncond", uncond, D, K, device)
+    device, D, K = _check_step("metric_step", cond, uncond, x, params, step, seeds, row_len, top_k, top_p)
     levels = _check_table(table, K, levels, power, device)
-    _check_rng(seeds, row_len, D, device, params, step)
     gs, zs = _guidance(uncond, guidance_scale, temperature)
     out = _out(out, x)
     if D == 0:
@@ -445,19 +451,9 @@ def _uniform_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, gui
                   top_p, last, argmax_last, out, mask, op, cfg=None):
     from .mixture_mask import uniform_step_kernel
 
-    reason = unsupported(op, top_k=top_k, top_p=top_p)
-    if reason:
-        raise ValueError(reason)
-    device = x.device
-    _check_tokens("x", x, None, device)
-    D = x.shape[0]
-    _check_logits("cond", cond, D, None, device)
-    K = cond.shape[1]
-    if uncond is not None:
-        _check_logits("uncond", uncond, D, K, device)
+    device, D, K = _check_step(op, cond, uncond, x, params, step, seeds, row_len, top_k, top_p)
     if mask and not 0 <= int(mask_id) < K:
         raise ValueError(f"mask_id: expected an id in [0, {K}), got {mask_id!r}")
-    _check_rng(seeds, row_len, D, device, params, step)
     gs, zs = _guidance(uncond, guidance_scale, temperature)
     out = _out(out, x)
     if D == 0:
