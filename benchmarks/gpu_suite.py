@@ -105,7 +105,9 @@ class Suite:
         self.log_file.write(text + "\n")
 
     def install(self, limit: float) -> dict:
-        env = {"CUDAARCHS": os.environ.get("CUDAARCHS", "90"),
+        # CMAKE_CUDA_ARCHITECTURES (forwarded by setup.py): CUDAARCHS would be read too late by
+        # CMakeLists.txt, which sets its own default before enable_language(CUDA)
+        env = {"CMAKE_CUDA_ARCHITECTURES": os.environ.get("CMAKE_CUDA_ARCHITECTURES", "90"),
                "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 8),
                "MAX_JOBS": str(os.cpu_count() or 8)}
         return self.sh("install", [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps",

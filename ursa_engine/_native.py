@@ -188,7 +188,11 @@ def _threads(device: torch.device) -> int:
 
 
 def _prefiltered(cond, uncond, *, guidance_scale, temperature, top_k, top_p, exclude=None):
-    """float32 z after guidance, temperature and top-k / top-p, by the reference (row chunks)."""
+    """float32 z after guidance, temperature and top-k / top-p, by the reference (row chunks).
+
+    Known cost: this materializes one (D, K) float32 buffer (the size of fp32 logits) before the
+    kernel samples from it; only the unfiltered path reads the logits once with nothing D×K.
+    """
     D, K = cond.shape
     z = torch.empty(D, K, dtype=torch.float32, device=cond.device)
     rows = max(1, _FILTER_CHUNK_ELEMS // max(K, 1))
