@@ -292,3 +292,29 @@ def test_cli_generate(tmp_path, model, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["tokens"] == [2, 1, 3, 4] and summary["model_calls"] == 1
     assert torch.load(out).shape == (2, 1, 3, 4)
+
+
+def _fake_graph_mode(eng, monkeypatch):
+    import ursa_engine.engine as engine_mod
+
+    def fake_capture(fn, pool):
+        fn()
+        fn()
+        return fn
+
+    monkeypatch.setattr(engine_mod, "_cuda_graph_capture", fake_capture)
+    monkeypatch.setattr(eng, "_resolve_mode", lambda mode, sched: "graph")
+
+
+def test_graph_runner_reused_for_another_latent_shape_uses_its_rope(model, monkeypatch):
+    """Same token count, other (T, H, W): a reused runner must replay the new 3D rope positions."""
+    eng = engine_for(model, metric_sched(steps=6))
+    kw = {"guidance_scale": 3.0, "guidance_trunc": 0.5, "seed": 4}
+    eager = [eng.generate(PROMPTS, NEG, s, **kw).tokens for s in ((2, 3, 4), (2, 4, 3))]
+    _fake_graph_mode(eng, monkeypatch)
+    first = eng.generate(PROMPTS, NEG, (2, 3, 4), **kw)
+    runner = next(iter(eng._graphs.values()))
+    second = eng.generate(PROMPTS, NEG, (2, 4, 3), **kw)
+    assert next(iter(eng._graphs.values())) is runner  # reused: the captured rope tables were reloaded
+    assert first.mode == second.mode == "graph"
+    assert torch.equal(first.tokens, eager[0]) and torch.equal(second.tokens, eager[1])

@@ -499,8 +499,8 @@ def _cuda_graph_capture(fn, pool):
 class _GraphRunner:
     """CUDA graphs of :meth:`_LoopState.body` for 2B and B rows, sharing one memory pool.
 
-    The pool is shared safely: every value that outlives a replay (ids, x, seeds, the frozen
-    frames) is a static buffer allocated outside the graphs, and replays never overlap.
+    The pool is shared safely: every value that outlives a replay (ids, x, seeds, rope tables, the
+    frozen frames) is a static buffer allocated outside the graphs, and replays never overlap.
     """
 
     def __init__(self, state: _LoopState):
@@ -515,10 +515,13 @@ class _GraphRunner:
         s.ids.copy_(state.ids)
         s.x.copy_(state.x)
         s.seeds.copy_(state.seeds)
+        s.rope[0].copy_(state.rope[0])  # same token count, maybe another (T, H, W): new 3D positions
+        s.rope[1].copy_(state.rope[1])
         if s.freeze is not None:
             s.freeze[0].copy_(state.freeze[0])
             s.freeze[1].copy_(state.freeze[1])
         state.ids, state.x, state.seeds, state.freeze, state.x_next = s.ids, s.x, s.seeds, s.freeze, s.x_next
+        state.rope = s.rope
 
     def _capture(self, rows: int):
         s = self.state
