@@ -318,3 +318,23 @@ def test_graph_runner_reused_for_another_latent_shape_uses_its_rope(model, monke
     assert next(iter(eng._graphs.values())) is runner  # reused: the captured rope tables were reloaded
     assert first.mode == second.mode == "graph"
     assert torch.equal(first.tokens, eager[0]) and torch.equal(second.tokens, eager[1])
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_sampler_backend_auto_is_tuned_once_per_generate_and_used_by_every_step(model, monkeypatch, graph):
+    """Eager and graph mode run the same concrete sampler backend: one ``tune`` before the loop
+    (outside any capture), its choice passed to every step; on the CPU ``tune`` is simulated."""
+    import ursa_engine.engine as engine_mod
+
+    sched = metric_sched(steps=6)
+    eng = engine_for(model, sched)
+    tuned, backends = [], []
+    step = sched.step
+    monkeypatch.setattr(engine_mod, "_tunable", lambda state: True, raising=False)
+    monkeypatch.setattr(sched, "tune", lambda *a, **kw: tuned.append(1) or "torch")
+    monkeypatch.setattr(sched, "step", lambda *a, **kw: backends.append(kw["backend"]) or step(*a, **kw))
+    if graph:
+        _fake_graph_mode(eng, monkeypatch)
+    out = eng.generate(PROMPTS, NEG, SHAPE, guidance_scale=3.0, guidance_trunc=0.5, seed=4)
+    assert out.mode == ("graph" if graph else "eager")
+    assert len(tuned) == 1 and backends and set(backends) == {"torch"}

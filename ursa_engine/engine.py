@@ -108,6 +108,7 @@ class Engine:
         if ops_backend is not None:
             model.ops_backend = ops_backend
         self._graphs: dict = {}
+        self._tuned: dict[tuple, str] = {}  # layout -> the sampler backend "auto" resolved to
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -332,6 +333,7 @@ class Engine:
                     "top_k": top_k, "top_p": top_p}
         mode = self._resolve_mode(mode or self.mode, sched)
         state = _LoopState(self, sched, ids, x, rope, seeds, freeze, opts, argmax_last, n, B)
+        state.backend = self._sampler_backend(state, 2 * B if use_cfg else B)  # same in eager and graph
         runner = self._graph_runner(state) if mode == "graph" else None
         times, calls = [], 0
         timer = _StepTimer(device)
@@ -361,6 +363,25 @@ class Engine:
             raise RuntimeError(f"mode='graph' needs {why} "
                                f"(model on {self.device}, mask_sampler={sched.mask_sampler!r})")
         return "graph" if mode == "graph" or (mode == "auto" and graphable) else "eager"
+
+    def _sampler_backend(self, state: _LoopState, rows: int) -> str:
+        """The one concrete sampler backend of a generation, for eager and graph steps alike.
+
+        ``"auto"`` where a fused sampler can run is resolved by :meth:`Scheduler.tune` (it times
+        Triton and native on this layout; synchronizes, so it runs here, before the loop and
+        outside any capture), once per layout; the choice is remembered.
+        """
+        if self.sampler_backend != "auto" or not _tunable(state):
+            return self.sampler_backend
+        o = state.opts
+        key = (id(state.sched), tuple(state.x.shape), rows, o["top_k"], o["top_p"])
+        if key not in self._tuned:
+            B = state.B
+            logits = self.model(state.ids[:rows], rope=state.rope, latent_tokens=state.n)
+            chosen = state.sched.tune(logits[:B], state.x, uncond_logits=logits[B:] if rows > B else None,
+                                      seed=state.seeds, argmax_last=state.argmax_last, **o)
+            self._tuned[key] = chosen or "auto"
+        return self._tuned[key]
 
     def _graph_runner(self, state: _LoopState) -> _GraphRunner:
         key = state.graph_key()
@@ -458,11 +479,12 @@ class _LoopState:
         self.seeds, self.freeze, self.opts, self.argmax_last, self.n, self.B = seeds, freeze, opts, argmax_last, n, B
         self.x_next = torch.empty_like(x)
         self.shift = engine.model.config.lm_vocab_size
+        self.backend = engine.sampler_backend  # the concrete one: set by Engine._sampler_backend
 
     def graph_key(self):
         o = self.opts
         return (id(self.sched), tuple(self.ids.shape), self.n, self.B, self.freeze is not None, o["guidance_scale"],
-                o["temperature"], o["top_k"], o["top_p"], self.engine.sampler_backend, self.engine.model.attn_backend,
+                o["temperature"], o["top_k"], o["top_p"], self.backend, self.engine.model.attn_backend,
                 self.engine.model.ops_backend, self.engine.model.dtype)
 
     def body(self, k, rows: int) -> None:
@@ -471,7 +493,7 @@ class _LoopState:
         logits = self.engine.model(self.ids[:rows], rope=self.rope, latent_tokens=self.n)  # (rows, n, K)
         graph = isinstance(k, torch.Tensor)
         self.sched.step(logits[:B], k, self.x, uncond_logits=logits[B:] if rows > B else None,
-                        argmax_last=self.argmax_last, seed=self.seeds, backend=self.engine.sampler_backend,
+                        argmax_last=self.argmax_last, seed=self.seeds, backend=self.backend,
                         validate=self.engine.validate_steps and not graph, out=self.x_next, **self.opts)
         if self.freeze is not None:
             mask, values = self.freeze
@@ -479,6 +501,11 @@ class _LoopState:
         self.x.copy_(self.x_next)
         for r in range(self.ids.shape[0] // B):  # every half sees the new tokens
             torch.add(self.x, self.shift, out=self.ids[r * B : (r + 1) * B, -self.n :])
+
+
+def _tunable(state: _LoopState) -> bool:
+    """Whether :meth:`Scheduler.tune` can pick a fused sampler here (a GPU, tensor-step sampler)."""
+    return state.x.is_cuda and state.sched.mask_sampler != "confidence"
 
 
 def _cuda_graph_capture(fn, pool):
@@ -524,12 +551,7 @@ class _GraphRunner:
         state.rope = s.rope
 
     def _capture(self, rows: int):
-        s = self.state
-        if s.engine.sampler_backend == "auto":  # pick Triton or native for this shape, measured
-            logits = s.engine.model(s.ids[:rows], rope=s.rope, latent_tokens=s.n)
-            s.sched.tune(logits[: s.B], s.x, uncond_logits=logits[s.B :] if rows > s.B else None, seed=s.seeds,
-                         argmax_last=s.argmax_last, **s.opts)
-            del logits
+        s = self.state  # its sampler backend was resolved (tuned) before the loop, as in eager mode
         saved = (s.ids.clone(), s.x.clone())
         self.k.fill_(0)
         replay = _cuda_graph_capture(lambda: s.body(self.k, rows), self.pool)
