@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ursa_engine as ue
 from ursa_engine import training
@@ -114,3 +115,29 @@ def test_latent_loss_under_ddp(tmp_path):
         assert all(p.grad is not None for p in model.parameters())
     finally:
         dist.destroy_process_group()
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_cross_entropy_skips_gradient_work_under_no_grad():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(20, 8, generator=g, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (20,), generator=g)
+    with _CountMatmuls() as grad_mode:
+        want = training.linear_cross_entropy(h, w, y, chunk_size=5)
+    with torch.no_grad(), _CountMatmuls() as eval_mode:
+        got = training.linear_cross_entropy(h, w, y, chunk_size=5)
+    assert grad_mode.count == 3 * 4  # logits, grad_h, grad_w per chunk
+    assert eval_mode.count == 4  # the logits only: no gradient accumulators
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+

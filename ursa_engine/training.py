@@ -89,9 +89,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int):
-        # hidden: (N, h); weight: (K, h); targets: (N,)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool):
+        # hidden: (N, h); weight: (K, h); targets: (N,). ``need_grad`` comes from the caller:
+        # under torch.no_grad ctx.needs_input_grad still follows requires_grad, so it cannot tell.
         valid = targets != ignore_index
         count = valid.sum().clamp_min(1).to(torch.float32)
         w32 = weight.float()
@@ -119,7 +119,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -143,8 +143,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"weight: expected (K, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-                                     int(chunk_size), int(ignore_index))
+                                     int(chunk_size), int(ignore_index), need_grad)
 
 
 def latent_hidden(model: URSATransformer, input_ids: torch.Tensor, positions: torch.Tensor,
