@@ -107,7 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, safe[:, None])[:, 0]
             loss = loss + torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
             if need_grad:
-                g = (logits - lse[:, None]).exp_()  # softmax, in place of the logits
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits (after the gather)
                 g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1]))
                 g.mul_(ok[:, None].to(g.dtype))
                 grad_h[s : s + chunk_size] = (g @ w32).to(hidden.dtype)
