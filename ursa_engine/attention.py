@@ -18,6 +18,7 @@ SDPA kernel honours ``enable_gqa``, so on CUDA k / v are expanded to the query h
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -35,8 +36,11 @@ _FORCED_SDPA = {
 CUDNN_FIXED = 91501  # cuDNN 9.15.1: correct results for any query length
 
 
+@functools.cache
 def _flash_func():
-    """``(flash_attn_func, name)`` of the newest importable flash-attn, or ``(None, reason)``."""
+    """``(flash_attn_func, name)`` of the newest importable flash-attn, or ``(None, reason)``.
+
+    Cached: a failing import is tried once per process, not at every attention call."""
     for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
         try:
             return importlib.import_module(module).flash_attn_func, name
