@@ -260,3 +260,24 @@ def test_attention_backends_match_math_on_gpu(backend):
     except RuntimeError as err:  # a forced SDPA kernel this GPU / torch build cannot run: says so
         pytest.skip(f"{backend}: {err}")
     assert (out.float() - ref).abs().max().item() <= 2 * own + 1e-2
+
+
+def test_flash_import_is_tried_once(monkeypatch):
+    """A missing flash-attn costs one failed import per process, not one per attention call."""
+    import ursa_engine.attention as attn
+
+    tried = []
+
+    def no_flash(name):
+        tried.append(name)
+        raise ImportError(name)
+
+    getattr(attn._flash_func, "cache_clear", lambda: None)()
+    monkeypatch.setattr(attn.importlib, "import_module", no_flash)
+    try:
+        for _ in range(3):
+            assert attn._flash_func()[0] is None
+        assert tried == ["flash_attn_interface", "flash_attn"]
+    finally:
+        getattr(attn._flash_func, "cache_clear", lambda: None)()
+
