@@ -257,7 +257,7 @@ def test_attention_backends_match_math_on_gpu(backend):
     own = (math_attention(q, k, v).float() - ref).abs().max().item()
     try:
         out = attention(q, k, v, backend=backend)
-    except RuntimeError as err:  # a forced SDPA kernel this GPU / torch build cannot run: says so
+    except (RuntimeError, ValueError) as err:  # a forced kernel that cannot run (or, cuDNN, be right) here
         pytest.skip(f"{backend}: {err}")
     assert (out.float() - ref).abs().max().item() <= 2 * own + 1e-2
 
@@ -281,3 +281,15 @@ def test_flash_import_is_tried_once(monkeypatch):
     finally:
         getattr(attn._flash_func, "cache_clear", lambda: None)()
 
+
+def test_forced_cudnn_sdpa_refuses_query_lengths_it_gets_wrong(monkeypatch):
+    """cuDNN < 9.15.1 with L % 128 != 0 is silently wrong (DESIGN §4): a forced "sdpa-cudnn" says so."""
+    from ursa_engine.attention import resolve_attention
+
+    cuda = torch.device("cuda")  # resolve only: nothing runs on the device
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    with pytest.raises(ValueError, match=r"sdpa-cudnn.*L=333.*90100"):
+        resolve_attention("sdpa-cudnn", cuda, torch.bfloat16, 128, seq_len=333)
+    assert resolve_attention("sdpa-cudnn", cuda, torch.bfloat16, 128, seq_len=256) == "sdpa-cudnn"
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91501)
+    assert resolve_attention("sdpa-cudnn", cuda, torch.bfloat16, 128, seq_len=333) == "sdpa-cudnn"

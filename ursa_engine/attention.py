@@ -7,7 +7,8 @@ Backends (``backend=``):
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``; on CUDA it may pick cuDNN,
   flash or memory-efficient kernels (cuDNN first). ``"sdpa-cudnn"``, ``"sdpa-flash"``,
   ``"sdpa-efficient"``, ``"sdpa-math"`` force one kernel: torch raises rather than silently falling
-  back when the forced kernel cannot run, so a benchmark knows what it measured.
+  back when the forced kernel cannot run, so a benchmark knows what it measured; ``"sdpa-cudnn"``
+  raises a ValueError where cuDNN is known to be wrong (below).
 * ``"math"``: explicit fp32 ``softmax(q kᵀ / √D) v``; the oracle, any device.
 * ``"auto"``: flash when importable and usable, else ``"sdpa"``.
 
@@ -67,8 +68,10 @@ def cudnn_attention_safe(seq_len: int) -> bool:
     return version >= CUDNN_FIXED or seq_len % 128 == 0
 
 
-def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The concrete backend that ``backend`` means here; raises if a forced one cannot run."""
+def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                      seq_len: int | None = None) -> str:
+    """The concrete backend that ``backend`` means here; raises if a forced one cannot run, or,
+    given the query length ``seq_len``, is forced "sdpa-cudnn" where cuDNN is known to be wrong."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend: expected one of {ATTENTION_BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -79,6 +82,10 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype, he
             raise RuntimeError(f"attention backend 'flash': {reason}")
     if backend == "sdpa-cudnn" and device.type != "cuda":
         raise RuntimeError(f"attention backend 'sdpa-cudnn' needs a CUDA device, got {device}")
+    if backend == "sdpa-cudnn" and seq_len is not None and not cudnn_attention_safe(seq_len):
+        raise ValueError(f"attention backend 'sdpa-cudnn': cuDNN {torch.backends.cudnn.version()} gives wrong "
+                         f"results for query length L={seq_len} (not a multiple of 128) before cuDNN 9.15.1 "
+                         f"({CUDNN_FIXED}); use 'sdpa' or 'auto', which leave cuDNN out there (DESIGN §4)")
     return backend
 
 
@@ -120,7 +127,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     Hkv = k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"q / k: {Hq} query heads is not a multiple of {Hkv} key-value heads")
-    name = resolve_attention(backend, q.device, q.dtype, D)
+    name = resolve_attention(backend, q.device, q.dtype, D, seq_len=L)
     if name == "math":
         return math_attention(q, k, v)
     if name == "flash":
