@@ -141,3 +141,23 @@ def test_linear_cross_entropy_skips_gradient_work_under_no_grad():
     assert not got.requires_grad
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
 
+
+def test_latent_loss_validates_ids_and_prompt_shape():
+    net = training.LatentLoss(tiny_model())
+    x1 = torch.randint(0, 32, (2, 1, 2, 3))
+    prompt = torch.randint(0, 400, (2, 3))
+    with pytest.raises(ValueError, match="x_t"):
+        net(prompt, x1 + 32, x1)
+    with pytest.raises(ValueError, match="x1"):
+        net(prompt, x1, x1 - 1 - x1.max())
+    with pytest.raises(ValueError, match="prompt_ids"):
+        net(prompt[:1], x1, x1)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        net(prompt[0], x1, x1)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        net(prompt + 10_000, x1, x1)
+    h, w = torch.randn(4, 16), torch.randn(5, 16)
+    with pytest.raises(ValueError, match="targets"):
+        training.linear_cross_entropy(h, w, torch.tensor([0, 1, 5, training.IGNORE_INDEX]))
+    training.linear_cross_entropy(h, w, torch.tensor([0, 1, 4, training.IGNORE_INDEX]))  # ignore is fine
+

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _validate
 from .model import URSATransformer, latent_positions, sequence_ids
 from .paths import MaskPath, MetricPath, MixturePath
 from .schedules import sample_timesteps
@@ -143,9 +144,35 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"weight: expected (K, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    _check_ids(("targets", targets, weight.shape[0], ignore_index))
+    return _linear_cross_entropy(hidden, weight, targets, chunk_size, ignore_index)
+
+
+def _linear_cross_entropy(hidden, weight, targets, chunk_size, ignore_index):
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
                                      int(chunk_size), int(ignore_index), need_grad)
+
+
+def _check_ids(*named) -> None:
+    """Each ``(name, ids, K, ignore_index or None)`` is an integer tensor of ids in [0, K) (or the
+    ignore index), checked with one host sync for all: an out-of-range id is a device assert on CUDA."""
+    stats, checked = [], []
+    for name, x, K, ignore_index in named:
+        _validate.tokens(name, x, K, values=False)
+        if x.numel():
+            x = x.long()
+            if ignore_index is not None:  # min / max over the other ids
+                x = torch.where(x == ignore_index, torch.zeros_like(x), x)
+            stats += [x.min(), x.max()]
+            checked.append((name, K, ignore_index))
+    if not checked:
+        return
+    vals = torch.stack(stats).tolist()
+    for (name, K, ignore_index), lo, hi in zip(checked, vals[0::2], vals[1::2], strict=True):
+        if lo < 0 or hi >= K:
+            extra = f" (or ignore_index={ignore_index})" if ignore_index is not None else ""
+            raise ValueError(f"{name}: ids must be in [0, {K}){extra}, found values in [{lo}, {hi}]")
 
 
 def latent_hidden(model: URSATransformer, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -196,11 +223,21 @@ class LatentLoss(nn.Module):
         if x_t.shape != x1.shape or x1.dim() != 4:
             raise ValueError(f"x_t, x1: expected equal (B, T, H, W) shapes, got {tuple(x_t.shape)}, "
                              f"{tuple(x1.shape)}")
+        cfg = self.model.config
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[0] != x1.shape[0]:
+            got = tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__
+            raise ValueError(f"prompt_ids: expected (B, P) with B={x1.shape[0]} (the batch of x1), got {got}")
+        if ignore is not None and (not isinstance(ignore, torch.Tensor) or ignore.shape != x1.shape):
+            got = tuple(ignore.shape) if isinstance(ignore, torch.Tensor) else type(ignore).__name__
+            raise ValueError(f"ignore: expected a bool tensor of shape {tuple(x1.shape)}, got {got}")
+        K = self.model.lm_head.weight.shape[0]
+        # One check (one host sync); the targets are x1, so the loss below skips its own.
+        _check_ids(("prompt_ids", prompt_ids, cfg.vocab_size, None), ("x_t", x_t, K, None), ("x1", x1, K, None))
         B, P, N = x1.shape[0], prompt_ids.shape[1], x1[0].numel()
-        ids = sequence_ids(prompt_ids, x_t, self.model.config)
+        ids = sequence_ids(prompt_ids, x_t, cfg)
         pos = latent_positions(P, tuple(x1.shape[1:]), device=ids.device)
         h = latent_hidden(self.model, ids, pos, N)  # (B, N, hidden)
-        targets = x1.reshape(B, N)
+        targets = x1.reshape(B, N).long()
         if ignore is not None:
             targets = targets.masked_fill(ignore.reshape(B, N), IGNORE_INDEX)
-        return linear_cross_entropy(h, self.model.lm_head.weight, targets, chunk_size=self.chunk_size)
+        return _linear_cross_entropy(h, self.model.lm_head.weight, targets, self.chunk_size, IGNORE_INDEX)
