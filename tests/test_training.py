@@ -161,3 +161,20 @@ def test_latent_loss_validates_ids_and_prompt_shape():
         training.linear_cross_entropy(h, w, torch.tensor([0, 1, 5, training.IGNORE_INDEX]))
     training.linear_cross_entropy(h, w, torch.tensor([0, 1, 4, training.IGNORE_INDEX]))  # ignore is fine
 
+
+def test_latent_loss_leaves_the_models_ops_backend_alone(monkeypatch):
+    model = tiny_model()
+    model.ops_backend = "auto"
+    seen = []
+    inner = model.hidden_states
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("ops_backend"))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    net = training.LatentLoss(model)
+    x1 = torch.randint(0, 32, (1, 1, 2, 2))
+    net(torch.randint(0, 400, (1, 3)), x1, x1)
+    assert model.ops_backend == "auto"  # an Engine sharing the model keeps its fast ops
+    assert seen == ["torch"]  # the training backend is passed per call

@@ -176,14 +176,14 @@ def _check_ids(*named) -> None:
 
 
 def latent_hidden(model: URSATransformer, input_ids: torch.Tensor, positions: torch.Tensor,
-                  latent_tokens: int) -> torch.Tensor:
+                  latent_tokens: int, *, ops_backend: str | None = None) -> torch.Tensor:
     """Final-normed hidden states of the positions that predict the last ``latent_tokens`` ids.
 
     Same computation as ``model(input_ids, positions, latent_tokens=N)`` without the ``lm_head``
     (DESIGN §3: latent ``j`` is predicted one position earlier; BOV predicts latent 0).
-    Returns (B, N, hidden).
+    ``ops_backend`` overrides the model's for this call only. Returns (B, N, hidden).
     """
-    return model.hidden_states(input_ids, positions, latent_tokens=latent_tokens)
+    return model.hidden_states(input_ids, positions, latent_tokens=latent_tokens, ops_backend=ops_backend)
 
 
 class LatentLoss(nn.Module):
@@ -198,14 +198,15 @@ class LatentLoss(nn.Module):
     model : URSATransformer (its parameters are set trainable)
     chunk_size : rows per fp32 logits block
     ops_backend : backend of the model's RMSNorm / RoPE / SwiGLU during training; ``"torch"`` by
-        default because its autograd is plain torch
+        default because its autograd is plain torch. Passed per call: the model's own
+        ``ops_backend`` (e.g. an Engine sharing it) is left alone.
     """
 
     def __init__(self, model: URSATransformer, *, chunk_size: int = 2048, ops_backend: str = "torch"):
         super().__init__()
         self.model = model.requires_grad_(True)
         self.chunk_size = chunk_size
-        self.model.ops_backend = ops_backend
+        self.ops_backend = ops_backend
 
     def forward(self, prompt_ids: torch.Tensor, x_t: torch.Tensor, x1: torch.Tensor, *,
                 ignore: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,7 +237,7 @@ class LatentLoss(nn.Module):
         B, P, N = x1.shape[0], prompt_ids.shape[1], x1[0].numel()
         ids = sequence_ids(prompt_ids, x_t, cfg)
         pos = latent_positions(P, tuple(x1.shape[1:]), device=ids.device)
-        h = latent_hidden(self.model, ids, pos, N)  # (B, N, hidden)
+        h = latent_hidden(self.model, ids, pos, N, ops_backend=self.ops_backend)  # (B, N, hidden)
         targets = x1.reshape(B, N).long()
         if ignore is not None:
             targets = targets.masked_fill(ignore.reshape(B, N), IGNORE_INDEX)
