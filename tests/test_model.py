@@ -288,7 +288,7 @@ def test_forced_cudnn_sdpa_refuses_query_lengths_it_gets_wrong(monkeypatch):
 
     cuda = torch.device("cuda")  # resolve only: nothing runs on the device
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
-    with pytest.raises(ValueError, match=r"sdpa-cudnn.*L=333.*90100"):
+    with pytest.raises(ValueError, match=r"sdpa-cudnn.*cuDNN 90100.*L=333"):
         resolve_attention("sdpa-cudnn", cuda, torch.bfloat16, 128, seq_len=333)
     assert resolve_attention("sdpa-cudnn", cuda, torch.bfloat16, 128, seq_len=256) == "sdpa-cudnn"
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91501)
