@@ -338,3 +338,20 @@ def test_sampler_backend_auto_is_tuned_once_per_generate_and_used_by_every_step(
     out = eng.generate(PROMPTS, NEG, SHAPE, guidance_scale=3.0, guidance_trunc=0.5, seed=4)
     assert out.mode == ("graph" if graph else "eager")
     assert len(tuned) == 1 and backends and set(backends) == {"torch"}
+
+
+def test_backend_names_and_sampling_options_are_checked_before_anything_runs(model, monkeypatch):
+    for kw, name in [({"attn_backend": "flashy"}, "attn_backend"), ({"ops_backend": "cuda"}, "ops_backend"),
+                     ({"sampler_backend": "fast"}, "sampler_backend")]:
+        with pytest.raises(ValueError, match=name):
+            engine_for(model, **kw)
+        assert (model.attn_backend, model.ops_backend) == ("auto", "auto")  # nothing written
+    eng = engine_for(model, sampler_backend="torch")
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(1))
+    for kw, name in [({"temperature": 0.0}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+                     ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_p": 0.0}, "top_p"),
+                     ({"top_p": 1.5}, "top_p")]:
+        with pytest.raises(ValueError, match=name):
+            eng.generate(PROMPTS, NEG, SHAPE, **kw)
+    assert not calls  # rejected before the first forward

@@ -29,12 +29,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import _dispatch, _validate
+from .attention import ATTENTION_BACKENDS
 from .model import URSATransformer, latent_positions, sequence_ids
+from .model_ops import MODEL_OP_BACKENDS
 from .paths import MaskPath, MetricPath
 from .reference.rng import TAG_INIT, random_words, to_below
 from .scheduler import Scheduler
 from .tokenizer import PROMPT_LENGTH, PromptTokenizer, pad_prompt_ids
 
+SAMPLER_BACKENDS = ("auto", *_dispatch.BACKENDS)
 NEGATIVE_PROMPT = "worst quality, low quality, inconsistent motion, static, still, blurry, jittery, distorted, ugly"
 MODES = ("auto", "eager", "graph")
 
@@ -97,6 +101,11 @@ class Engine:
                              f"predicts {K}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        for name, value, allowed in (("attn_backend", attn_backend, ATTENTION_BACKENDS),
+                                     ("ops_backend", ops_backend, MODEL_OP_BACKENDS),
+                                     ("sampler_backend", sampler_backend, SAMPLER_BACKENDS)):
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
         self.model, self.scheduler, self.tokenizer = model, scheduler, tokenizer
         self.mode, self.sampler_backend, self.prompt_length = mode, sampler_backend, int(prompt_length)
         if not (default_steps is None or default_steps == "authors" or isinstance(default_steps, int)):
@@ -284,6 +293,8 @@ class Engine:
         """
         t_start = time.perf_counter()
         cfg, device = self.model.config, self.device
+        _validate.positive("temperature", temperature)  # before anything runs (the sampler checks too late)
+        _validate.filtering(top_k, top_p, self.scheduler.path.size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         shape = self._shape(latents_shape)
