@@ -151,3 +151,18 @@ def test_prompt_tokenizer_from_folder(tmp_path):
     assert t.encode("a bear", motion=9).tolist() == [[0, 0, 5, 3, 4]]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
     assert PromptTokenizer.from_pretrained(tmp_path, length=3).encode("bear").tolist() == [[1, 1, 4]]
+
+
+def test_variant_index_is_ignored_without_a_variant(tmp_path, model):
+    torch.manual_seed(1)
+    other = URSATransformer(TINY)
+    save_transformer(model, tmp_path / "a")  # the plain single file
+    save_transformer(other, tmp_path / "b", max_shard_size="20KB")
+    index = json.loads((tmp_path / "b" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    for shard in set(index["weight_map"].values()):  # the variant's shards, named as diffusers does
+        (tmp_path / "b" / shard).rename(tmp_path / "a" / shard.replace("model-", "model.fp16-"))
+    index["weight_map"] = {k: v.replace("model-", "model.fp16-") for k, v in index["weight_map"].items()}
+    (tmp_path / "a" / "diffusion_pytorch_model.fp16.safetensors.index.json").write_text(json.dumps(index))
+    torch.testing.assert_close(_logits(load_transformer(tmp_path / "a")), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(load_transformer(tmp_path / "a", variant="fp16")), _logits(other),
+                               rtol=0, atol=0)

@@ -102,7 +102,9 @@ def weight_files(folder: str | os.PathLike, *, variant: str | None = None) -> di
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    indexes = sorted(folder.glob(f"*{suffix}.index.json"))
+    # Without a variant, "x.fp16.safetensors.index.json" also ends in ".safetensors.index.json":
+    # keep only names with no dot before "safetensors" but the stem's (as for the single files).
+    indexes = sorted(p for p in folder.glob(f"*{suffix}.index.json") if variant or p.name.count(".") == 3)
     preferred = [folder / f"{stem}{suffix}.index.json" for stem in WEIGHTS_STEMS]
     index = next((p for p in preferred if p.is_file()), indexes[0] if len(indexes) == 1 else None)
     if index is None and len(indexes) > 1:
