@@ -153,6 +153,31 @@ def test_prompt_tokenizer_from_folder(tmp_path):
     assert PromptTokenizer.from_pretrained(tmp_path, length=3).encode("bear").tolist() == [[1, 1, 4]]
 
 
+def test_saving_over_a_checkpoint_replaces_its_weights(tmp_path, model):
+    torch.manual_seed(1)
+    other = URSATransformer(TINY)
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder, max_shard_size="20KB")  # shards + index
+    save_transformer(other, folder)  # then one file into the same folder
+    assert not list(folder.glob("*.index.json")) and len(list(folder.glob("*.safetensors"))) == 1
+    torch.testing.assert_close(_logits(load_transformer(folder)), _logits(other), rtol=0, atol=0)
+    save_transformer(model, folder, max_shard_size="20KB")  # and back to shards
+    torch.testing.assert_close(_logits(load_transformer(folder)), _logits(model), rtol=0, atol=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["transformer"]  # no temporary folder left
+
+
+def test_config_json_is_written_after_the_weights(tmp_path, model, monkeypatch):
+    import ursa_engine.checkpoint as ckpt
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_transformer(model, tmp_path / "t")
+    assert not (tmp_path / "t" / "config.json").exists()
+
+
 def test_variant_index_is_ignored_without_a_variant(tmp_path, model):
     torch.manual_seed(1)
     other = URSATransformer(TINY)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -203,15 +205,26 @@ def _parse_size(size) -> int:
     return int(s)
 
 
+def _is_weights_file(name: str) -> bool:
+    """A variant-less weights file or index (``<stem>.safetensors[.index.json]``): what
+    :func:`weight_files` reads when no variant is asked for."""
+    return ((name.endswith(".safetensors") and name.count(".") == 1)
+            or (name.endswith(".safetensors.index.json") and name.count(".") == 3))
+
+
 def save_transformer(model: URSATransformer, folder: str | os.PathLike, *, max_shard_size=None,
                      dtype: torch.dtype | None = None) -> None:
     """Write ``config.json`` and the weights under checkpoint names (sharded past ``max_shard_size``,
-    bytes or a string like ``"2GB"``, with a ``diffusion_pytorch_model.safetensors.index.json``)."""
+    bytes or a string like ``"2GB"``, with a ``diffusion_pytorch_model.safetensors.index.json``).
+
+    The files are written into a temporary sibling folder first, so a failed save leaves an
+    existing checkpoint intact; then the folder's previous variant-less weights (single file,
+    shards, index) are removed so none of them can shadow the new ones, the new weights moved in,
+    and ``config.json`` written last. Other files in the folder (variants, tokenizer...) are kept.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    with open(folder / CONFIG_NAME, "w") as f:
-        json.dump({"_class_name": "URSATransformer3DModel", **cfg.to_dict()}, f, indent=2)
     state = to_checkpoint_state_dict(model.state_dict(), cfg)
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     stem = WEIGHTS_STEMS[0]
@@ -224,14 +237,25 @@ def save_transformer(model: URSATransformer, folder: str | os.PathLike, *, max_s
             size = 0
         shards[-1][name] = state[name]
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], folder / f"{stem}.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for n, shard in enumerate(shards, 1):
-        fname = f"{stem}-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    with open(folder / f"{stem}.safetensors.index.json", "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    try:
+        if len(shards) == 1:
+            save_file(shards[0], tmp / f"{stem}.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for n, shard in enumerate(shards, 1):
+                fname = f"{stem}-{n:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, fname))
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            with open(tmp / f"{stem}.safetensors.index.json", "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(tmp / CONFIG_NAME, "w") as f:
+            json.dump({"_class_name": "URSATransformer3DModel", **cfg.to_dict()}, f, indent=2)
+        for old in folder.iterdir():
+            if old.is_file() and _is_weights_file(old.name):
+                old.unlink()
+        for new in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):  # config.json last
+            os.replace(new, folder / new.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
