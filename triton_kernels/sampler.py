@@ -210,6 +210,13 @@ def _check_rng(seeds, row_len, D, device, params=None, step=None) -> None:
             raise ValueError(f"step: expected an int64 tensor (1,) on {device}")
 
 
+def _per_token(name, v, D, device) -> torch.Tensor:
+    """A float vector of one value per token, as contiguous float32 on ``device``."""
+    if not isinstance(v, torch.Tensor) or v.shape != (D,) or not v.is_floating_point():
+        raise ValueError(f"{name}: expected a float tensor of shape ({D},)")
+    return v.to(device=device, dtype=torch.float32).contiguous()
+
+
 def _check_step(op, cond, uncond, x, params, step, seeds, row_len, top_k, top_p):
     """Checks shared by the step launchers; returns (device, D, K)."""
     reason = unsupported(op, top_k=top_k, top_p=top_p)
@@ -282,9 +289,7 @@ def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, cfg=N
     _check_tokens("x1", x1, None, device)
     D, K = x1.shape[0], table.shape[0] if isinstance(table, torch.Tensor) else 0
     levels = _check_table(table, K, levels, power, device)
-    if not isinstance(beta, torch.Tensor) or beta.shape != (D,) or not beta.is_floating_point():
-        raise ValueError(f"beta: expected a float tensor of shape ({D},)")
-    beta = beta.to(device=device, dtype=torch.float32).contiguous()
+    beta = _per_token("beta", beta, D, device)
     _check_rng(seeds, row_len, D, device)
     out = _out(out, x1)
     if D == 0:
@@ -319,9 +324,7 @@ def _uniform_sample(x1, keep, *, K, mask_id, seeds, row_len, out, mask):
     device = x1.device
     _check_tokens("x1", x1, None, device)
     D = x1.shape[0]
-    if not isinstance(keep, torch.Tensor) or keep.shape != (D,) or not keep.is_floating_point():
-        raise ValueError(f"keep: expected a float tensor of shape ({D},)")
-    keep = keep.to(device=device, dtype=torch.float32).contiguous()
+    keep = _per_token("keep", keep, D, device)
     _check_rng(seeds, row_len, D, device)
     out = _out(out, x1)
     if D == 0:
