@@ -349,3 +349,18 @@ def test_authors_default_config_builds_the_published_geometry():
         ibq = IBQTokenizer({"block_out_channels": [128, 128, 256, 256, 512], "num_vq_embeddings": 131072,
                             "vq_embed_dim": 256})
     assert ibq.latent_shape(1, 1024, 1024) == (1, 64, 64) and ibq.codebook_size == 131072
+
+
+def test_the_bundled_digits_tokenizer_is_a_family_too():
+    from ursa_engine.demo import DEFAULT_ROOT
+    from ursa_engine.digits import PatchTokenizer
+    from ursa_engine.vae import DigitsPatchTokenizer
+
+    tok = load_tokenizer(DEFAULT_ROOT / "vae")
+    assert isinstance(tok, DigitsPatchTokenizer) and (tok.codebook_size, tok.spatial_stride) == (256, 2)
+    ref = PatchTokenizer.from_pretrained(DEFAULT_ROOT / "vae")
+    ids = torch.randint(0, 256, (2, 3, 8, 16), generator=torch.Generator().manual_seed(4))
+    frames = tok.decode_frames(ids)
+    assert frames.shape == (2, 3, 16, 32, 3) and (frames[..., 0] == frames[..., 2]).all()
+    assert np.abs(frames[..., 0] / 255 - ref.decode(ids).numpy()).max() <= 1 / 255
+    assert torch.equal(tok.encode_frames(frames), ref.encode(torch.from_numpy(frames[..., 0]).float() / 255))

@@ -23,8 +23,10 @@ from ..checkpoint import CheckpointError, weight_files
 from .base import Tokenizer, TokenizerError
 from .cosmos3d import CosmosFSQTokenizer
 from .ibq import IBQTokenizer
+from .patch import DigitsPatchTokenizer
 
-FAMILIES: dict[str, type[Tokenizer]] = {cls.class_name: cls for cls in (CosmosFSQTokenizer, IBQTokenizer)}
+FAMILIES: dict[str, type[Tokenizer]] = {
+    cls.class_name: cls for cls in (CosmosFSQTokenizer, IBQTokenizer, DigitsPatchTokenizer)}
 CONFIG_NAME = "config.json"
 _LIST_MAX = 8
 
