@@ -62,6 +62,7 @@ def test_generate_equals_hand_written_loop(model):
     times = sched.times[:-1]
     assert out.guided_steps == int(((times > 0) & (times < 0.8)).sum())  # step 0 skipped
     assert out.model_calls == 4 and len(out.step_times) == 5 and out.peak_memory is None
+    assert out.frames is None and out.decode_time == 0  # no tokenizer: tokens only
 
 
 def test_guidance_runs_as_one_2b_batch_and_truncation_drops_the_unconditional_half(model):
@@ -166,6 +167,14 @@ def test_extrapolate_slides_a_noised_history_window(model):
                           cond_noise_scale=0.1, **kw).tokens
     assert torch.equal(out.tokens[:, 3:5], second[:, 1:])
     assert len(out.step_times) == 9 and out.model_calls == 6
+
+
+def test_prompt_length_override_equals_an_engine_built_with_it(model):
+    a = engine_for(model).generate(PROMPTS, NEG, SHAPE, seed=2, prompt_length=12)
+    b = ue.Engine(model, metric_sched(), prompt_length=12, mode="eager").generate(PROMPTS, NEG, SHAPE, seed=2)
+    assert torch.equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="prompt_length"):
+        engine_for(model).generate(PROMPTS, latents_shape=SHAPE, prompt_length=-1)
 
 
 def test_progress_bar(model, capsys):

@@ -8,6 +8,7 @@ from .codebook import Codebook
 from .engine import Engine, GenerationResult
 from .model import ModelConfig, URSATransformer, latent_positions
 from .paths import MaskPath, MetricPath, MixturePath
+from .pipeline import URSAPipeline, URSAPipelineOutput
 from .scheduler import Scheduler
 from .schedules import frame_times_to_tokens, sample_timesteps, shift_time
 
@@ -27,5 +28,7 @@ __all__ = [
     "latent_positions",
     "Engine",
     "GenerationResult",
+    "URSAPipeline",
+    "URSAPipelineOutput",
 ]
 __version__ = "0.1.0"

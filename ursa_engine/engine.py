@@ -26,10 +26,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import _dispatch, _validate
+from . import _dispatch, _pixels, _validate
 from .attention import ATTENTION_BACKENDS
 from .model import URSATransformer, latent_positions, sequence_ids
 from .model_ops import MODEL_OP_BACKENDS
@@ -48,21 +49,35 @@ class GenerationResult:
     """What :meth:`Engine.generate` returns.
 
     tokens : (B, T, H, W) int64 latent tokens
-    step_times : seconds of each of the N steps (a skipped step counts its ~0 host time)
-    peak_memory : peak bytes allocated on the CUDA device during generation (None on the CPU)
-    total_time : wall seconds of the whole call
+    frames : (B, F, H·s, W·s, 3) uint8 pixels decoded by the engine's tokenizer (``F = vae.num_frames(T)``);
+        None without a tokenizer or with ``decode=False``
+    step_times : seconds of each of the N steps (a skipped step counts its ~0 host time); never
+        includes encoding or decoding pixels
+    peak_memory : peak bytes allocated on the CUDA device during the steps (None on the CPU)
+    total_time : wall seconds of the whole call (pixel encoding and decoding included)
+    decode_time : seconds spent decoding tokens to ``frames`` (0 when nothing was decoded)
+    decode_peak_memory : peak bytes allocated on the tokenizer's CUDA device while decoding
     model_calls : transformer evaluations; guided_steps : steps run as a 2B batch
     mode, attention : what ran ("eager" / "graph", the attention backend chosen)
     """
 
     tokens: torch.Tensor
+    frames: np.ndarray | None = None
     step_times: list[float] = field(default_factory=list)
     peak_memory: int | None = None
     total_time: float = 0.0
+    decode_time: float = 0.0
+    decode_peak_memory: int | None = None
     model_calls: int = 0
     guided_steps: int = 0
     mode: str = "eager"
     attention: str = ""
+
+
+def _validate_length(length) -> int:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"prompt_length: expected an int >= 0, got {length!r}")
+    return length
 
 
 def _as_index_list(x) -> list[int]:
@@ -85,12 +100,14 @@ class Engine:
         or ``"authors"`` (25 for images, 50 for video; what ``from_pretrained`` uses)
     validate_steps : let the scheduler check logits for NaN / tokens for range at every eager
         step (a host sync each; graph replays never check)
+    vae : a :class:`ursa_engine.vae.Tokenizer` (pixels <-> codes), optional: needed for ``image=`` /
+        ``video=`` conditioning and for decoded ``frames``; its K must equal the scheduler's
     """
 
     def __init__(self, model: URSATransformer, scheduler: Scheduler, *, tokenizer: PromptTokenizer | None = None,
                  mode: str = "auto", attn_backend: str | None = None, ops_backend: str | None = None,
                  sampler_backend: str = "auto", prompt_length: int = PROMPT_LENGTH,
-                 default_steps: int | str | None = None, validate_steps: bool = False):
+                 default_steps: int | str | None = None, validate_steps: bool = False, vae=None):
         if not isinstance(model, URSATransformer):
             raise TypeError(f"model: expected an URSATransformer, got {type(model).__name__}")
         if not isinstance(scheduler, Scheduler):
@@ -106,7 +123,13 @@ class Engine:
                                      ("sampler_backend", sampler_backend, SAMPLER_BACKENDS)):
             if value is not None and value not in allowed:
                 raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
-        self.model, self.scheduler, self.tokenizer = model, scheduler, tokenizer
+        if vae is not None:
+            if not all(hasattr(vae, a) for a in ("codebook_size", "encode_frames", "decode_frames", "latent_shape")):
+                raise TypeError(f"vae: expected a ursa_engine.vae.Tokenizer, got {type(vae).__name__}")
+            if vae.codebook_size != K:
+                raise ValueError(f"vae: the tokenizer has K={vae.codebook_size} codes but the scheduler's path has "
+                                 f"K={K}")
+        self.model, self.scheduler, self.tokenizer, self.vae = model, scheduler, tokenizer, vae
         self.mode, self.sampler_backend, self.prompt_length = mode, sampler_backend, int(prompt_length)
         if not (default_steps is None or default_steps == "authors" or isinstance(default_steps, int)):
             raise ValueError(f"default_steps: expected None, an int or 'authors', got {default_steps!r}")
@@ -122,10 +145,14 @@ class Engine:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, root: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
-                        num_steps: int | None = None, shift: float | None = None, **options) -> Engine:
+                        num_steps: int | None = None, shift: float | None = None, variant: str | None = None,
+                        load_vae: bool = True, **options) -> Engine:
         """Load ``root/transformer``, ``root/scheduler`` (codebook, alpha, c, shift) and, when
-        present, ``root/tokenizer``. A given ``shift`` overrides the checkpoint's; without
+        present, ``root/tokenizer`` (prompts) and ``root/vae`` (pixels, :func:`ursa_engine.vae.load_tokenizer`,
+        in the engine's dtype and on its device). A given ``shift`` overrides the checkpoint's; without
         ``num_steps`` generation takes the authors' defaults (25 steps for images, 50 for video).
+        ``variant`` picks ``*.<variant>.safetensors`` weights (transformer and vae); ``load_vae=False``
+        skips the vae (tokens only).
         """
         from .compat import KineticOptimalScheduler
 
@@ -133,33 +160,66 @@ class Engine:
         for sub in ("transformer", "scheduler"):
             if not (root / sub).is_dir():
                 raise FileNotFoundError(f"root: {root} has no {sub}/ folder (expected transformer/, scheduler/, "
-                                        "optionally tokenizer/)")
+                                        "optionally tokenizer/ and vae/)")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None and torch.device(device).type == "cuda":
             dtype = torch.bfloat16  # DESIGN §4
-        model = URSATransformer.from_pretrained(root / "transformer", dtype=dtype, device=device)
         loaded = KineticOptimalScheduler.from_pretrained(root / "scheduler")
+        vae = None
+        if load_vae and (root / "vae").is_dir():
+            from .vae import load_tokenizer
+
+            vae = load_tokenizer(root / "vae", dtype=dtype, device=device, variant=variant)
+            if vae.codebook_size != loaded.path.size:
+                raise ValueError(f"root: {root / 'vae'} has a tokenizer of K={vae.codebook_size} codes but the "
+                                 f"codebook of {root / 'scheduler'} has K={loaded.path.size}")
+        model = URSATransformer.from_pretrained(root / "transformer", dtype=dtype, device=device, variant=variant)
+        if vae is not None and dtype is None:
+            vae.to(dtype=model.dtype)  # the engine's dtype: the transformer checkpoint's own
         sched = Scheduler(loaded.path, num_steps or 50, shift=loaded.shift if shift is None else shift)
         tokenizer = None
         if (root / "tokenizer" / "tokenizer.json").is_file():
             tokenizer = PromptTokenizer.from_pretrained(root / "tokenizer",
                                                         length=options.get("prompt_length", PROMPT_LENGTH))
-        return cls(model, sched, tokenizer=tokenizer, default_steps=num_steps or "authors", **options)
+        return cls(model, sched, tokenizer=tokenizer, default_steps=num_steps or "authors", vae=vae, **options)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Engine:
+        """Move (and optionally cast) the transformer and the vae; captured graphs are dropped."""
+        self.release_graphs()
+        self.model.to(device=device, dtype=dtype)
+        if self.vae is not None:
+            self.vae.to(device=device, dtype=dtype)
+        return self
+
+    def release_graphs(self) -> None:
+        """Drop the captured CUDA graphs and their memory pool (kept between calls by design)."""
+        self._graphs.clear()
+        self._tuned.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ inputs
-    def encode_prompts(self, prompts, *, motion: float | None = None, name: str = "prompt_ids") -> torch.Tensor:
-        """(B, prompt_length) ids from strings (needs the tokenizer), id lists or an id tensor."""
+    def encode_prompts(self, prompts, *, motion: float | None = None, name: str = "prompt_ids",
+                       length: int | None = None) -> torch.Tensor:
+        """(B, length) ids from strings (needs the tokenizer), id lists or an id tensor; ``length``
+        defaults to the engine's ``prompt_length``."""
+        length = self.prompt_length if length is None else _validate_length(length)
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and all(isinstance(p, str) for p in prompts)):
             if self.tokenizer is None:
                 raise ValueError(f"{name}: text prompts need a tokenizer (root/tokenizer/ or Engine(tokenizer=)); "
                                  "pass token ids instead")
-            return self.tokenizer.encode(prompts, motion=motion if name == "prompt_ids" else None).to(self.device)
+            motion = motion if name == "prompt_ids" else None
+            return self.tokenizer.encode(prompts, motion=motion, length=length).to(self.device)
         if motion is not None and name == "prompt_ids":
             raise ValueError("motion: applies to text prompts only; put the prefix in the ids yourself")
         if isinstance(prompts, torch.Tensor) and prompts.dim() not in (1, 2):
@@ -167,11 +227,76 @@ class Engine:
         if not isinstance(prompts, torch.Tensor) and (not prompts or not isinstance(prompts[0], (list, tuple))):
             raise ValueError(f"{name}: expected a string, a list of strings, a list of id lists or an id tensor")
         pad = self.tokenizer.pad_id if self.tokenizer is not None else self.model.config.pad_token_id
-        ids = pad_prompt_ids(prompts, pad, self.prompt_length)
+        ids = pad_prompt_ids(prompts, pad, length)
         vocab = self.model.config.lm_vocab_size
         if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"{name}: ids must be text ids in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]")
         return ids.to(self.device)
+
+    def encode_condition(self, *, image=None, video=None, latents_shape, num_cond_frames: int | None = None,
+                         batch: int | None = None) -> torch.Tensor:
+        """Conditioning tokens from pixels, with the engine's tokenizer (DESIGN §2.4).
+
+        Parameters
+        ----------
+        image : uint8 (H, W, 3), a PIL image, (B, H, W, 3) or a list of images: one latent frame each
+        video : uint8 (F, H, W, 3) or (B, F, H, W, 3): its **last** ``num_cond_frames`` frames are
+            encoded (default: all of them); a video tokenizer of temporal stride s takes 1 + s·k
+            frames, which give k + 1 latent frames
+        latents_shape : (T, h, w) of the generation: pixels must be h·stride × w·stride and give at
+            most T latent frames
+        batch : the number of prompts; the pixel batch must be 1 or that
+
+        Returns
+        -------
+        (B or 1, Tc, h, w) int64 codes on the engine's device
+        """
+        if image is not None and video is not None:
+            raise ValueError("image, video: give one of them, not both")
+        if image is None and video is None:
+            raise ValueError("image, video: nothing to encode")
+        name = "image" if image is not None else "video"
+        if num_cond_frames is not None and video is None:
+            raise ValueError("num_cond_frames: applies to video= only")
+        if self.vae is None:
+            raise ValueError(f"{name}: pixel conditioning needs the checkpoint's tokenizer (root/vae/ or "
+                             "Engine(vae=)); pass cond_latents tokens instead")
+        T, h, w = self._shape(latents_shape)
+        frames = _pixels.as_frames(image if image is not None else video, name, image=image is not None)
+        _pixels.check_size(frames, name, (h, w), self.vae.spatial_stride)
+        if batch is not None:
+            _pixels.check_batch(frames, name, batch)
+        if video is not None:
+            n = _pixels.cond_frame_count(frames.shape[1], num_cond_frames, self.vae.temporal_stride)
+            frames = frames[:, frames.shape[1] - n:]
+        what = "num_cond_frames" if num_cond_frames is not None else name
+        Tc = self.vae.latent_shape(*frames.shape[1:4])[0]
+        if Tc > T:
+            raise ValueError(f"{what}: {frames.shape[1]} frames encode to {Tc} latent frames, more than the {T} "
+                             "generated (latents_shape)")
+        codes = self.vae.encode_frames(frames)
+        if codes.shape[1] > T:  # clips longer than the tokenizer's tile are encoded tile by tile
+            raise ValueError(f"{what}: {frames.shape[1]} frames encode to {codes.shape[1]} latent frames (temporal "
+                             f"tiles), more than the {T} generated (latents_shape)")
+        return codes.to(self.device)
+
+    def decode(self, tokens) -> np.ndarray:
+        """uint8 frames (B, F, H, W, 3) of tokens (B, T, h, w) with the engine's tokenizer
+        (``F = vae.num_frames(T)``: the authors' temporal tiling, see :mod:`ursa_engine.vae`)."""
+        if self.vae is None:
+            raise ValueError("tokens: decoding needs the checkpoint's tokenizer (root/vae/ or Engine(vae=))")
+        return self.vae.decode_frames(tokens)
+
+    def _timed_decode(self, tokens) -> tuple[np.ndarray, float, int | None]:
+        """(frames, seconds, peak bytes on the tokenizer's CUDA device or None)."""
+        dev = self.vae.device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # the steps' queued work is not decode time
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        frames = self.decode(tokens)  # ends with a copy to host: synchronizes
+        seconds = time.perf_counter() - t0
+        return frames, seconds, torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
 
     def initial_tokens(self, batch: int, latents_shape, seed: int = 0) -> torch.Tensor:
         """x at t = 0: uniform codes (metric / mixture path) or the mask id, (B, T, H, W) int64."""
@@ -263,8 +388,9 @@ class Engine:
                  argmax_last: bool = False, seed: int = 0, motion: float | None = None, cond_latents=None,
                  cond_indices=None, cond_noise_scale: float = 0.0, freeze_cond: bool = False,
                  latents: torch.Tensor | None = None, progress: bool = False, mode: str | None = None,
-                 ) -> GenerationResult:
-        """Generate latent tokens for a batch of prompts (DESIGN §2.4, §4, §8).
+                 image=None, video=None, num_cond_frames: int | None = None, decode: bool = True,
+                 prompt_length: int | None = None) -> GenerationResult:
+        """Generate latent tokens (and, with a tokenizer, pixels) for a batch of prompts (DESIGN §2.4, §4, §8).
 
         Parameters
         ----------
@@ -286,10 +412,24 @@ class Engine:
         latents : (B, T, H, W) initial tokens instead of the seeded noise
         progress : a tqdm bar over the steps
         mode : override the engine's ``mode``
+        image : uint8 (H, W, 3) / PIL image / (B, H, W, 3), encoded by the tokenizer into conditioning
+            frame 0 (image-to-video; the authors' ``latents[:, :1] = cond``); with ``cond_indices``
+            into the frame(s) listed there. Needs a tokenizer; pixels must be ``H·s × W·s``
+        video : uint8 (F, H, W, 3) or (B, F, H, W, 3): its last ``num_cond_frames`` frames (default
+            all; 1 + 4k for the video tokenizer) are encoded into the first Tc latent frames
+            (video extension). ``cond_noise_scale``, ``freeze_cond`` apply as for ``cond_latents``
+        decode : decode the tokens into ``frames`` when the engine has a tokenizer (default True)
+        prompt_length : override the engine's prompt length for this call
 
         Returns
         -------
-        GenerationResult with ``tokens`` (B, T, H, W)
+        GenerationResult with ``tokens`` (B, T, H, W) and, with a tokenizer, ``frames``
+        (B, F, H·s, W·s, 3) uint8. Decoding runs after the step loop and is timed apart
+        (``decode_time``; not in ``step_times``). While it runs, what stays resident is the weights,
+        the tokens and, in graph mode, the captured graphs' private memory pool (the static logits and
+        activations of one step, kept for the next call with the same layout; :meth:`release_graphs`
+        frees it). The loop's own logits and activations live only inside a step and are freed
+        before decoding.
         """
         t_start = time.perf_counter()
         cfg, device = self.model.config, self.device
@@ -299,7 +439,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(device)
         shape = self._shape(latents_shape)
         n = math.prod(shape)
-        cond = self.encode_prompts(prompt_ids, motion=motion)
+        cond = self.encode_prompts(prompt_ids, motion=motion, length=prompt_length)
         B = cond.shape[0]
         guidance_scale, guidance_trunc = float(guidance_scale), float(guidance_trunc)
         if not math.isfinite(guidance_scale) or not math.isfinite(guidance_trunc):
@@ -314,7 +454,7 @@ class Engine:
         ids_rows = [cond]
         if use_cfg:
             neg = negative_prompt_ids if negative_prompt_ids is not None else [[]]
-            neg = self.encode_prompts(neg, name="negative_prompt_ids")
+            neg = self.encode_prompts(neg, name="negative_prompt_ids", length=cond.shape[1])
             if neg.shape[0] not in (1, B):
                 raise ValueError(f"negative_prompt_ids: expected 1 or {B} prompts, got {neg.shape[0]}")
             ids_rows.append(neg.expand(B, -1))
@@ -328,6 +468,14 @@ class Engine:
             if x.min() < 0 or x.max() >= sched.path.size:
                 raise ValueError(f"latents: tokens must lie in [0, {sched.path.size})")
             x = x.long().clone()
+        if image is not None or video is not None:
+            if cond_latents is not None:
+                raise ValueError("cond_latents: give conditioning as tokens (cond_latents) or as pixels (image= / "
+                                 "video=), not both")
+            cond_latents = self.encode_condition(image=image, video=video, latents_shape=shape,
+                                                 num_cond_frames=num_cond_frames, batch=B)
+        elif num_cond_frames is not None:
+            raise ValueError("num_cond_frames: applies to video= only")
         freeze = None
         if cond_latents is not None:
             mask, values = self._conditioning(cond_latents, cond_indices, B, shape, float(cond_noise_scale), seeds)
@@ -337,7 +485,7 @@ class Engine:
         elif cond_indices is not None:
             raise ValueError("cond_indices: given without cond_latents")
         x = x.reshape(B, n).contiguous()
-        P = self.prompt_length
+        P = cond.shape[1]
         ids = sequence_ids(torch.cat(ids_rows), x.repeat(len(ids_rows), 1), cfg)  # (B or 2B, P + 1 + n)
         rope = self.model.rope_tables(latent_positions(P, shape, device=device))
         opts = {"guidance_scale": guidance_scale, "guidance_trunc": guidance_trunc, "temperature": temperature,
@@ -358,12 +506,15 @@ class Engine:
                     state.body(k, rows)
                 calls += 1
             times.append(timer.stop())
-        result_tokens = state.x.view(B, *shape).clone()
-        return GenerationResult(
-            tokens=result_tokens, step_times=timer.resolve(times), total_time=time.perf_counter() - t_start,
+        result = GenerationResult(
+            tokens=state.x.view(B, *shape).clone(), step_times=timer.resolve(times),
             peak_memory=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            model_calls=calls, guided_steps=sum(guided), mode=mode,
-            attention=_attention_name(self.model, device))
+            model_calls=calls, guided_steps=sum(guided), mode=mode, attention=_attention_name(self.model, device))
+        del state, runner, ids, rope  # the loop's buffers (a cached graph runner keeps its own)
+        if decode and self.vae is not None:
+            result.frames, result.decode_time, result.decode_peak_memory = self._timed_decode(result.tokens)
+        result.total_time = time.perf_counter() - t_start
+        return result
 
     def _resolve_mode(self, mode: str, sched: Scheduler) -> str:
         if mode not in MODES:
@@ -406,7 +557,8 @@ class Engine:
 
     # ------------------------------------------------------------------ long videos
     def extrapolate(self, prompt_ids, *, num_windows: int, latents_shape=(13, 40, 64), video=None,
-                    history_frames: int = 4, history_t: float = 0.9, seed: int = 0, **kwargs) -> GenerationResult:
+                    history_frames: int = 4, history_t: float = 0.9, seed: int = 0, decode: bool = True,
+                    **kwargs) -> GenerationResult:
         """Long video by a sliding window (paper appendix E, DESIGN §2.4).
 
         Each new window of ``T`` latent frames is conditioned on the newest ``history_frames``
@@ -418,35 +570,91 @@ class Engine:
         Parameters
         ----------
         num_windows : windows generated after the first one
-        video : (B, T0, H, W) tokens to extend; default: a first window generated from the prompt
+        video : what to extend: (B, T0, H, W) integer tokens, or (with a tokenizer) uint8 pixels
+            (F, H·s, W·s, 3) / (B, F, H·s, W·s, 3) of which the last ``1 + s·(history_frames − 1)``
+            frames (13 for the video tokenizer) are encoded, as the authors' README loop does with
+            ``video[-num_cond_frames:]``; default: a first window generated from the prompt (from
+            ``image=`` too, when given)
+        decode : with a tokenizer, return ``frames`` (default True)
         kwargs : forwarded to :meth:`generate` (guidance, steps, motion, ...)
+
+        Returns
+        -------
+        GenerationResult: ``tokens`` = the given token video (for pixels: its encoded history
+        frames) followed by every window's new frames; ``frames`` = the given pixels (or the decoded
+        given tokens / first window) followed by every window's new frames. Windows are decoded one
+        by one, each as the authors' pipeline decodes a call (``vae.num_frames(T)`` pixel frames),
+        dropping the first ``vae.num_frames(history_frames)`` frames that re-show the history: the
+        frames equal the README's ``concatenate([start_video, video[num_cond_frames:]])`` loop, the
+        decoder never sees more than one window (memory bounded, no temporal tile cut through the
+        video), and the given pixels are kept as they are. ``decode_time`` covers all decoding.
         """
         T, H, W = self._shape(latents_shape)
         if not 0 < history_frames < T:
             raise ValueError(f"history_frames: must be in [1, {T}) for a {T}-frame window, got {history_frames}")
         if not isinstance(num_windows, int) or num_windows < 0:
             raise ValueError(f"num_windows: must be an int >= 0, got {num_windows!r}")
-        for bad in ("cond_latents", "cond_indices", "cond_noise_scale", "latents"):
+        for bad in ("cond_latents", "cond_indices", "cond_noise_scale", "latents", "num_cond_frames"):
             if bad in kwargs:
                 raise ValueError(f"{bad}: set by extrapolate itself")
+        image = kwargs.pop("image", None)
+        if image is not None and video is not None:
+            raise ValueError("image: conditions a first window, but video= is given (nothing is generated from the "
+                             "prompt alone)")
+        t_start = time.perf_counter()
+        B = self.encode_prompts(prompt_ids, motion=kwargs.get("motion"), length=kwargs.get("prompt_length")).shape[0]
+        pixels = None
+        if video is not None and _pixels.is_pixels(video):
+            if self.vae is None:
+                raise ValueError("video: pixel frames need the checkpoint's tokenizer (root/vae/ or Engine(vae=)); "
+                                 "pass tokens instead")
+            pixels = _pixels.as_frames(video, "video", image=False)
+            need = (history_frames - 1) * self.vae.temporal_stride + 1
+            if pixels.shape[1] < need:
+                raise ValueError(f"video: {pixels.shape[1]} frames, fewer than the {need} pixel frames of "
+                                 f"history_frames={history_frames}")
+            video = self.encode_condition(video=pixels, latents_shape=(T, H, W), num_cond_frames=need, batch=B)
         results = []
         if video is None:
-            results.append(self.generate(prompt_ids, latents_shape=(T, H, W), seed=seed, **kwargs))
+            results.append(self.generate(prompt_ids, latents_shape=(T, H, W), seed=seed, image=image, decode=False,
+                                         **kwargs))
             video = results[0].tokens
         video = torch.as_tensor(video, device=self.device)
+        if video.is_floating_point() or video.is_complex():
+            raise TypeError(f"video: expected integer tokens or uint8 pixels (..., 3), got {video.dtype}")
         if video.dim() != 4 or tuple(video.shape[2:]) != (H, W) or video.shape[1] < history_frames:
             raise ValueError(f"video: expected (B, >= {history_frames}, {H}, {W}) tokens, got {tuple(video.shape)}")
+        if video.shape[0] not in (1, B):
+            raise ValueError(f"video: a batch of {video.shape[0]}, but there are {B} prompts (expected 1 or {B})")
+        given, windows = video, []
         for w in range(1, num_windows + 1):
-            r = self.generate(prompt_ids, latents_shape=(T, H, W), seed=seed + (w << 32),
+            r = self.generate(prompt_ids, latents_shape=(T, H, W), seed=seed + (w << 32), decode=False,
                               cond_latents=video[:, -history_frames:], cond_noise_scale=1.0 - history_t, **kwargs)
-            video = torch.cat([video, r.tokens[:, history_frames:]], 1)
+            video = torch.cat([video.expand(B, -1, -1, -1), r.tokens[:, history_frames:]], 1)
             results.append(r)
+            windows.append(r.tokens)
         mems = [r.peak_memory for r in results if r.peak_memory is not None]
-        return GenerationResult(
+        out = GenerationResult(
             tokens=video, step_times=[t for r in results for t in r.step_times],
-            peak_memory=max(mems) if mems else None, total_time=sum(r.total_time for r in results),
-            model_calls=sum(r.model_calls for r in results), guided_steps=sum(r.guided_steps for r in results),
+            peak_memory=max(mems) if mems else None, model_calls=sum(r.model_calls for r in results),
+            guided_steps=sum(r.guided_steps for r in results),
             mode=results[-1].mode if results else "eager", attention=results[-1].attention if results else "")
+        if decode and self.vae is not None:
+            skip = self.vae.num_frames(history_frames)
+            parts, peaks = [], []
+            for i, tokens in enumerate([None if pixels is not None else given, *windows]):
+                if tokens is None:
+                    parts.append(pixels.cpu().numpy())
+                    continue
+                frames, seconds, peak = self._timed_decode(tokens)
+                parts.append(frames if i == 0 else frames[:, skip:])
+                out.decode_time += seconds
+                peaks.append(peak)
+            n = max(p.shape[0] for p in parts)
+            out.frames = np.concatenate([np.broadcast_to(p, (n, *p.shape[1:])) for p in parts], 1)
+            out.decode_peak_memory = max(peaks) if peaks and peaks[0] is not None else None
+        out.total_time = time.perf_counter() - t_start
+        return out
 
 
 def _attention_name(model: URSATransformer, device: torch.device) -> str:
@@ -576,23 +784,3 @@ class _GraphRunner:
             replay = self.graphs[rows] = self._capture(rows)
         self.k.fill_(k)  # per-step values are read from device memory by the captured sampler
         replay()
-
-
-def cli_generate(args) -> int:
-    """``ursa-engine generate``: load a checkpoint root, generate, save tokens, print timings as JSON."""
-    import json
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = Engine.from_pretrained(args.root, dtype=dtype, device=args.device, shift=args.shift, mode=args.mode,
-                                    attn_backend=args.attn, prompt_length=args.prompt_length)
-    negative = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    result = engine.generate(args.prompt, [negative], args.latents_shape, guidance_scale=args.guidance,
-                             guidance_trunc=args.guidance_trunc, num_steps=args.steps, motion=args.motion,
-                             seed=args.seed, progress=not args.no_progress)
-    torch.save(result.tokens.cpu(), args.out)
-    steps = sorted(t for t in result.step_times if t > 0) or [0.0]
-    print(json.dumps({"out": args.out, "tokens": list(result.tokens.shape), "mode": result.mode,
-                      "attention": result.attention, "total_s": round(result.total_time, 4),
-                      "median_step_s": round(steps[len(steps) // 2], 5), "model_calls": result.model_calls,
-                      "peak_memory_bytes": result.peak_memory}))
-    return 0

@@ -73,9 +73,11 @@ class PromptTokenizer:
             raise ValueError(f"{folder}: pad token {pad!r} is not in the vocabulary")
         return cls(tok, pad_id, length)
 
-    def encode(self, prompts: str | Sequence[str], *, motion: float | None = None) -> torch.Tensor:
-        """(B, length) int64 ids of the prompts, left-padded, with the optional motion prefix."""
+    def encode(self, prompts: str | Sequence[str], *, motion: float | None = None,
+               length: int | None = None) -> torch.Tensor:
+        """(B, length) int64 ids of the prompts, left-padded, with the optional motion prefix;
+        ``length`` overrides the tokenizer's own for this call."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         texts = [motion_prompt(p, motion) for p in prompts]
         ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
-        return pad_prompt_ids(ids, self.pad_id, self.length)
+        return pad_prompt_ids(ids, self.pad_id, self.length if length is None else int(length))
