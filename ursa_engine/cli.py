@@ -1,5 +1,8 @@
 """The ``ursa-engine`` command line (DESIGN §8).
 
+``ursa-engine generate ROOT --prompt ... --out out.png|out.mp4|out.pt``: images, videos or tokens
+(see :mod:`ursa_engine.cli_generate`);
+``ursa-engine demo``: the bundled digits model on the CPU;
 ``ursa-engine bench run [SUITE...] --mode smoke|cpu|gpu``: benchmarks, one JSON per suite run;
 ``ursa-engine bench report RESULTS...``: markdown summary + PNG plot from result JSON;
 ``ursa-engine bench suite --out DIR``: the whole GPU suite (build, GPU tests, benchmarks).
@@ -55,33 +58,64 @@ def _bench_suite(args) -> int:
 
 
 def _add_generate(subparsers) -> None:
-    gen = subparsers.add_parser("generate", help="generate latent tokens from an URSA checkpoint",
-                                description="Text-to-image / video latent tokens (ursa_engine.engine).")
-    gen.add_argument("root", help="checkpoint root: transformer/, scheduler/, tokenizer/")
+    gen = subparsers.add_parser(
+        "generate", help="generate images / videos / latent tokens from an URSA checkpoint",
+        description="Text-to-image, text-to-video, image-to-video (--image) and video extension (--video) with "
+                    "an URSA checkpoint root. The format comes from --out: .png / .jpg (images; several are "
+                    "numbered name_0.png, name_1.png, ...), .mp4 (H.264 video) or .pt (the (B, T, h, w) latent "
+                    "tokens). Pixel outputs and --height/--width/--frames/--image/--video need the root's vae/ "
+                    "tokenizer. A JSON summary line goes to stdout.",
+        epilog="Example: ursa-engine generate ./URSA-1.7B-FSQ320 --prompt 'a bear in the snow' --frames 49 "
+               "--height 320 --width 512 --motion 9 --out bear.mp4")
+    gen.add_argument("root", metavar="ROOT", help="checkpoint root: transformer/, scheduler/, tokenizer/, vae/")
     gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for a batch)")
     gen.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
-    gen.add_argument("--latents-shape", type=int, nargs="+", default=[1, 40, 64], metavar="N",
-                     help="T H W, or H W (default: 1 40 64, a 320x512 image)")
-    gen.add_argument("--steps", type=int, default=None, help="default: 25 for images, 50 for video")
-    gen.add_argument("--guidance", type=float, default=7.0)
-    gen.add_argument("--guidance-trunc", type=float, default=0.9)
-    gen.add_argument("--shift", type=float, default=None, help="override the checkpoint's shift")
-    gen.add_argument("--motion", type=float, default=None, help="video checkpoints' motion=X prefix")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--mode", default="auto", choices=["auto", "eager", "graph"])
-    gen.add_argument("--attn", default="auto", help="attention backend (ursa_engine.attention)")
-    gen.add_argument("--device", default=None)
-    gen.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    gen.add_argument("--prompt-length", type=int, default=320)
-    gen.add_argument("--out", default="tokens.pt", help="where the (B, T, H, W) tokens are saved")
-    gen.add_argument("--no-progress", action="store_true")
+    gen.add_argument("--out", default="tokens.pt", help="output file: .png, .jpg, .jpeg, .mp4 or .pt (default: "
+                                                        "tokens.pt)")
+    size = gen.add_argument_group("size (pixels need vae/; --latents-shape excludes them)")
+    size.add_argument("--height", type=int, default=None,
+                      help="pixels (default: the --image / --video size, else 320)")
+    size.add_argument("--width", type=int, default=None, help="pixels (default: the --image / --video size, else 512)")
+    size.add_argument("--frames", type=int, default=None,
+                      help="pixel frames, 1 + 4k for video tokenizers (default: 49 for .mp4 / --image / --video "
+                           "with a video tokenizer, else 1)")
+    size.add_argument("--latents-shape", type=int, nargs="+", default=None, metavar="N",
+                      help="latent grid T H W, or H W (default without vae/: 1 40 64, a 320x512 image)")
+    cond = gen.add_argument_group("conditioning")
+    cond.add_argument("--image", default=None, metavar="PATH", help="first frame (image-to-video), resized to the "
+                                                                     "output size")
+    cond.add_argument("--video", default=None, metavar="PATH", help="video to extend (.mp4), resized to the output "
+                                                                     "size")
+    cond.add_argument("--cond-frames", type=int, default=None,
+                      help="last frames of --video that condition the new clip (default: 13)")
+    cond.add_argument("--cond-noise-scale", type=float, default=None,
+                      help="noise the conditioning frames to t = 1 - scale (authors' extension: 0.1)")
+    samp = gen.add_argument_group("sampling")
+    samp.add_argument("--steps", type=int, default=None, help="default: 25 for images, 50 for video")
+    samp.add_argument("--guidance", type=float, default=7.0)
+    samp.add_argument("--guidance-trunc", type=float, default=0.9)
+    samp.add_argument("--shift", type=float, default=None, help="override the checkpoint's shift")
+    samp.add_argument("--motion", type=float, default=None,
+                      help="video checkpoints' motion=X prompt prefix (authors: 9 for text/image-to-video, 5 for "
+                           "extension)")
+    samp.add_argument("--seed", type=int, default=0)
+    samp.add_argument("--fps", type=float, default=None, help="frame rate of .mp4 output (default: the --video's, "
+                                                              "else 12)")
+    run = gen.add_argument_group("runtime")
+    run.add_argument("--mode", default="auto", choices=["auto", "eager", "graph"])
+    run.add_argument("--attn", default="auto", help="attention backend (ursa_engine.attention)")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    run.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    run.add_argument("--prompt-length", type=int, default=320)
+    run.add_argument("--no-progress", action="store_true")
+    _add_debug(gen)
     gen.set_defaults(handler=_generate)
 
 
 def _generate(args) -> int:
-    from ursa_engine.engine import cli_generate
+    from .cli_generate import run
 
-    return cli_generate(args)
+    return run(args)
 
 
 def _add_demo(subparsers) -> None:
@@ -103,8 +137,35 @@ def _demo(args) -> int:
     return main_from_args(args)
 
 
+class UsageError(Exception):
+    """A mistake in the command line or in the files it names: one line on stderr, exit status 2."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """UsageError and the loaders' own error classes (only if their modules were imported: an error
+    of a module never imported cannot have been raised)."""
+    types: list[type[BaseException]] = [UsageError]
+    for module, name in (("ursa_engine.checkpoint", "CheckpointError"), ("ursa_engine.vae", "TokenizerError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            types.append(cls)
+    return tuple(types)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _add_debug(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    # SUPPRESS on subcommands: `ursa-engine --debug generate ...` is not reset by the subparser
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="show the full traceback of every error (user errors too)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ursa-engine", description=__doc__.split("\n\n")[0])
+    _add_debug(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_bench(subparsers)
@@ -113,9 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    """Run a command; user errors (:class:`UsageError`, checkpoint / tokenizer errors) print one line
+    ``ursa-engine: error: ...`` to stderr and return 2 like argparse; any other exception is a bug
+    and keeps its traceback. ``--debug`` shows the traceback of everything."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except Exception as err:
+        if args.debug or not isinstance(err, _user_error_types()):
+            raise
+        print(f"{parser.prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m ursa_engine.cli: run the package's module, whose UsageError the commands raise
+    from ursa_engine.cli import main as package_main
+
+    sys.exit(package_main())
