@@ -149,7 +149,8 @@ def test_cosmos_tiles_follow_the_authors_tiling(cosmos):
     # encoding: clips of sample_frames overlapping by one frame, latents concatenated whole
     x = torch.rand(1, 3, 25, 32, 48) * 2 - 1
     ids = cosmos.encode(x)
-    assert ids.shape == (1, 9, 4, 6)
+    assert ids.shape == (1, 9, 4, 6) and cosmos.encoded_frames(25) == 9 and cosmos.latent_shape(25, 32, 48)[0] == 7
+    assert [cosmos.encoded_frames(f) for f in (1, 5, 9, 13, 17)] == [1, 2, 3, 3, 6]
     assert torch.equal(ids[:, 3:6], cosmos.encode(x[:, :, 8:17]))
     assert torch.equal(ids[:, 6:], cosmos.encode(x[:, :, 16:]))
 

@@ -84,7 +84,9 @@ class Tokenizer(nn.Module):
         return next(self.parameters()).device
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """(T, h, w) code grid of a ``num_frames × height × width`` clip; the sizes are checked."""
+        """(T, h, w) code grid that *generates* a ``num_frames × height × width`` clip (the
+        authors' ``(F − 1)/4 + 1``); the sizes are checked. What :meth:`encode` returns for a
+        given clip can differ for clips longer than one tile: see :meth:`encoded_frames`."""
         s, ts = self.spatial_stride, self.temporal_stride
         for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -101,6 +103,10 @@ class Tokenizer(nn.Module):
     def num_frames(self, T: int) -> int:
         """Pixel frames that decoding ``T`` latent frames gives (the authors' tiling included)."""
         return T
+
+    def encoded_frames(self, num_frames: int) -> int:
+        """Latent frames that encoding ``num_frames`` pixel frames gives (the authors' tiling included)."""
+        return self.latent_shape(num_frames, self.spatial_stride, self.spatial_stride)[0]
 
     # ------------------------------------------------------------------ checks
     def _check_pixels(self, pixels) -> torch.Tensor:

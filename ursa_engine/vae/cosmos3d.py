@@ -320,6 +320,16 @@ class CosmosFSQTokenizer(Tokenizer):
         tiles = len(self._tiles(T, self.latent_frames, self.latent_frames))
         return tiles * (self.sample_frames - 1) + 1
 
+    def encoded_frames(self, num_frames: int) -> int:
+        """Clips of up to ``sample_frames`` frames give ``(F − 1)/4 + 1`` latent frames; longer ones
+        are encoded in tiles of ``sample_frames`` overlapping by one frame (a trailing partial tile
+        is dropped), each tile giving ``latent_frames``: 49 frames at ``sample_frames = 17`` give
+        3 × 5 = 15 latent frames, not 13."""
+        T = super().encoded_frames(num_frames)
+        if num_frames <= self.sample_frames:
+            return T
+        return len(self._tiles(num_frames, self.sample_frames, self.sample_frames - 1)) * self.latent_frames
+
     def _encode(self, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
         F_ = x.shape[2]
         if F_ <= self.sample_frames:
