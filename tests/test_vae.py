@@ -20,7 +20,11 @@ from ursa_engine.vae import CosmosFSQTokenizer, IBQTokenizer, TokenizerError, lo
 from ursa_engine.vae.quantizers import FSQuantizer, VQuantizer
 from ursa_engine.vae.wavelets import dwt3d, idwt3d, patchify, unpatchify
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # the tokenizers' own calls are no_grad; direct module calls here too
+        yield
 
 
 def _close(a, b, rel=1e-6):

@@ -17,11 +17,16 @@ The chunk size comes from ``memory_budget`` (bytes of temporaries per layer, an 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-layer temporaries a chunked decode aims for
@@ -193,8 +198,6 @@ class Tokenizer(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` (the published layout)."""
-        from .loading import save_tokenizer
-
         save_tokenizer(self, folder, dtype=dtype)
 
     # subclasses -----------------------------------------------------------
@@ -222,3 +225,22 @@ def attention_bytes(tokens: int) -> int:
 
 def prod(*xs: int) -> int:
     return math.prod(xs)
+
+
+def save_tokenizer(model: Tokenizer, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
+    """Write ``config.json`` (with ``_class_name``) and ``diffusion_pytorch_model.safetensors``;
+    files go to a temporary sibling first, config.json last."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    cfg = {"_class_name": model.class_name,
+           **{k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    try:
+        save_file(state, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        folder.mkdir(exist_ok=True)
+        for new in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(new, folder / new.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

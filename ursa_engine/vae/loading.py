@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, weight_files
-from .base import Tokenizer, TokenizerError
+from .base import Tokenizer, TokenizerError, save_tokenizer  # noqa: F401 - re-exported
 from .cosmos3d import CosmosFSQTokenizer
 from .ibq import IBQTokenizer
 from .patch import DigitsPatchTokenizer
@@ -110,22 +107,3 @@ def load_tokenizer(folder: str | os.PathLike, *, dtype: torch.dtype | None = Non
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=True, assign=True)
     model.to(device=device, dtype=dtype)
     return model.requires_grad_(False).eval()
-
-
-def save_tokenizer(model: Tokenizer, folder: str | os.PathLike, *, dtype: torch.dtype | None = None) -> None:
-    """Write ``config.json`` (with ``_class_name``) and ``diffusion_pytorch_model.safetensors``;
-    files go to a temporary sibling first, config.json last."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-    cfg = {"_class_name": model.class_name,
-           **{k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
-    try:
-        save_file(state, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        folder.mkdir(exist_ok=True)
-        for new in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
-            os.replace(new, folder / new.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
