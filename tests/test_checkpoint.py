@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ursa_engine.checkpoint import CheckpointError, checkpoint_shapes, load_transformer, save_transformer
+from ursa_engine.checkpoint import CheckpointError, checkpoint_shapes, save_transformer
 from ursa_engine.model import ModelConfig, URSATransformer, latent_positions, sequence_ids
 from ursa_engine.tokenizer import PromptTokenizer, motion_prompt, pad_prompt_ids
 
@@ -43,38 +43,38 @@ def test_round_trip_sharded_with_index(tmp_path, model):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     index = json.loads((tmp_path / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    torch.testing.assert_close(_logits(load_transformer(tmp_path)), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(URSATransformer.from_pretrained(tmp_path)), _logits(model), rtol=0, atol=0)
 
 
 def test_default_dtype_is_the_checkpoints_and_can_be_overridden(tmp_path, model):
     save_transformer(model, tmp_path, dtype=torch.bfloat16)
-    assert load_transformer(tmp_path).dtype == torch.bfloat16
-    assert load_transformer(tmp_path, dtype=torch.float32).dtype == torch.float32
+    assert URSATransformer.from_pretrained(tmp_path).dtype == torch.bfloat16
+    assert URSATransformer.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
 
 
 def test_variant_file(tmp_path, model):
     save_transformer(model, tmp_path)
     (tmp_path / "diffusion_pytorch_model.safetensors").rename(tmp_path / "diffusion_pytorch_model.fp16.safetensors")
     with pytest.raises(CheckpointError, match="found none"):
-        load_transformer(tmp_path)
-    assert load_transformer(tmp_path, variant="fp16").config == TINY
+        URSATransformer.from_pretrained(tmp_path)
+    assert URSATransformer.from_pretrained(tmp_path, variant="fp16").config == TINY
 
 
 def test_missing_folder_and_config(tmp_path, model):
     with pytest.raises(CheckpointError, match="no config.json"):
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="invalid transformer config"):
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**TINY.to_dict(), "num_key_value_heads": 3}))
     with pytest.raises(CheckpointError, match="num_key_value_heads"):
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
 
 
 def test_no_weights_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY.to_dict()))
     with pytest.raises(CheckpointError, match="safetensors"):
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
 
 
 def test_missing_unexpected_and_misshaped_weights_are_all_named(tmp_path, model):
@@ -85,7 +85,7 @@ def test_missing_unexpected_and_misshaped_weights_are_all_named(tmp_path, model)
     w["lm_head.weight"] = torch.zeros(65, TINY.hidden_size)
     save_file(w, tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError) as err:
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
     msg = str(err.value)
     assert "missing weights: model.layers.0.mlp.up_proj.weight" in msg
     assert "unexpected weights: model.layers.0.self_attn.q_proj.bias" in msg
@@ -97,14 +97,14 @@ def test_checkpoint_of_another_size_fails_on_shapes(tmp_path, model):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
     with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight has shape \(96, 64\)"):
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
 
 
 def test_index_naming_a_missing_shard(tmp_path, model):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     next(tmp_path.glob("*-00002-of-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="shard files that do not exist"):
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
 
 
 def test_integer_weights_are_rejected(tmp_path, model):
@@ -113,7 +113,7 @@ def test_integer_weights_are_rejected(tmp_path, model):
     w["model.norm.weight"] = torch.ones(TINY.hidden_size, dtype=torch.int32)
     save_file(w, tmp_path / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match="model.norm.weight has dtype I32"):
-        load_transformer(tmp_path)
+        URSATransformer.from_pretrained(tmp_path)
 
 
 def test_config_without_optional_fields_takes_qwen3_defaults():
@@ -160,9 +160,9 @@ def test_saving_over_a_checkpoint_replaces_its_weights(tmp_path, model):
     model.save_pretrained(folder, max_shard_size="20KB")  # shards + index
     save_transformer(other, folder)  # then one file into the same folder
     assert not list(folder.glob("*.index.json")) and len(list(folder.glob("*.safetensors"))) == 1
-    torch.testing.assert_close(_logits(load_transformer(folder)), _logits(other), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(URSATransformer.from_pretrained(folder)), _logits(other), rtol=0, atol=0)
     save_transformer(model, folder, max_shard_size="20KB")  # and back to shards
-    torch.testing.assert_close(_logits(load_transformer(folder)), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(URSATransformer.from_pretrained(folder)), _logits(model), rtol=0, atol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["transformer"]  # no temporary folder left
 
 
@@ -188,6 +188,6 @@ def test_variant_index_is_ignored_without_a_variant(tmp_path, model):
         (tmp_path / "b" / shard).rename(tmp_path / "a" / shard.replace("model-", "model.fp16-"))
     index["weight_map"] = {k: v.replace("model-", "model.fp16-") for k, v in index["weight_map"].items()}
     (tmp_path / "a" / "diffusion_pytorch_model.fp16.safetensors.index.json").write_text(json.dumps(index))
-    torch.testing.assert_close(_logits(load_transformer(tmp_path / "a")), _logits(model), rtol=0, atol=0)
-    torch.testing.assert_close(_logits(load_transformer(tmp_path / "a", variant="fp16")), _logits(other),
+    torch.testing.assert_close(_logits(URSATransformer.from_pretrained(tmp_path / "a")), _logits(model), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(URSATransformer.from_pretrained(tmp_path / "a", variant="fp16")), _logits(other),
                                rtol=0, atol=0)

@@ -270,7 +270,7 @@ def test_cuda_graph_replay_gives_the_eager_tokens(freeze):
 def test_graph_step_body_with_device_step_index_gives_the_eager_tokens(model, monkeypatch):
     """The CUDA-graph path on the CPU: the captured body (tensor step index, static buffers, warm-up
     state restored, cached runner reloaded) "replayed" by calling it; only the capture is faked."""
-    import ursa_engine.engine as engine_mod
+    import ursa_engine.graphs as graphs
 
     def fake_capture(fn, pool):
         fn()  # the warm-up runs mutate the state, as on the GPU
@@ -281,7 +281,7 @@ def test_graph_step_body_with_device_step_index_gives_the_eager_tokens(model, mo
     cond = torch.randint(0, 64, (1, 1, 3, 4), generator=torch.Generator().manual_seed(3))
     kw = {"guidance_scale": 3.0, "guidance_trunc": 0.5, "seed": 4, "cond_latents": cond, "freeze_cond": True}
     eager = [eng.generate(PROMPTS, NEG, SHAPE, **{**kw, "seed": s}).tokens for s in (4, 5)]
-    monkeypatch.setattr(engine_mod, "_cuda_graph_capture", fake_capture)
+    monkeypatch.setattr(graphs, "cuda_graph_capture", fake_capture)
     monkeypatch.setattr(eng, "_resolve_mode", lambda mode, sched: "graph")
     first = eng.generate(PROMPTS, NEG, SHAPE, **kw)
     runner = next(iter(eng._graphs.values()))
@@ -304,14 +304,14 @@ def test_cli_generate(tmp_path, model, capsys):
 
 
 def _fake_graph_mode(eng, monkeypatch):
-    import ursa_engine.engine as engine_mod
+    import ursa_engine.graphs as graphs
 
     def fake_capture(fn, pool):
         fn()
         fn()
         return fn
 
-    monkeypatch.setattr(engine_mod, "_cuda_graph_capture", fake_capture)
+    monkeypatch.setattr(graphs, "cuda_graph_capture", fake_capture)
     monkeypatch.setattr(eng, "_resolve_mode", lambda mode, sched: "graph")
 
 
@@ -339,7 +339,7 @@ def test_sampler_backend_auto_is_tuned_once_per_generate_and_used_by_every_step(
     eng = engine_for(model, sched)
     tuned, backends = [], []
     step = sched.step
-    monkeypatch.setattr(engine_mod, "_tunable", lambda state: True, raising=False)
+    monkeypatch.setattr(engine_mod, "_tunable", lambda state: True)
     monkeypatch.setattr(sched, "tune", lambda *a, **kw: tuned.append(1) or "torch")
     monkeypatch.setattr(sched, "step", lambda *a, **kw: backends.append(kw["backend"]) or step(*a, **kw))
     if graph:

@@ -96,3 +96,18 @@ def filtering(top_k, top_p, K: int) -> tuple[int, float]:
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p: must be in (0, 1], got {top_p!r}")
     return (0 if top_k >= K else top_k), float(top_p)
+
+
+def latents_shape(shape) -> tuple[int, int, int]:
+    """(T, H, W) of positive sizes from (T, H, W) or (H, W) (an image, T = 1)."""
+    out = tuple(int(s) for s in shape)
+    out = (1, *out) if len(out) == 2 else out
+    if len(out) != 3 or min(out) < 1:
+        raise ValueError(f"latents_shape: expected (T, H, W) or (H, W) of positive sizes, got {shape}")
+    return out
+
+
+def prompt_length(length) -> int:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"prompt_length: expected an int >= 0, got {length!r}")
+    return length

@@ -2,7 +2,9 @@
 
 A folder holds ``config.json`` and the weights under Qwen3 names, in one ``*.safetensors`` file or
 in shards listed by a ``*.safetensors.index.json`` (``{"weight_map": {name: file}}``). The model
-keeps q / k / v and gate / up fused; this module converts between the two namings.
+keeps q / k / v and gate / up fused; this module converts between the two namings. It knows the
+model only through its :class:`ModelConfig` (names and shapes) and its state dict:
+:meth:`URSATransformer.from_pretrained` builds the model from :func:`read_weights`.
 
 Every problem with a checkpoint raises :class:`CheckpointError` naming the folder and listing all
 missing, unexpected and mis-shaped weights at once; nothing is loaded into a model before the
@@ -21,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import ModelConfig, URSATransformer
+from .config import ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_STEMS = ("diffusion_pytorch_model", "model")  # diffusers name first, then transformers'
@@ -164,17 +166,17 @@ def check_weights(folder: str | os.PathLike, cfg: ModelConfig, files: dict[str, 
                               + " | ".join(problems))
 
 
-def load_transformer(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
-                     variant: str | None = None, **options) -> URSATransformer:
-    """Load a ``transformer/`` folder into an :class:`URSATransformer`.
+def read_weights(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
+                 variant: str | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and the checked weights of a ``transformer/`` folder, under model names
+    (:func:`to_model_state_dict`); :meth:`URSATransformer.from_pretrained` builds the model from them.
 
     Parameters
     ----------
     folder : the folder with ``config.json`` and safetensors weights
-    dtype : compute dtype (default: the checkpoint's own)
-    device : where the weights go (default: CPU); tensors are read straight to it
+    dtype : the dtype of every tensor (default: the checkpoint's own)
+    device : where the tensors are read to (default: CPU)
     variant : diffusers weight variant (``diffusion_pytorch_model.<variant>.safetensors``)
-    options : ``attn_backend`` / ``ops_backend`` for the model
     """
     cfg = read_config(folder)
     files = weight_files(folder, variant=variant)
@@ -189,9 +191,7 @@ def load_transformer(folder: str | os.PathLike, *, dtype: torch.dtype | None = N
                     dtype = dtype or t.dtype
                     tensors[name] = t
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    model = URSATransformer(cfg, device="meta", **options)
-    model.load_state_dict(to_model_state_dict(tensors, cfg), strict=True, assign=True)
-    return model.requires_grad_(False)
+    return cfg, to_model_state_dict(tensors, cfg)
 
 
 def _parse_size(size) -> int:
@@ -212,10 +212,12 @@ def _is_weights_file(name: str) -> bool:
             or (name.endswith(".safetensors.index.json") and name.count(".") == 3))
 
 
-def save_transformer(model: URSATransformer, folder: str | os.PathLike, *, max_shard_size=None,
+def save_transformer(model: torch.nn.Module, folder: str | os.PathLike, *, max_shard_size=None,
                      dtype: torch.dtype | None = None) -> None:
     """Write ``config.json`` and the weights under checkpoint names (sharded past ``max_shard_size``,
     bytes or a string like ``"2GB"``, with a ``diffusion_pytorch_model.safetensors.index.json``).
+
+    ``model``: an :class:`URSATransformer` (what is read: its ``config`` and ``state_dict()``).
 
     The files are written into a temporary sibling folder first, so a failed save leaves an
     existing checkpoint intact; then the folder's previous variant-less weights (single file,

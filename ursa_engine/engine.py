@@ -11,11 +11,12 @@ noise, every step), so a prompt's result does not depend on its batch neighbours
 tokens are ``(w · K) >> 32`` of Philox lane 0 under :data:`TAG_INIT` (the masked path starts
 from the mask id instead).
 
-CUDA graphs (``mode="graph"``): the body of a step (transformer, sampler, writing the new tokens
-back into the input ids) is captured once per batch layout (2B with guidance, B without) with
-static buffers; the step index lives in a device tensor, so one graph serves every step and the
-sampler reads t, h, β, β̇ and the RNG step from device memory. Replays produce the same tokens as
-eager mode. The last step (k = N − 1) runs eagerly (the scheduler takes it as a python int).
+CUDA graphs (``mode="graph"``): the body of a step is captured once per batch layout and replayed
+with the step index in device memory (:mod:`ursa_engine.graphs`); replays produce the eager tokens.
+The last step (k = N − 1) runs eagerly (the scheduler takes it as a python int).
+
+Beside this module: :mod:`ursa_engine.conditioning` (``image=`` / ``video=`` / ``cond_latents``,
+long videos), :mod:`ursa_engine.results` (:class:`GenerationResult`, step and decode timing).
 """
 
 from __future__ import annotations
@@ -23,65 +24,28 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import _dispatch, _pixels, _validate
-from .attention import ATTENTION_BACKENDS
+from . import _dispatch, _validate, conditioning
+from .attention import ATTENTION_BACKENDS, resolve_attention
+from .graphs import GraphRunner, LoopState
 from .model import URSATransformer, latent_positions, sequence_ids
 from .model_ops import MODEL_OP_BACKENDS
 from .paths import MaskPath, MetricPath
 from .reference.rng import TAG_INIT, random_words, to_below
+from .results import GenerationResult, StepTimer, timed_decode
 from .scheduler import Scheduler
 from .tokenizer import PROMPT_LENGTH, PromptTokenizer, pad_prompt_ids
+
+__all__ = ["Engine", "GenerationResult", "MODES", "NEGATIVE_PROMPT", "SAMPLER_BACKENDS"]
 
 SAMPLER_BACKENDS = ("auto", *_dispatch.BACKENDS)
 NEGATIVE_PROMPT = "worst quality, low quality, inconsistent motion, static, still, blurry, jittery, distorted, ugly"
 MODES = ("auto", "eager", "graph")
-
-
-@dataclass
-class GenerationResult:
-    """What :meth:`Engine.generate` returns.
-
-    tokens : (B, T, H, W) int64 latent tokens
-    frames : (B, F, H·s, W·s, 3) uint8 pixels decoded by the engine's tokenizer (``F = vae.num_frames(T)``);
-        None without a tokenizer or with ``decode=False``
-    step_times : seconds of each of the N steps (a skipped step counts its ~0 host time); never
-        includes encoding or decoding pixels
-    peak_memory : peak bytes allocated on the CUDA device during the steps (None on the CPU)
-    total_time : wall seconds of the whole call (pixel encoding and decoding included)
-    decode_time : seconds spent decoding tokens to ``frames`` (0 when nothing was decoded)
-    decode_peak_memory : peak bytes allocated on the tokenizer's CUDA device while decoding
-    model_calls : transformer evaluations; guided_steps : steps run as a 2B batch
-    mode, attention : what ran ("eager" / "graph", the attention backend chosen)
-    """
-
-    tokens: torch.Tensor
-    frames: np.ndarray | None = None
-    step_times: list[float] = field(default_factory=list)
-    peak_memory: int | None = None
-    total_time: float = 0.0
-    decode_time: float = 0.0
-    decode_peak_memory: int | None = None
-    model_calls: int = 0
-    guided_steps: int = 0
-    mode: str = "eager"
-    attention: str = ""
-
-
-def _validate_length(length) -> int:
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise ValueError(f"prompt_length: expected an int >= 0, got {length!r}")
-    return length
-
-
-def _as_index_list(x) -> list[int]:
-    return [int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
 
 
 class Engine:
@@ -212,7 +176,7 @@ class Engine:
                        length: int | None = None) -> torch.Tensor:
         """(B, length) ids from strings (needs the tokenizer), id lists or an id tensor; ``length``
         defaults to the engine's ``prompt_length``."""
-        length = self.prompt_length if length is None else _validate_length(length)
+        length = self.prompt_length if length is None else _validate.prompt_length(length)
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and all(isinstance(p, str) for p in prompts)):
             if self.tokenizer is None:
@@ -251,33 +215,8 @@ class Engine:
         -------
         (B or 1, Tc, h, w) int64 codes on the engine's device
         """
-        if image is not None and video is not None:
-            raise ValueError("image, video: give one of them, not both")
-        if image is None and video is None:
-            raise ValueError("image, video: nothing to encode")
-        name = "image" if image is not None else "video"
-        if num_cond_frames is not None and video is None:
-            raise ValueError("num_cond_frames: applies to video= only")
-        if self.vae is None:
-            raise ValueError(f"{name}: pixel conditioning needs the checkpoint's tokenizer (root/vae/ or "
-                             "Engine(vae=)); pass cond_latents tokens instead")
-        T, h, w = self._shape(latents_shape)
-        frames = _pixels.as_frames(image if image is not None else video, name, image=image is not None)
-        _pixels.check_size(frames, name, (h, w), self.vae.spatial_stride)
-        if batch is not None:
-            _pixels.check_batch(frames, name, batch)
-        if video is not None:
-            n = _pixels.cond_frame_count(frames.shape[1], num_cond_frames, self.vae.temporal_stride)
-            frames = frames[:, frames.shape[1] - n:]
-        what = "num_cond_frames" if num_cond_frames is not None else name
-        Tc = self.vae.latent_shape(*frames.shape[1:4])[0]
-        if Tc > T:
-            raise ValueError(f"{what}: {frames.shape[1]} frames encode to {Tc} latent frames, more than the {T} "
-                             "generated (latents_shape)")
-        codes = self.vae.encode_frames(frames)
-        if codes.shape[1] > T:  # clips longer than the tokenizer's tile are encoded tile by tile
-            raise ValueError(f"{what}: {frames.shape[1]} frames encode to {codes.shape[1]} latent frames (temporal "
-                             f"tiles), more than the {T} generated (latents_shape)")
+        codes = conditioning.encode_pixels(self.vae, image=image, video=video, latents_shape=latents_shape,
+                                           num_cond_frames=num_cond_frames, batch=batch)
         return codes.to(self.device)
 
     def decode(self, tokens) -> np.ndarray:
@@ -287,20 +226,9 @@ class Engine:
             raise ValueError("tokens: decoding needs the checkpoint's tokenizer (root/vae/ or Engine(vae=))")
         return self.vae.decode_frames(tokens)
 
-    def _timed_decode(self, tokens) -> tuple[np.ndarray, float, int | None]:
-        """(frames, seconds, peak bytes on the tokenizer's CUDA device or None)."""
-        dev = self.vae.device
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)  # the steps' queued work is not decode time
-            torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        frames = self.decode(tokens)  # ends with a copy to host: synchronizes
-        seconds = time.perf_counter() - t0
-        return frames, seconds, torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
-
     def initial_tokens(self, batch: int, latents_shape, seed: int = 0) -> torch.Tensor:
         """x at t = 0: uniform codes (metric / mixture path) or the mask id, (B, T, H, W) int64."""
-        T, H, W = self._shape(latents_shape)
+        T, H, W = _validate.latents_shape(latents_shape)
         path = self.scheduler.path
         if isinstance(path, MaskPath):
             return torch.full((batch, T, H, W), path.mask_id, dtype=torch.long, device=self.device)
@@ -314,14 +242,6 @@ class Engine:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**62:
             raise ValueError(f"seed: expected an int in [0, 2^62), got {seed!r}")
         return torch.arange(batch, dtype=torch.int64, device=self.device) + seed
-
-    @staticmethod
-    def _shape(latents_shape) -> tuple[int, int, int]:
-        shape = tuple(int(s) for s in latents_shape)
-        shape = (1, *shape) if len(shape) == 2 else shape
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"latents_shape: expected (T, H, W) or (H, W) of positive sizes, got {latents_shape}")
-        return shape
 
     def scheduler_for(self, num_steps: int | None, shift: float | None, frames: int) -> Scheduler:
         """The engine's scheduler, or (cached) one with another step count / shift on the same path.
@@ -342,43 +262,6 @@ class Engine:
             self._schedulers[key] = Scheduler(s.path, num_steps, shift=shift, mask_sampler=s.mask_sampler,
                                               confidence_temperature=s.confidence_temperature)
         return self._schedulers[key]
-
-    def _conditioning(self, cond_latents, cond_indices, B, shape, noise_scale, seeds):
-        """(mask (T,) bool, values (B, T, H, W)) of the conditioning frames, noised if asked."""
-        T, H, W = shape
-        K = self.scheduler.path.size
-        cond = torch.as_tensor(cond_latents, device=self.device)
-        if cond.is_floating_point() or cond.is_complex():
-            raise TypeError(f"cond_latents: expected integer tokens, got {cond.dtype}")
-        cond = cond[None] if cond.dim() == 3 else cond
-        if cond.dim() != 4 or cond.shape[0] not in (1, B) or tuple(cond.shape[2:]) != (H, W):
-            raise ValueError(f"cond_latents: expected (B or 1, frames, {H}, {W}), got {tuple(cond.shape)}")
-        if cond.numel() and (cond.min() < 0 or cond.max() >= K):
-            raise ValueError(f"cond_latents: tokens must lie in [0, {K})")
-        Tc = cond.shape[1]
-        if cond_indices is None:
-            if Tc > T:
-                raise ValueError(f"cond_latents: {Tc} frames do not fit in {T} latent frames")
-            targets, sources = list(range(Tc)), list(range(Tc))
-        else:
-            targets = [i % T if -T <= i < T else None for i in _as_index_list(cond_indices)]
-            if None in targets or len(set(targets)) != len(targets):
-                raise ValueError(f"cond_indices: expected distinct frame indices in [-{T}, {T}), got {cond_indices}")
-            if Tc == len(targets):
-                sources = list(range(Tc))  # the j-th given frame goes to frame cond_indices[j]
-            elif Tc == T:
-                sources = targets  # a full-length video: its frames at cond_indices are used (URSA)
-            else:
-                raise ValueError(f"cond_latents: {Tc} frames match neither len(cond_indices)={len(targets)} nor T={T}")
-        values = torch.zeros(B, T, H, W, dtype=torch.long, device=self.device)
-        values[:, targets] = cond[:, sources].long().expand(B, -1, -1, -1)
-        mask = torch.zeros(T, dtype=torch.bool, device=self.device)
-        mask[targets] = True
-        if not 0.0 <= noise_scale <= 1.0:
-            raise ValueError(f"cond_noise_scale: must be in [0, 1], got {noise_scale}")
-        if noise_scale > 0:  # resample the given frames from p_t(. | cond) at t = 1 − scale (§2.4)
-            values = self.scheduler.path.sample(values, 1.0 - noise_scale, seed=seeds)
-        return mask, values
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -437,7 +320,7 @@ class Engine:
         _validate.filtering(top_k, top_p, self.scheduler.path.size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        shape = self._shape(latents_shape)
+        shape = _validate.latents_shape(latents_shape)
         n = math.prod(shape)
         cond = self.encode_prompts(prompt_ids, motion=motion, length=prompt_length)
         B = cond.shape[0]
@@ -478,7 +361,8 @@ class Engine:
             raise ValueError("num_cond_frames: applies to video= only")
         freeze = None
         if cond_latents is not None:
-            mask, values = self._conditioning(cond_latents, cond_indices, B, shape, float(cond_noise_scale), seeds)
+            mask, values = conditioning.condition_frames(cond_latents, cond_indices, B, shape, self.scheduler.path,
+                                                         float(cond_noise_scale), seeds)
             x = torch.where(mask[None, :, None, None], values, x)
             if freeze_cond:
                 freeze = (mask[:, None, None].expand(shape).reshape(1, n), values.reshape(B, n))
@@ -491,11 +375,11 @@ class Engine:
         opts = {"guidance_scale": guidance_scale, "guidance_trunc": guidance_trunc, "temperature": temperature,
                     "top_k": top_k, "top_p": top_p}
         mode = self._resolve_mode(mode or self.mode, sched)
-        state = _LoopState(self, sched, ids, x, rope, seeds, freeze, opts, argmax_last, n, B)
+        state = LoopState(self, sched, ids, x, rope, seeds, freeze, opts, argmax_last, n, B)
         state.backend = self._sampler_backend(state, 2 * B if use_cfg else B)  # same in eager and graph
         runner = self._graph_runner(state) if mode == "graph" else None
         times, calls = [], 0
-        timer = _StepTimer(device)
+        timer = StepTimer(device)
         for k in tqdm(range(N), disable=not progress, desc="denoising", unit="step"):
             timer.start()
             if not (skip_first and k == 0):
@@ -512,7 +396,8 @@ class Engine:
             model_calls=calls, guided_steps=sum(guided), mode=mode, attention=_attention_name(self.model, device))
         del state, runner, ids, rope  # the loop's buffers (a cached graph runner keeps its own)
         if decode and self.vae is not None:
-            result.frames, result.decode_time, result.decode_peak_memory = self._timed_decode(result.tokens)
+            result.frames, result.decode_time, result.decode_peak_memory = timed_decode(self.decode, self.vae.device,
+                                                                                         result.tokens)
         result.total_time = time.perf_counter() - t_start
         return result
 
@@ -526,7 +411,7 @@ class Engine:
                                f"(model on {self.device}, mask_sampler={sched.mask_sampler!r})")
         return "graph" if mode == "graph" or (mode == "auto" and graphable) else "eager"
 
-    def _sampler_backend(self, state: _LoopState, rows: int) -> str:
+    def _sampler_backend(self, state: LoopState, rows: int) -> str:
         """The one concrete sampler backend of a generation, for eager and graph steps alike.
 
         ``"auto"`` where a fused sampler can run is resolved by :meth:`Scheduler.tune` (it times
@@ -545,12 +430,12 @@ class Engine:
             self._tuned[key] = chosen or "auto"
         return self._tuned[key]
 
-    def _graph_runner(self, state: _LoopState) -> _GraphRunner:
+    def _graph_runner(self, state: LoopState) -> GraphRunner:
         key = state.graph_key()
         runner = self._graphs.get(key)
         if runner is None:
             self._graphs.clear()  # one cached layout at a time: graphs hold their memory pools
-            runner = self._graphs[key] = _GraphRunner(state)
+            runner = self._graphs[key] = GraphRunner(state)
         else:
             runner.load(state)
         return runner
@@ -559,228 +444,21 @@ class Engine:
     def extrapolate(self, prompt_ids, *, num_windows: int, latents_shape=(13, 40, 64), video=None,
                     history_frames: int = 4, history_t: float = 0.9, seed: int = 0, decode: bool = True,
                     **kwargs) -> GenerationResult:
-        """Long video by a sliding window (paper appendix E, DESIGN §2.4).
-
-        Each new window of ``T`` latent frames is conditioned on the newest ``history_frames``
-        latent frames generated so far, resampled from the path at ``t = history_t`` (0.9), and
-        contributes its ``T − history_frames`` new frames. The paper's "most recent 13 frames"
-        are pixel frames: (13 − 1)/4 + 1 = 4 latent frames, so a 49-frame window adds 36 pixel
-        frames (49 + 12·36 = 481, its Figure 7).
-
-        Parameters
-        ----------
-        num_windows : windows generated after the first one
-        video : what to extend: (B, T0, H, W) integer tokens, or (with a tokenizer) uint8 pixels
-            (F, H·s, W·s, 3) / (B, F, H·s, W·s, 3) of which the last ``1 + s·(history_frames − 1)``
-            frames (13 for the video tokenizer) are encoded, as the authors' README loop does with
-            ``video[-num_cond_frames:]``; default: a first window generated from the prompt (from
-            ``image=`` too, when given)
-        decode : with a tokenizer, return ``frames`` (default True)
-        kwargs : forwarded to :meth:`generate` (guidance, steps, motion, ...)
-
-        Returns
-        -------
-        GenerationResult: ``tokens`` = the given token video (for pixels: its encoded history
-        frames) followed by every window's new frames; ``frames`` = the given pixels (or the decoded
-        given tokens / first window) followed by every window's new frames. Windows are decoded one
-        by one, each as the authors' pipeline decodes a call (``vae.num_frames(T)`` pixel frames),
-        dropping the first ``vae.num_frames(history_frames)`` frames that re-show the history: the
-        frames equal the README's ``concatenate([start_video, video[num_cond_frames:]])`` loop, the
-        decoder never sees more than one window (memory bounded, no temporal tile cut through the
-        video), and the given pixels are kept as they are. ``decode_time`` covers all decoding.
+        """Long video by a sliding window (paper appendix E, DESIGN §2.4): each window of ``T`` latent
+        frames is conditioned on the newest ``history_frames`` latent frames so far (resampled at
+        ``t = history_t``) and adds its ``T − history_frames`` new frames; ``kwargs`` go to
+        :meth:`generate`. Parameters, result and how windows are decoded:
+        :func:`ursa_engine.conditioning.extrapolate`.
         """
-        T, H, W = self._shape(latents_shape)
-        if not 0 < history_frames < T:
-            raise ValueError(f"history_frames: must be in [1, {T}) for a {T}-frame window, got {history_frames}")
-        if not isinstance(num_windows, int) or num_windows < 0:
-            raise ValueError(f"num_windows: must be an int >= 0, got {num_windows!r}")
-        for bad in ("cond_latents", "cond_indices", "cond_noise_scale", "latents", "num_cond_frames"):
-            if bad in kwargs:
-                raise ValueError(f"{bad}: set by extrapolate itself")
-        image = kwargs.pop("image", None)
-        if image is not None and video is not None:
-            raise ValueError("image: conditions a first window, but video= is given (nothing is generated from the "
-                             "prompt alone)")
-        t_start = time.perf_counter()
-        B = self.encode_prompts(prompt_ids, motion=kwargs.get("motion"), length=kwargs.get("prompt_length")).shape[0]
-        pixels = None
-        if video is not None and _pixels.is_pixels(video):
-            if self.vae is None:
-                raise ValueError("video: pixel frames need the checkpoint's tokenizer (root/vae/ or Engine(vae=)); "
-                                 "pass tokens instead")
-            pixels = _pixels.as_frames(video, "video", image=False)
-            need = (history_frames - 1) * self.vae.temporal_stride + 1
-            if pixels.shape[1] < need:
-                raise ValueError(f"video: {pixels.shape[1]} frames, fewer than the {need} pixel frames of "
-                                 f"history_frames={history_frames}")
-            video = self.encode_condition(video=pixels, latents_shape=(T, H, W), num_cond_frames=need, batch=B)
-        results = []
-        if video is None:
-            results.append(self.generate(prompt_ids, latents_shape=(T, H, W), seed=seed, image=image, decode=False,
-                                         **kwargs))
-            video = results[0].tokens
-        video = torch.as_tensor(video, device=self.device)
-        if video.is_floating_point() or video.is_complex():
-            raise TypeError(f"video: expected integer tokens or uint8 pixels (..., 3), got {video.dtype}")
-        if video.dim() != 4 or tuple(video.shape[2:]) != (H, W) or video.shape[1] < history_frames:
-            raise ValueError(f"video: expected (B, >= {history_frames}, {H}, {W}) tokens, got {tuple(video.shape)}")
-        if video.shape[0] not in (1, B):
-            raise ValueError(f"video: a batch of {video.shape[0]}, but there are {B} prompts (expected 1 or {B})")
-        given, windows = video, []
-        for w in range(1, num_windows + 1):
-            r = self.generate(prompt_ids, latents_shape=(T, H, W), seed=seed + (w << 32), decode=False,
-                              cond_latents=video[:, -history_frames:], cond_noise_scale=1.0 - history_t, **kwargs)
-            video = torch.cat([video.expand(B, -1, -1, -1), r.tokens[:, history_frames:]], 1)
-            results.append(r)
-            windows.append(r.tokens)
-        mems = [r.peak_memory for r in results if r.peak_memory is not None]
-        out = GenerationResult(
-            tokens=video, step_times=[t for r in results for t in r.step_times],
-            peak_memory=max(mems) if mems else None, model_calls=sum(r.model_calls for r in results),
-            guided_steps=sum(r.guided_steps for r in results),
-            mode=results[-1].mode if results else "eager", attention=results[-1].attention if results else "")
-        if decode and self.vae is not None:
-            skip = self.vae.num_frames(history_frames)
-            parts, peaks = [], []
-            for i, tokens in enumerate([None if pixels is not None else given, *windows]):
-                if tokens is None:
-                    parts.append(pixels.cpu().numpy())
-                    continue
-                frames, seconds, peak = self._timed_decode(tokens)
-                parts.append(frames if i == 0 else frames[:, skip:])
-                out.decode_time += seconds
-                peaks.append(peak)
-            n = max(p.shape[0] for p in parts)
-            out.frames = np.concatenate([np.broadcast_to(p, (n, *p.shape[1:])) for p in parts], 1)
-            out.decode_peak_memory = max(peaks) if peaks and peaks[0] is not None else None
-        out.total_time = time.perf_counter() - t_start
-        return out
+        return conditioning.extrapolate(self, prompt_ids, num_windows=num_windows, latents_shape=latents_shape,
+                                        video=video, history_frames=history_frames, history_t=history_t, seed=seed,
+                                        decode=decode, **kwargs)
 
 
 def _attention_name(model: URSATransformer, device: torch.device) -> str:
-    from .attention import resolve_attention
-
     return resolve_attention(model.attn_backend, device, model.dtype, model.config.head_dim)
 
 
-class _StepTimer:
-    """Per-step wall time: CUDA events (read once at the end, no sync per step) or perf_counter."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.events = []
-
-    def start(self):
-        if self.cuda:
-            self.events.append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
-            self.events[-1][0].record()
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        if self.cuda:
-            self.events[-1][1].record()
-            return 0.0
-        return time.perf_counter() - self._t0
-
-    def resolve(self, times: list[float]) -> list[float]:
-        if not self.cuda:
-            return times
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) / 1e3 for a, b in self.events]
-
-
-class _LoopState:
-    """The buffers of one generation: ids (rows, L), tokens x (B, n), and one eager step."""
-
-    def __init__(self, engine, sched, ids, x, rope, seeds, freeze, opts, argmax_last, n, B):
-        self.engine, self.sched, self.ids, self.x, self.rope = engine, sched, ids, x, rope
-        self.seeds, self.freeze, self.opts, self.argmax_last, self.n, self.B = seeds, freeze, opts, argmax_last, n, B
-        self.x_next = torch.empty_like(x)
-        self.shift = engine.model.config.lm_vocab_size
-        self.backend = engine.sampler_backend  # the concrete one: set by Engine._sampler_backend
-
-    def graph_key(self):
-        o = self.opts
-        return (id(self.sched), tuple(self.ids.shape), self.n, self.B, self.freeze is not None, o["guidance_scale"],
-                o["temperature"], o["top_k"], o["top_p"], self.backend, self.engine.model.attn_backend,
-                self.engine.model.ops_backend, self.engine.model.dtype)
-
-    def body(self, k, rows: int) -> None:
-        """Transformer on ``rows`` rows, sampler step, tokens written back: one whole step."""
-        B = self.B
-        logits = self.engine.model(self.ids[:rows], rope=self.rope, latent_tokens=self.n)  # (rows, n, K)
-        graph = isinstance(k, torch.Tensor)
-        self.sched.step(logits[:B], k, self.x, uncond_logits=logits[B:] if rows > B else None,
-                        argmax_last=self.argmax_last, seed=self.seeds, backend=self.backend,
-                        validate=self.engine.validate_steps and not graph, out=self.x_next, **self.opts)
-        if self.freeze is not None:
-            mask, values = self.freeze
-            torch.where(mask, values, self.x_next, out=self.x_next)
-        self.x.copy_(self.x_next)
-        for r in range(self.ids.shape[0] // B):  # every half sees the new tokens
-            torch.add(self.x, self.shift, out=self.ids[r * B : (r + 1) * B, -self.n :])
-
-
-def _tunable(state: _LoopState) -> bool:
+def _tunable(state: LoopState) -> bool:
     """Whether :meth:`Scheduler.tune` can pick a fused sampler here (a GPU, tensor-step sampler)."""
     return state.x.is_cuda and state.sched.mask_sampler != "confidence"
-
-
-def _cuda_graph_capture(fn, pool):
-    """Warm ``fn`` up on a side stream (Triton compilation, cuDNN plans), capture it into a CUDA
-    graph drawing on ``pool``; return the replay callable."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        fn()
-    return graph.replay
-
-
-class _GraphRunner:
-    """CUDA graphs of :meth:`_LoopState.body` for 2B and B rows, sharing one memory pool.
-
-    The pool is shared safely: every value that outlives a replay (ids, x, seeds, rope tables, the
-    frozen frames) is a static buffer allocated outside the graphs, and replays never overlap.
-    """
-
-    def __init__(self, state: _LoopState):
-        self.state = state
-        self.k = torch.zeros((), dtype=torch.int64, device=state.x.device)
-        self.pool = torch.cuda.graph_pool_handle() if state.x.is_cuda else None
-        self.graphs: dict[int, object] = {}
-
-    def load(self, state: _LoopState) -> None:
-        """Reuse the captured graphs for a new generation with the same layout: copy its inputs in."""
-        s = self.state
-        s.ids.copy_(state.ids)
-        s.x.copy_(state.x)
-        s.seeds.copy_(state.seeds)
-        s.rope[0].copy_(state.rope[0])  # same token count, maybe another (T, H, W): new 3D positions
-        s.rope[1].copy_(state.rope[1])
-        if s.freeze is not None:
-            s.freeze[0].copy_(state.freeze[0])
-            s.freeze[1].copy_(state.freeze[1])
-        state.ids, state.x, state.seeds, state.freeze, state.x_next = s.ids, s.x, s.seeds, s.freeze, s.x_next
-        state.rope = s.rope
-
-    def _capture(self, rows: int):
-        s = self.state  # its sampler backend was resolved (tuned) before the loop, as in eager mode
-        saved = (s.ids.clone(), s.x.clone())
-        self.k.fill_(0)
-        replay = _cuda_graph_capture(lambda: s.body(self.k, rows), self.pool)
-        s.ids.copy_(saved[0])  # the warm-up steps changed the state; capture itself ran nothing
-        s.x.copy_(saved[1])
-        return replay
-
-    def replay(self, k: int, rows: int) -> None:
-        replay = self.graphs.get(rows)
-        if replay is None:
-            replay = self.graphs[rows] = self._capture(rows)
-        self.k.fill_(k)  # per-step values are read from device memory by the captured sampler
-        replay()

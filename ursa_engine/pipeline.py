@@ -56,7 +56,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .engine import Engine, GenerationResult, _as_index_list
+from . import _validate
+from .conditioning import as_index_list
+from .engine import Engine, GenerationResult
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _SEED_RANGE = 1 << 62  # Engine seeds are ints in [0, 2^62)
@@ -182,8 +184,7 @@ class URSAPipeline:
     # ------------------------------------------------------------------ pieces
     def _latents_shape(self, latents_shape, num_frames, height, width) -> tuple[int, int, int]:
         if latents_shape is not None:
-            shape = tuple(int(s) for s in latents_shape)
-            return Engine._shape((1, *shape) if len(shape) == 2 else shape)
+            return _validate.latents_shape(tuple(int(s) for s in latents_shape))
         if self.engine.vae is None:
             raise ValueError("latents_shape: without a tokenizer (vae/) height / width / num_frames cannot be mapped "
                              "to latents; pass latents_shape=(T, h, w)")
@@ -230,7 +231,7 @@ class URSAPipeline:
     @staticmethod
     def _indexed(cond_latents, cond_indices):
         """Theirs: latent frame ``i`` takes ``cond_latents[:, i]`` for every ``i`` in ``cond_indices``."""
-        idx = _as_index_list(cond_indices)
+        idx = as_index_list(cond_indices)
         if not idx:
             return None, None  # theirs writes nothing for an empty list
         cond = torch.as_tensor(cond_latents)

@@ -1,0 +1,288 @@
+"""Conditioning (DESIGN §2.4): known frames given as pixels (``image=`` / ``video=``) or tokens
+(``cond_latents``), and the sliding-window extrapolation of long videos built on them.
+
+- Pixel arguments are uint8 RGB, channels last, as the authors' pipeline takes them: an image
+  ``(H, W, 3)``, a PIL image, a batch ``(B, H, W, 3)`` (or a list of images); a video
+  ``(F, H, W, 3)`` or ``(B, F, H, W, 3)``. They are checked and shaped before anything is
+  encoded; every error names the argument.
+- :func:`encode_pixels`: pixels -> codes with the checkpoint's tokenizer (``Engine.encode_condition``).
+- :func:`condition_frames`: codes -> the frames they fix in a generation, resampled from the path
+  at ``t = 1 − cond_noise_scale`` when asked (``Engine.generate``).
+- :func:`extrapolate`: windows conditioned on the newest frames so far (``Engine.extrapolate``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from . import _validate
+from .results import GenerationResult, timed_decode
+
+
+# ---------------------------------------------------------------------------- pixel arguments
+def _is_pil(x) -> bool:
+    return type(x).__module__.startswith("PIL.") and hasattr(x, "convert")
+
+
+def _to_array(x, name: str):
+    if _is_pil(x):
+        return np.asarray(x.convert("RGB"))
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError(f"{name}: got an empty list")
+        items = [_to_array(v, name) for v in x]
+        shapes = {tuple(v.shape) for v in items}
+        if len(shapes) != 1:
+            raise ValueError(f"{name}: the listed images have different shapes {sorted(shapes)}")
+        return np.stack(items)
+    if isinstance(x, torch.Tensor):
+        return x
+    return np.asarray(x)
+
+
+def is_pixels(x) -> bool:
+    """Whether a ``video=`` argument is uint8 pixels (last dim 3) rather than integer tokens."""
+    if _is_pil(x) or (isinstance(x, (list, tuple)) and x and _is_pil(x[0])):
+        return True
+    dtype = x.dtype if isinstance(x, (torch.Tensor, np.ndarray)) else None
+    return dtype in (torch.uint8, np.uint8) and x.ndim in (4, 5) and x.shape[-1] == 3
+
+
+def as_frames(x, name: str, *, image: bool) -> torch.Tensor:
+    """uint8 pixels -> a (B, F, H, W, 3) uint8 tensor (images get F = 1)."""
+    t = _to_array(x, name)
+    if not isinstance(t, torch.Tensor):
+        t = np.ascontiguousarray(t)
+        t = torch.from_numpy(t if t.flags.writeable else t.copy())  # PIL arrays are read-only
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{name}: expected uint8 RGB pixels (0..255), got {t.dtype}")
+    forms = "(H, W, 3) or (B, H, W, 3)" if image else "(F, H, W, 3) or (B, F, H, W, 3)"
+    if t.dim() not in ((3, 4) if image else (4, 5)) or t.shape[-1] != 3 or 0 in t.shape:
+        raise ValueError(f"{name}: expected {forms} uint8 RGB pixels, got shape {tuple(t.shape)}")
+    if image:
+        return t[None, None] if t.dim() == 3 else t[:, None]
+    return t[None] if t.dim() == 4 else t
+
+
+def check_size(frames: torch.Tensor, name: str, grid: tuple[int, int], stride: int) -> None:
+    """Pixel height / width must be the latent grid times the tokenizer's spatial stride."""
+    H, W = frames.shape[2:4]
+    h, w = grid
+    if (H, W) != (h * stride, w * stride):
+        raise ValueError(f"{name}: frames of {H}x{W} pixels (HxW), but the latent grid {h}x{w} needs "
+                         f"{h * stride}x{w * stride} (spatial stride {stride})")
+
+
+def check_batch(frames: torch.Tensor, name: str, batch: int) -> None:
+    if frames.shape[0] not in (1, batch):
+        raise ValueError(f"{name}: a batch of {frames.shape[0]}, but there are {batch} prompts (expected 1 or {batch})")
+
+
+def cond_frame_count(num_frames: int, num_cond_frames, temporal_stride: int, name: str = "video") -> int:
+    """The number of (last) video frames to encode: ``num_cond_frames`` or all, checked to be 1 + s·k."""
+    n = num_frames if num_cond_frames is None else num_cond_frames
+    what = "num_cond_frames" if num_cond_frames is not None else name
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"num_cond_frames: expected a positive int, got {num_cond_frames!r}")
+    if n > num_frames:
+        raise ValueError(f"num_cond_frames: {n} frames asked, but {name} has only {num_frames}")
+    s = temporal_stride
+    if s > 1 and (n - 1) % s:
+        hint = "" if num_cond_frames is not None else " (or pass num_cond_frames= to use its last 1 + s·k)"
+        raise ValueError(f"{what}: the video tokenizer encodes 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, ...), "
+                         f"got {n}{hint}")
+    return int(n)
+
+
+def as_index_list(x) -> list[int]:
+    return [int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
+
+
+# ---------------------------------------------------------------------------- tokens from pixels
+def encode_pixels(vae, *, image=None, video=None, latents_shape, num_cond_frames: int | None = None,
+                  batch: int | None = None) -> torch.Tensor:
+    """(B or 1, Tc, h, w) codes of ``image`` or ``video`` by ``vae``, on its device; the parameters
+    are those of :meth:`Engine.encode_condition`."""
+    if image is not None and video is not None:
+        raise ValueError("image, video: give one of them, not both")
+    if image is None and video is None:
+        raise ValueError("image, video: nothing to encode")
+    name = "image" if image is not None else "video"
+    if num_cond_frames is not None and video is None:
+        raise ValueError("num_cond_frames: applies to video= only")
+    if vae is None:
+        raise ValueError(f"{name}: pixel conditioning needs the checkpoint's tokenizer (root/vae/ or "
+                         "Engine(vae=)); pass cond_latents tokens instead")
+    T, h, w = _validate.latents_shape(latents_shape)
+    frames = as_frames(image if image is not None else video, name, image=image is not None)
+    check_size(frames, name, (h, w), vae.spatial_stride)
+    if batch is not None:
+        check_batch(frames, name, batch)
+    if video is not None:
+        n = cond_frame_count(frames.shape[1], num_cond_frames, vae.temporal_stride)
+        frames = frames[:, frames.shape[1] - n:]
+    what = "num_cond_frames" if num_cond_frames is not None else name
+    Tc = vae.latent_shape(*frames.shape[1:4])[0]
+    if Tc > T:
+        raise ValueError(f"{what}: {frames.shape[1]} frames encode to {Tc} latent frames, more than the {T} "
+                         "generated (latents_shape)")
+    codes = vae.encode_frames(frames)
+    if codes.shape[1] > T:  # clips longer than the tokenizer's tile are encoded tile by tile
+        raise ValueError(f"{what}: {frames.shape[1]} frames encode to {codes.shape[1]} latent frames (temporal "
+                         f"tiles), more than the {T} generated (latents_shape)")
+    return codes
+
+
+# ---------------------------------------------------------------------------- conditioning frames
+def condition_frames(cond_latents, cond_indices, B: int, shape: tuple[int, int, int], path, noise_scale: float,
+                     seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (T,) bool, values (B, T, H, W)) of the conditioning frames, noised if asked.
+
+    ``cond_latents`` are (B or 1, Tc, H, W) codes of ``path``, ``cond_indices`` the frames they go
+    to (see :meth:`Engine.generate`); the tensors are made on the device of ``seeds`` (B,).
+    """
+    T, H, W = shape
+    K = path.size
+    device = seeds.device
+    cond = torch.as_tensor(cond_latents, device=device)
+    if cond.is_floating_point() or cond.is_complex():
+        raise TypeError(f"cond_latents: expected integer tokens, got {cond.dtype}")
+    cond = cond[None] if cond.dim() == 3 else cond
+    if cond.dim() != 4 or cond.shape[0] not in (1, B) or tuple(cond.shape[2:]) != (H, W):
+        raise ValueError(f"cond_latents: expected (B or 1, frames, {H}, {W}), got {tuple(cond.shape)}")
+    if cond.numel() and (cond.min() < 0 or cond.max() >= K):
+        raise ValueError(f"cond_latents: tokens must lie in [0, {K})")
+    Tc = cond.shape[1]
+    if cond_indices is None:
+        if Tc > T:
+            raise ValueError(f"cond_latents: {Tc} frames do not fit in {T} latent frames")
+        targets, sources = list(range(Tc)), list(range(Tc))
+    else:
+        targets = [i % T if -T <= i < T else None for i in as_index_list(cond_indices)]
+        if None in targets or len(set(targets)) != len(targets):
+            raise ValueError(f"cond_indices: expected distinct frame indices in [-{T}, {T}), got {cond_indices}")
+        if Tc == len(targets):
+            sources = list(range(Tc))  # the j-th given frame goes to frame cond_indices[j]
+        elif Tc == T:
+            sources = targets  # a full-length video: its frames at cond_indices are used (URSA)
+        else:
+            raise ValueError(f"cond_latents: {Tc} frames match neither len(cond_indices)={len(targets)} nor T={T}")
+    values = torch.zeros(B, T, H, W, dtype=torch.long, device=device)
+    values[:, targets] = cond[:, sources].long().expand(B, -1, -1, -1)
+    mask = torch.zeros(T, dtype=torch.bool, device=device)
+    mask[targets] = True
+    if not 0.0 <= noise_scale <= 1.0:
+        raise ValueError(f"cond_noise_scale: must be in [0, 1], got {noise_scale}")
+    if noise_scale > 0:  # resample the given frames from p_t(. | cond) at t = 1 − scale (§2.4)
+        values = path.sample(values, 1.0 - noise_scale, seed=seeds)
+    return mask, values
+
+
+# ---------------------------------------------------------------------------- long videos
+def extrapolate(engine, prompt_ids, *, num_windows: int, latents_shape, video, history_frames: int,
+                history_t: float, seed: int, decode: bool, **kwargs) -> GenerationResult:
+    """Long video by a sliding window (paper appendix E, DESIGN §2.4).
+
+    Each new window of ``T`` latent frames is conditioned on the newest ``history_frames``
+    latent frames generated so far, resampled from the path at ``t = history_t`` (0.9), and
+    contributes its ``T − history_frames`` new frames. The paper's "most recent 13 frames"
+    are pixel frames: (13 − 1)/4 + 1 = 4 latent frames, so a 49-frame window adds 36 pixel
+    frames (49 + 12·36 = 481, its Figure 7).
+
+    Parameters
+    ----------
+    engine : the :class:`Engine` whose :meth:`Engine.generate` makes every window
+    prompt_ids : as for :meth:`Engine.generate`
+    num_windows : windows generated after the first one
+    latents_shape : (T, H, W) of one window (``Engine.extrapolate``: 13 × 40 × 64, 49 frames of 320 × 512)
+    history_frames, history_t : latent frames each window is conditioned on (4), and the time they are
+        resampled at (0.9)
+    seed : the first window uses ``seed``, window ``w`` ``seed + (w << 32)`` (sample ``b`` adds ``b``)
+    video : what to extend: (B, T0, H, W) integer tokens, or (with a tokenizer) uint8 pixels
+        (F, H·s, W·s, 3) / (B, F, H·s, W·s, 3) of which the last ``1 + s·(history_frames − 1)``
+        frames (13 for the video tokenizer) are encoded, as the authors' README loop does with
+        ``video[-num_cond_frames:]``; default: a first window generated from the prompt (from
+        ``image=`` too, when given)
+    decode : with a tokenizer, return ``frames`` (default True)
+    kwargs : forwarded to :meth:`Engine.generate` (guidance, steps, motion, ...)
+
+    Returns
+    -------
+    GenerationResult: ``tokens`` = the given token video (for pixels: its encoded history
+    frames) followed by every window's new frames; ``frames`` = the given pixels (or the decoded
+    given tokens / first window) followed by every window's new frames. Windows are decoded one
+    by one, each as the authors' pipeline decodes a call (``vae.num_frames(T)`` pixel frames),
+    dropping the first ``vae.num_frames(history_frames)`` frames that re-show the history: the
+    frames equal the README's ``concatenate([start_video, video[num_cond_frames:]])`` loop, the
+    decoder never sees more than one window (memory bounded, no temporal tile cut through the
+    video), and the given pixels are kept as they are. ``decode_time`` covers all decoding.
+    """
+    T, H, W = _validate.latents_shape(latents_shape)
+    if not 0 < history_frames < T:
+        raise ValueError(f"history_frames: must be in [1, {T}) for a {T}-frame window, got {history_frames}")
+    if not isinstance(num_windows, int) or num_windows < 0:
+        raise ValueError(f"num_windows: must be an int >= 0, got {num_windows!r}")
+    for bad in ("cond_latents", "cond_indices", "cond_noise_scale", "latents", "num_cond_frames"):
+        if bad in kwargs:
+            raise ValueError(f"{bad}: set by extrapolate itself")
+    image = kwargs.pop("image", None)
+    if image is not None and video is not None:
+        raise ValueError("image: conditions a first window, but video= is given (nothing is generated from the "
+                         "prompt alone)")
+    t_start = time.perf_counter()
+    B = engine.encode_prompts(prompt_ids, motion=kwargs.get("motion"), length=kwargs.get("prompt_length")).shape[0]
+    pixels = None
+    if video is not None and is_pixels(video):
+        if engine.vae is None:
+            raise ValueError("video: pixel frames need the checkpoint's tokenizer (root/vae/ or Engine(vae=)); "
+                             "pass tokens instead")
+        pixels = as_frames(video, "video", image=False)
+        need = (history_frames - 1) * engine.vae.temporal_stride + 1
+        if pixels.shape[1] < need:
+            raise ValueError(f"video: {pixels.shape[1]} frames, fewer than the {need} pixel frames of "
+                             f"history_frames={history_frames}")
+        video = engine.encode_condition(video=pixels, latents_shape=(T, H, W), num_cond_frames=need, batch=B)
+    results = []
+    if video is None:
+        results.append(engine.generate(prompt_ids, latents_shape=(T, H, W), seed=seed, image=image, decode=False,
+                                       **kwargs))
+        video = results[0].tokens
+    video = torch.as_tensor(video, device=engine.device)
+    if video.is_floating_point() or video.is_complex():
+        raise TypeError(f"video: expected integer tokens or uint8 pixels (..., 3), got {video.dtype}")
+    if video.dim() != 4 or tuple(video.shape[2:]) != (H, W) or video.shape[1] < history_frames:
+        raise ValueError(f"video: expected (B, >= {history_frames}, {H}, {W}) tokens, got {tuple(video.shape)}")
+    if video.shape[0] not in (1, B):
+        raise ValueError(f"video: a batch of {video.shape[0]}, but there are {B} prompts (expected 1 or {B})")
+    given, windows = video, []
+    for w in range(1, num_windows + 1):
+        r = engine.generate(prompt_ids, latents_shape=(T, H, W), seed=seed + (w << 32), decode=False,
+                            cond_latents=video[:, -history_frames:], cond_noise_scale=1.0 - history_t, **kwargs)
+        video = torch.cat([video.expand(B, -1, -1, -1), r.tokens[:, history_frames:]], 1)
+        results.append(r)
+        windows.append(r.tokens)
+    mems = [r.peak_memory for r in results if r.peak_memory is not None]
+    out = GenerationResult(
+        tokens=video, step_times=[t for r in results for t in r.step_times],
+        peak_memory=max(mems) if mems else None, model_calls=sum(r.model_calls for r in results),
+        guided_steps=sum(r.guided_steps for r in results),
+        mode=results[-1].mode if results else "eager", attention=results[-1].attention if results else "")
+    if decode and engine.vae is not None:
+        skip = engine.vae.num_frames(history_frames)
+        parts, peaks = [], []
+        for i, tokens in enumerate([None if pixels is not None else given, *windows]):
+            if tokens is None:
+                parts.append(pixels.cpu().numpy())
+                continue
+            frames, seconds, peak = timed_decode(engine.decode, engine.vae.device, tokens)
+            parts.append(frames if i == 0 else frames[:, skip:])
+            out.decode_time += seconds
+            peaks.append(peak)
+        n = max(p.shape[0] for p in parts)
+        out.frames = np.concatenate([np.broadcast_to(p, (n, *p.shape[1:])) for p in parts], 1)
+        out.decode_peak_memory = max(peaks) if peaks and peaks[0] is not None else None
+    out.total_time = time.perf_counter() - t_start
+    return out
