@@ -217,6 +217,19 @@ def test_nothing_written_when_a_write_fails_midway(tmp_path, monkeypatch):
     assert (tmp_path / "x_1.png").read_bytes() == b"older file"  # an existing file is left untouched
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_written_files_have_the_permissions_of_any_new_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        paths = [media.save_image(tmp_path / "a.png", random_image()),
+                 media.save_video(tmp_path / "v.mp4", smooth_video(F=2, H=16, W=16)),
+                 *media.save_output(tmp_path / "t.pt", torch.zeros(2, 3))]
+    finally:
+        os.umask(old)
+    for path in paths:  # 0o644, as `open(path, "w")` makes, not the 0o600 of a tempfile.mkstemp file
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
 def test_resize():
     img = random_image(6, 4)
     assert np.array_equal(media.resize(img, 6, 4), img)

@@ -16,6 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._cli_errors import PROG, UsageError, one_line, user_error_types
+
+__all__ = ["UsageError", "build_parser", "main"]
+
 
 def _add_bench(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="latency / memory / roofline benchmarks (benchmarks/)",
@@ -60,25 +64,43 @@ def _bench_suite(args) -> int:
 def _add_generate(subparsers) -> None:
     gen = subparsers.add_parser(
         "generate", help="generate images / videos / latent tokens from an URSA checkpoint",
-        description="Text-to-image, text-to-video, image-to-video (--image) and video extension (--video) with "
-                    "an URSA checkpoint root. The format comes from --out: .png / .jpg (images; several are "
-                    "numbered name_0.png, name_1.png, ...), .mp4 (H.264 video) or .pt (the (B, T, h, w) latent "
-                    "tokens). Pixel outputs and --height/--width/--frames/--image/--video need the root's vae/ "
-                    "tokenizer. A JSON summary line goes to stdout.",
-        epilog="Example: ursa-engine generate ./URSA-1.7B-FSQ320 --prompt 'a bear in the snow' --frames 49 "
-               "--height 320 --width 512 --motion 9 --out bear.mp4")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Text-to-image, text-to-video, image-to-video (--image) and video extension (--video) with an URSA
+checkpoint root. The format comes from --out: .png / .jpg (images; several are numbered name_0.png,
+name_1.png, ...), .mp4 (H.264 video; several name_0.mp4, ...) or .pt (the (B, T, h, w) latent
+tokens, not decoded). Pixel outputs and --height/--width/--frames/--image/--video need the root's
+vae/ tokenizer. Video extension writes the given video followed by the new frames (the authors'
+README loop); its .pt holds the new clip's tokens, conditioning frames first. A JSON summary line
+goes to stdout.""",
+        epilog="""\
+examples (defaults: 1024x1024 and 25 steps with an image tokenizer; 320x512, 49 frames and 50 steps for
+video; 25 steps for one frame of a video tokenizer; --image / --video keep their own size):
+  ursa-engine generate ./URSA-1.7B-IBQ1024 --prompt 'a bear in the snow' --out bear_1024.png
+  ursa-engine generate ./URSA-1.7B-FSQ320 --prompt 'a bear in the snow' --out bear.png
+  ursa-engine generate ./URSA-1.7B-FSQ320 --prompt 'a bear in the snow' --motion 9 --out bear.mp4
+  ursa-engine generate ./URSA-1.7B-FSQ320 --prompt 'a bear in the snow' --motion 9 \\
+      --image bear.png --out bear_i2v.mp4
+  ursa-engine generate ./URSA-1.7B-FSQ320 --prompt 'a bear in the snow' --motion 5 \\
+      --video bear.mp4 --out bear_85f.mp4            (49 given + 36 new frames)""")
     gen.add_argument("root", metavar="ROOT", help="checkpoint root: transformer/, scheduler/, tokenizer/, vae/")
     gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for a batch)")
-    gen.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
+    gen.add_argument("--negative-prompt", default=None,
+                     help="default: the authors' README negative prompt ('worst quality, low quality, ...'); "
+                          "'' for none")
     gen.add_argument("--out", default="tokens.pt", help="output file: .png, .jpg, .jpeg, .mp4 or .pt (default: "
                                                         "tokens.pt)")
     size = gen.add_argument_group("size (pixels need vae/; --latents-shape excludes them)")
     size.add_argument("--height", type=int, default=None,
-                      help="pixels (default: the --image / --video size, else 320)")
-    size.add_argument("--width", type=int, default=None, help="pixels (default: the --image / --video size, else 512)")
+                      help="pixels (default: the --image / --video size, else 320 for video tokenizers and 1024 "
+                           "for image tokenizers)")
+    size.add_argument("--width", type=int, default=None,
+                      help="pixels (default: the --image / --video size, else 512 for video tokenizers and 1024 "
+                           "for image tokenizers)")
     size.add_argument("--frames", type=int, default=None,
-                      help="pixel frames, 1 + 4k for video tokenizers (default: 49 for .mp4 / --image / --video "
-                           "with a video tokenizer, else 1)")
+                      help="pixel frames of the generated clip, 1 + 4k for video tokenizers; with --video they "
+                           "include the --cond-frames (default: 49 for .mp4 / --image / --video with a video "
+                           "tokenizer, else 1)")
     size.add_argument("--latents-shape", type=int, nargs="+", default=None, metavar="N",
                       help="latent grid T H W, or H W (default without vae/: 1 40 64, a 320x512 image)")
     cond = gen.add_argument_group("conditioning")
@@ -87,9 +109,13 @@ def _add_generate(subparsers) -> None:
     cond.add_argument("--video", default=None, metavar="PATH", help="video to extend (.mp4), resized to the output "
                                                                      "size")
     cond.add_argument("--cond-frames", type=int, default=None,
-                      help="last frames of --video that condition the new clip (default: 13)")
+                      help="last frames of --video that condition the new clip, 1 + 4k (default: 13)")
     cond.add_argument("--cond-noise-scale", type=float, default=None,
-                      help="noise the conditioning frames to t = 1 - scale (authors' extension: 0.1)")
+                      help="resample the conditioning frames at t = 1 - scale, in [0, 1] (default: 0.1 with --video, "
+                           "the authors' extension; 0 with --image)")
+    cond.add_argument("--freeze-cond", action="store_true",
+                      help="keep the conditioning frames' codes fixed while sampling (default: they are sampled "
+                           "like the others, as in the authors' pipeline)")
     samp = gen.add_argument_group("sampling")
     samp.add_argument("--steps", type=int, default=None, help="default: 25 for images, 50 for video")
     samp.add_argument("--guidance", type=float, default=7.0)
@@ -137,26 +163,6 @@ def _demo(args) -> int:
     return main_from_args(args)
 
 
-class UsageError(Exception):
-    """A mistake in the command line or in the files it names: one line on stderr, exit status 2."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """UsageError and the loaders' own error classes (only if their modules were imported: an error
-    of a module never imported cannot have been raised)."""
-    types: list[type[BaseException]] = [UsageError]
-    for module, name in (("ursa_engine.checkpoint", "CheckpointError"), ("ursa_engine.vae", "TokenizerError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            types.append(cls)
-    return tuple(types)
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line."""
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def _add_debug(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     # SUPPRESS on subcommands: `ursa-engine --debug generate ...` is not reset by the subparser
     parser.add_argument("--debug", action="store_true", default=default,
@@ -164,7 +170,7 @@ def _add_debug(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ursa-engine", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     _add_debug(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
@@ -182,13 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except Exception as err:
-        if args.debug or not isinstance(err, _user_error_types()):
+        if args.debug or not isinstance(err, user_error_types()):
             raise
         print(f"{parser.prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 
-if __name__ == "__main__":  # python -m ursa_engine.cli: run the package's module, whose UsageError the commands raise
-    from ursa_engine.cli import main as package_main
-
-    sys.exit(package_main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,15 +2,26 @@
 
 The run goes: check the command line and the files it names (nothing loaded yet) → read
 ``--image`` / ``--video`` → load the engine → pixel sizes to the latent grid
-(``engine.vae.latent_shape``) → generate → save (:func:`ursa_engine.media.save_output`) → one
-JSON line on stdout.
+(``engine.vae.latent_shape``) → generate (``image=`` / ``video=`` + ``num_cond_frames=``, decoded
+only for pixel outputs) → save (:func:`ursa_engine.media.save_output`) → one JSON line on stdout.
+
+Defaults: 320×512 pixels for video tokenizers (the authors' pipeline and URSA-1.7B-FSQ320) and
+1024×1024 for image tokenizers (URSA-1.7B-IBQ1024, the authors' README and T2I demo); the size of
+``--image`` / ``--video`` when one is given; 49 frames for video outputs and conditioning; the
+authors' README negative prompt; for ``--video`` 13 conditioning frames at ``cond_noise_scale``
+0.1 (the README's extension loop).
+
+Video extension (``--video``) writes what the authors' README loop keeps:
+``concatenate([given, new[num_cond_frames:]])``: the whole given video (resized to the output
+size) followed by the new clip's frames past its ``--cond-frames`` conditioning frames. Its ``.pt``
+holds the new clip's tokens (B, T, h, w), the (resampled) conditioning frames first.
 
 User errors (a bad flag, a missing or broken checkpoint, an unreadable input, an argument the
-engine rejects) become :class:`ursa_engine.cli.UsageError` naming the flag, which ``main`` prints
-as one line. Only the exception types a phase documents for bad input are converted (checks
-before loading, ``FileNotFoundError`` / ``ValueError`` while loading, ``ValueError`` from
-``generate``'s argument checks, ``OSError`` while writing); anything else is a bug and keeps its
-traceback.
+engine rejects) become :class:`ursa_engine._cli_errors.UsageError` naming the flag, which
+``main`` prints as one line. Only the exception types a phase documents for bad input are
+converted (checks before loading, ``FileNotFoundError`` / ``ValueError`` while loading,
+``ValueError`` from ``generate``'s argument checks, ``OSError`` while writing); anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,16 +32,21 @@ import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import media
-from .cli import UsageError, one_line
+import numpy as np
 
-DEFAULT_HEIGHT, DEFAULT_WIDTH = 320, 512  # the authors' 320p examples
+from . import media
+from ._cli_errors import UsageError, one_line, warn
+
+VIDEO_SIZE = (320, 512)  # (height, width): the authors' pipeline defaults, URSA-1.7B-FSQ320
+IMAGE_SIZE = (1024, 1024)  # URSA-1.7B-IBQ1024's resolution (the authors' README and T2I demo)
 DEFAULT_VIDEO_FRAMES = 49  # 1 + 4·12: 13 latent frames
 DEFAULT_LATENTS = (1, 40, 64)  # without a tokenizer: a 320x512 image's grid at stride 8
-DEFAULT_COND_FRAMES = 13  # paper appendix E: 4 latent frames at temporal stride 4
+DEFAULT_COND_FRAMES = 13  # paper appendix E, the README loop: 4 latent frames at temporal stride 4
+DEFAULT_EXTENSION_NOISE = 0.1  # the README loop's cond_noise_scale for --video
 DEFAULT_FPS = 12.0
 
 # argument names in the messages of the engine, the tokenizer and ursa_engine.media -> their flags
@@ -41,6 +57,7 @@ FLAGS = {
     "negative_prompt_ids": "--negative-prompt", "cond_noise_scale": "--cond-noise-scale",
     "num_cond_frames": "--cond-frames", "image": "--image", "video": "--video", "fps": "--fps",
     "out": "--out", "attn_backend": "--attn", "mode": "--mode", "prompt_length": "--prompt-length",
+    "freeze_cond": "--freeze-cond",
 }
 _NAMED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): ")
 
@@ -145,6 +162,10 @@ def _check_args(args, kind: str, has_vae: bool) -> None:
         raise UsageError("--cond-frames: applies to --video (video extension) only")
     if args.cond_noise_scale is not None and not (args.image or args.video):
         raise UsageError("--cond-noise-scale: applies to --image or --video only")
+    if args.cond_noise_scale is not None and not 0 <= args.cond_noise_scale <= 1:
+        raise UsageError(f"--cond-noise-scale: expected a number in [0, 1], got {args.cond_noise_scale}")
+    if args.freeze_cond and not (args.image or args.video):
+        raise UsageError("--freeze-cond: applies to --image or --video only")
     if not has_vae:
         _need_vae(args, kind, pixel_flags, f"and {args.root} has none")
     from .attention import ATTENTION_BACKENDS
@@ -155,7 +176,7 @@ def _check_args(args, kind: str, has_vae: bool) -> None:
 
 def _need_vae(args, kind: str, pixel_flags: list[str], why: str) -> None:
     """Pixel output, pixel sizes and pixel inputs all go through the tokenizer in ROOT/vae/."""
-    hint = "; save latent tokens instead: --out NAME.pt with --latents-shape T H W"
+    hint = "; save latent tokens instead: --out NAME.pt (optionally with --latents-shape T H W)"
     if kind != "tokens":
         raise UsageError(f"--out: writing {Path(args.out).suffix} needs the image / video tokenizer in ROOT/vae/, "
                          f"{why}{hint}")
@@ -175,16 +196,22 @@ def _check_mode(args) -> None:
 
 
 # ---------------------------------------------------------------------------- sizes
+def default_size(vae) -> tuple[int, int]:
+    """(height, width) without --height / --width / an input: 1024×1024 for an image tokenizer
+    (temporal stride 1), else the authors' 320×512."""
+    return IMAGE_SIZE if vae.temporal_stride == 1 else VIDEO_SIZE
+
+
 def _pixel_grid(args, vae, kind: str, cond) -> tuple[int, int, int]:
-    """(T, h, w) of the requested pixel size; defaults from the conditioning input or the authors'."""
-    height = args.height or (cond.shape[-3] if cond is not None else DEFAULT_HEIGHT)
-    width = args.width or (cond.shape[-2] if cond is not None else DEFAULT_WIDTH)
+    """(T, h, w) of the requested pixel size; defaults from the conditioning input or :func:`default_size`."""
+    height = args.height or (cond.shape[-3] if cond is not None else default_size(vae)[0])
+    width = args.width or (cond.shape[-2] if cond is not None else default_size(vae)[1])
     frames = args.frames
     if frames is None:
         video_like = kind == "video" or args.image or args.video
         frames = DEFAULT_VIDEO_FRAMES if vae.temporal_stride > 1 and video_like else 1
     try:
-        return tuple(int(v) for v in vae.latent_shape(frames, height, width))
+        grid = tuple(int(v) for v in vae.latent_shape(frames, height, width))
     except ValueError as err:
         msg = _message(err, None)
         source = "--image" if args.image else "--video"
@@ -194,16 +221,49 @@ def _pixel_grid(args, vae, kind: str, cond) -> tuple[int, int, int]:
         elif msg.startswith("--frames") and args.frames is None:
             msg += " (the default; pass --frames)"
         raise UsageError(msg) from err
+    return grid
 
 
-def _summary(paths, result, kind: str, load_s: float, save_s: float) -> dict:
+def _warn_partial_tile(vae, T: int) -> bool:
+    """Say (once, before the run) when the tokenizer decodes fewer frames than asked: the authors'
+    temporal tiling leaves a partial tile out. Returns whether it did."""
+    asked, decoded = 1 + vae.temporal_stride * (T - 1), vae.num_frames(T)
+    if decoded == asked:
+        return False
+    warn(f"--frames: {asked} frames are {T} latent frames, which this tokenizer decodes to {decoded} frames "
+         f"(temporal tiles of {getattr(vae, 'sample_frames', '?')} frames; a partial tile is not decoded, as in the "
+         "authors' pipeline)")
+    return True
+
+
+def _cond_frames(args, vae, T: int) -> int:
+    """The --cond-frames count, checked: 1 + s·k, a count the tokenizer encodes whole (its temporal
+    tiles can leave trailing frames out) into at most the T generated latent frames. The video's
+    length was checked before loading."""
+    n = DEFAULT_COND_FRAMES if args.cond_frames is None else args.cond_frames
+    s = vae.temporal_stride
+    if s > 1 and (n - 1) % s:
+        raise UsageError(f"--cond-frames: the video tokenizer encodes 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, ...), "
+                         f"got {n}")
+    kept = vae.num_frames(vae.encoded_frames(n))
+    if kept != n:
+        whole = [m for m in range(1, n + 1, s) if vae.num_frames(vae.encoded_frames(m)) == m]
+        raise UsageError(f"--cond-frames: this tokenizer encodes {n} frames in temporal tiles that keep only {kept} "
+                         f"of them; use at most {whole[-1]}")
+    Tc = vae.encoded_frames(n)
+    if Tc > T:
+        raise UsageError(f"--cond-frames: {n} frames encode to {Tc} latent frames, more than the {T} generated "
+                         f"(--frames {vae.num_frames(T)}); use fewer --cond-frames or more --frames")
+    return n
+
+
+def _summary(paths, result, kind: str, frames, load_s: float, save_s: float) -> dict:
     steps = sorted(t for t in result.step_times if t > 0) or [0.0]
-    frames = getattr(result, "frames", None)
     return {"out": [os.fspath(p) for p in paths], "format": kind, "tokens": list(result.tokens.shape),
             "frames": list(frames.shape) if frames is not None else None, "mode": result.mode,
             "attention": result.attention, "load_s": round(load_s, 4), "total_s": round(result.total_time, 4),
-            "median_step_s": round(steps[len(steps) // 2], 5), "save_s": round(save_s, 4),
-            "model_calls": result.model_calls, "peak_memory_bytes": result.peak_memory}
+            "median_step_s": round(steps[len(steps) // 2], 5), "decode_s": round(result.decode_time, 4),
+            "save_s": round(save_s, 4), "model_calls": result.model_calls, "peak_memory_bytes": result.peak_memory}
 
 
 # ---------------------------------------------------------------------------- the command
@@ -212,7 +272,8 @@ def run(args) -> int:
     root = _check_root(args.root)
     with user_errors(ValueError, FileNotFoundError):
         kind = media.output_kind(args.out)
-    _check_args(args, kind, has_vae=(root / "vae").is_dir())
+    has_vae = (root / "vae").is_dir()
+    _check_args(args, kind, has_vae)
     check_device(args.device)
     _check_mode(args)
 
@@ -233,48 +294,56 @@ def run(args) -> int:
 
     from .engine import NEGATIVE_PROMPT, Engine
 
+    # tokens of a given latent grid need no tokenizer: do not load it
+    load_vae = has_vae and not (kind == "tokens" and args.latents_shape is not None)
     t0 = time.perf_counter()
     with user_errors(FileNotFoundError, ValueError, flag="ROOT"):
         engine = Engine.from_pretrained(root, dtype=getattr(torch, args.dtype) if args.dtype else None,
                                         device=args.device, shift=args.shift, mode=args.mode,
-                                        attn_backend=args.attn, prompt_length=args.prompt_length)
+                                        attn_backend=args.attn, prompt_length=args.prompt_length, load_vae=load_vae)
     load_s = time.perf_counter() - t0
-    vae = getattr(engine, "vae", None)
-    if vae is None:  # a vae/ folder the engine did not load
-        pixel_flags = [f for f in ("--height", "--width", "--frames") if getattr(args, f[2:]) is not None]
-        _need_vae(args, kind, pixel_flags, "but the engine loaded no tokenizer from it (engine.vae is None)")
+    vae = engine.vae  # None exactly when not load_vae (a vae/ that does not load raised above)
+    if args.latents_shape is not None or vae is None:
         shape = tuple(args.latents_shape or DEFAULT_LATENTS)
-    elif args.latents_shape is not None:
-        shape = tuple(args.latents_shape)
     else:
         shape = _pixel_grid(args, vae, kind, cond)
 
     options = {}
     if cond is not None:
+        if args.video:
+            options["num_cond_frames"] = _cond_frames(args, vae, shape[0])
         _, h, w = shape
         with user_errors(ValueError, flag="--image" if args.image else "--video"):
             cond = media.resize(cond, h * vae.spatial_stride, w * vae.spatial_stride)
-        if args.image:
-            options["image"] = cond
-        else:
-            options["video"] = cond
-            options["num_cond_frames"] = DEFAULT_COND_FRAMES if args.cond_frames is None else args.cond_frames
-        if args.cond_noise_scale is not None:
-            options["cond_noise_scale"] = args.cond_noise_scale
+        options["image" if args.image else "video"] = cond
+        noise = args.cond_noise_scale
+        if noise is None and args.video:
+            noise = DEFAULT_EXTENSION_NOISE
+        if noise is not None:
+            options["cond_noise_scale"] = noise
+        options["freeze_cond"] = args.freeze_cond
     negative = NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
-    with user_errors(ValueError):  # generate checks its arguments before any model call, naming them
+    warned = kind != "tokens" and vae is not None and _warn_partial_tile(vae, shape[0])
+    with user_errors(ValueError), warnings.catch_warnings():  # generate checks its arguments first, naming them
+        if warned:  # the tokenizer's own multi-line warning at decoding time would say it again
+            warnings.filterwarnings("ignore", message="ids: latent frames", category=UserWarning)
         result = engine.generate(args.prompt, [negative], shape, guidance_scale=args.guidance,
                                  guidance_trunc=args.guidance_trunc, num_steps=args.steps, motion=args.motion,
-                                 seed=args.seed, progress=not args.no_progress, **options)
+                                 seed=args.seed, progress=not args.no_progress, decode=kind != "tokens", **options)
 
+    frames = None
     if kind == "tokens":
         data = result.tokens
     else:
-        data = getattr(result, "frames", None)
-        if data is None:  # the engine has a tokenizer, so this is a bug, not a user error
+        frames = result.frames
+        if frames is None:  # the engine has a tokenizer, so this is a bug, not a user error
             raise RuntimeError("engine.generate returned no .frames although engine.vae is set")
+        if args.video:  # the README loop: the given video, then the new frames past the conditioning ones
+            given = np.broadcast_to(cond, (frames.shape[0], *cond.shape))
+            frames = np.concatenate([given, frames[:, options["num_cond_frames"]:]], axis=1)
+        data = frames
     t0 = time.perf_counter()
     with user_errors(OSError, flag="--out"):
         paths = media.save_output(args.out, data, fps=fps or DEFAULT_FPS)
-    print(json.dumps(_summary(paths, result, kind, load_s, time.perf_counter() - t0)))
+    print(json.dumps(_summary(paths, result, kind, frames, load_s, time.perf_counter() - t0)))
     return 0

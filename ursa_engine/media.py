@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -91,15 +91,26 @@ def output_kind(out: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------- atomic writes
+def _temp_sibling(p: Path) -> Path:
+    """A new empty file ``.<stem>.<random><suffix>`` next to ``p``, created with the permissions of
+    any new file (0o666 less the umask; ``tempfile.mkstemp`` would make it 0o600 and so the output)."""
+    for _ in range(100):
+        tmp = p.with_name(f".{p.stem}.{secrets.token_hex(4)}{p.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"out: no free temporary name next to {os.fspath(p)!r}")
+
+
 @contextlib.contextmanager
 def _atomic(paths: list[Path]) -> Iterator[list[Path]]:
     """Temporary siblings of ``paths`` (same suffix); renamed over them only if the block succeeds."""
     temps: list[Path] = []
     try:
         for p in paths:
-            fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=p.suffix)
-            os.close(fd)
-            temps.append(Path(name))
+            temps.append(_temp_sibling(p))
         yield temps
         for tmp, p in zip(temps, paths, strict=True):
             os.replace(tmp, p)
