@@ -157,3 +157,32 @@ def test_cli_bench_run(tmp_path):
 
     assert main(["bench", "run", "--mode", "smoke", "--quiet", "--out", str(tmp_path), "metric_step"]) == 0
     assert len(list(tmp_path.glob("metric_step-smoke-cpu-*.json"))) == 1
+
+
+def test_smoke_vae_plans_real_sizes_and_the_plan_equals_the_tracked_real_call(smoke_results):
+    """bench_vae: tiny tokenizers timed on the CPU, whose LiveBytes peak on the real tensors equals
+    the fake-tensor plan of the same call; the real-size decodes planned (plain and chunked)."""
+    _, paths = smoke_results
+    recs = [r for p in paths for r in json.loads(p.read_text())["records"] if r["suite"] == "vae"]
+    measured = [r for r in recs if r["provider"] in ("chunked", "plain")]
+    assert {r["shape"]["op"] for r in measured} == {"decode", "encode"}
+    for r in measured:
+        assert r["status"] == "ok", r["reason"]
+        assert r["tracked_peak_extra_bytes"] == r["planned_peak_extra_bytes"] > 0
+        assert r["work"]["flops"] > 0 and r["floor_ms"] and r["output_shape"]
+    plans = {(r["case"], r["provider"]): r for r in recs if r["provider"].startswith("plan-")}
+    generation_step = 12.8e9  # one 1.7B CFG video step: weights + logits (DESIGN §6)
+    for case, frames in (("cosmos-decode-13x40x64-bf16", 33), ("cosmos-sf49-decode-13x40x64-bf16", 49),
+                         ("ibq1024-decode-1x64x64-bf16", 1)):
+        for provider in ("plan-chunked", "plan-plain"):
+            r = plans[(case, provider)]
+            assert r["status"] == "ok" and r["shape"]["num_frames"] == frames == r["output_shape"][2]
+            assert 0 < r["peak_extra_bytes"] == r["planned_peak_extra_bytes"] < r["peak_mem_bytes"] < generation_step
+            assert r["planned_flops"] > 1e12 and r["granularity"] == 512
+    assert "tiling_note" in plans[("cosmos-decode-13x40x64-bf16", "plan-plain")]["shape"]
+
+
+def test_gpu_suite_gives_every_suite_a_share():
+    from benchmarks import gpu_suite
+
+    assert set(gpu_suite.WEIGHTS) == set(BENCHES)
