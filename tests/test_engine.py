@@ -364,3 +364,19 @@ def test_backend_names_and_sampling_options_are_checked_before_anything_runs(mod
         with pytest.raises(ValueError, match=name):
             eng.generate(PROMPTS, NEG, SHAPE, **kw)
     assert not calls  # rejected before the first forward
+
+
+@pytest.mark.parametrize("keep", [None, True, False])
+def test_graphs_are_released_before_decoding_unless_kept(tmp_path, monkeypatch, keep):
+    """The graphs' private pool cannot serve ordinary allocations: a decoding call frees it first
+    (so the decode never adds to the step's peak); a call without decoding keeps it."""
+    from roots import write_tiny_root
+
+    root = write_tiny_root(tmp_path / "root", family="ibq")
+    eng = ue.Engine.from_pretrained(root, device="cpu", dtype=torch.float32, prompt_length=8, num_steps=3)
+    _fake_graph_mode(eng, monkeypatch)
+    out = eng.generate("a bear", latents_shape=(1, 2, 2), keep_graphs=keep)
+    assert out.mode == "graph" and out.frames.shape == (1, 1, 8, 8, 3)
+    assert bool(eng._graphs) == bool(keep)
+    eng.generate("a bear", latents_shape=(1, 2, 2), decode=False, keep_graphs=None if keep is None else keep)
+    assert bool(eng._graphs) == (keep is not False)

@@ -300,3 +300,18 @@ def test_cuda_graph_generation_decodes_like_eager(roots):
     assert graph.mode == "graph" and torch.equal(graph.tokens, eager.tokens)
     assert np.array_equal(graph.frames, eager.frames)
     assert graph.peak_memory > 0 and graph.decode_peak_memory > 0 and graph.decode_time > 0
+
+
+def test_conditioning_clip_longer_than_an_encode_tile_is_refused_naming_the_argument(tmp_path):
+    import numpy as np
+    import pytest
+    from roots import write_tiny_root
+
+    import ursa_engine as ue
+
+    root = write_tiny_root(tmp_path / "root", family="cosmos3d")
+    engine = ue.Engine.from_pretrained(root, device="cpu", dtype=torch.float32, prompt_length=8)
+    video = np.zeros((13, 32, 48, 3), np.uint8)  # 13 frames > sample_frames = 9: the tiles would drop 4
+    with pytest.raises(ValueError, match="num_cond_frames: 13 frames are encoded in temporal tiles of 9"):
+        engine.encode_condition(video=video, latents_shape=(5, 4, 6), num_cond_frames=13)
+    assert engine.encode_condition(video=video, latents_shape=(5, 4, 6), num_cond_frames=9).shape == (1, 3, 4, 6)

@@ -125,14 +125,16 @@ def encode_pixels(vae, *, image=None, video=None, latents_shape, num_cond_frames
         n = cond_frame_count(frames.shape[1], num_cond_frames, vae.temporal_stride)
         frames = frames[:, frames.shape[1] - n:]
     what = "num_cond_frames" if num_cond_frames is not None else name
-    Tc = vae.latent_shape(*frames.shape[1:4])[0]
+    n = frames.shape[1]
+    Tc, whole = vae.encoded_frames(n), vae.latent_shape(*frames.shape[1:4])[0]
+    if Tc != whole:  # the authors' encode tiles drop or repeat frames of clips longer than a tile
+        raise ValueError(f"{what}: {n} frames are encoded in temporal tiles of {vae.sample_frames} frames "
+                         f"(the tokenizer's sample_frames) to {Tc} latent frames, not the {whole} that "
+                         f"{n} frames stand for; give at most {vae.sample_frames} frames")
     if Tc > T:
-        raise ValueError(f"{what}: {frames.shape[1]} frames encode to {Tc} latent frames, more than the {T} "
-                         "generated (latents_shape)")
+        raise ValueError(f"{what}: {n} frames encode to {Tc} latent frames, more than the {T} generated "
+                         "(latents_shape)")
     codes = vae.encode_frames(frames)
-    if codes.shape[1] > T:  # clips longer than the tokenizer's tile are encoded tile by tile
-        raise ValueError(f"{what}: {frames.shape[1]} frames encode to {codes.shape[1]} latent frames (temporal "
-                         f"tiles), more than the {T} generated (latents_shape)")
     return codes
 
 

@@ -159,6 +159,7 @@ class Engine:
     def to(self, device=None, dtype: torch.dtype | None = None) -> Engine:
         """Move (and optionally cast) the transformer and the vae; captured graphs are dropped."""
         self.release_graphs()
+        self._tuned.clear()
         self.model.to(device=device, dtype=dtype)
         if self.vae is not None:
             self.vae.to(device=device, dtype=dtype)
@@ -167,7 +168,6 @@ class Engine:
     def release_graphs(self) -> None:
         """Drop the captured CUDA graphs and their memory pool (kept between calls by design)."""
         self._graphs.clear()
-        self._tuned.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -272,7 +272,7 @@ class Engine:
                  cond_indices=None, cond_noise_scale: float = 0.0, freeze_cond: bool = False,
                  latents: torch.Tensor | None = None, progress: bool = False, mode: str | None = None,
                  image=None, video=None, num_cond_frames: int | None = None, decode: bool = True,
-                 prompt_length: int | None = None) -> GenerationResult:
+                 keep_graphs: bool | None = None, prompt_length: int | None = None) -> GenerationResult:
         """Generate latent tokens (and, with a tokenizer, pixels) for a batch of prompts (DESIGN §2.4, §4, §8).
 
         Parameters
@@ -302,17 +302,20 @@ class Engine:
             all; 1 + 4k for the video tokenizer) are encoded into the first Tc latent frames
             (video extension). ``cond_noise_scale``, ``freeze_cond`` apply as for ``cond_latents``
         decode : decode the tokens into ``frames`` when the engine has a tokenizer (default True)
+        keep_graphs : keep the captured CUDA graphs (and their private memory pool) after the call.
+            Default: kept, except when the call decodes: the pool holds one step's working set,
+            which ordinary allocations cannot reuse, so the decode would add to the step's peak;
+            it is freed first and the next call captures again (two warm-up steps and a capture).
+            Pass True to keep graphs anyway (a serving loop, memory to spare)
         prompt_length : override the engine's prompt length for this call
 
         Returns
         -------
         GenerationResult with ``tokens`` (B, T, H, W) and, with a tokenizer, ``frames``
         (B, F, H·s, W·s, 3) uint8. Decoding runs after the step loop and is timed apart
-        (``decode_time``; not in ``step_times``). While it runs, what stays resident is the weights,
-        the tokens and, in graph mode, the captured graphs' private memory pool (the static logits and
-        activations of one step, kept for the next call with the same layout; :meth:`release_graphs`
-        frees it). The loop's own logits and activations live only inside a step and are freed
-        before decoding.
+        (``decode_time``; not in ``step_times``). While it runs, what stays resident is the weights
+        and the tokens (and the graphs' memory pool with ``keep_graphs=True``): the loop's logits and
+        activations are freed before decoding, so the decode does not set the generation's peak.
         """
         t_start = time.perf_counter()
         cfg, device = self.model.config, self.device
@@ -395,7 +398,10 @@ class Engine:
             peak_memory=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             model_calls=calls, guided_steps=sum(guided), mode=mode, attention=_attention_name(self.model, device))
         del state, runner, ids, rope  # the loop's buffers (a cached graph runner keeps its own)
-        if decode and self.vae is not None:
+        decoding = decode and self.vae is not None
+        if self._graphs and not (keep_graphs if keep_graphs is not None else not decoding):
+            self.release_graphs()  # the pool's memory goes back to the allocator for the decode
+        if decoding:
             result.frames, result.decode_time, result.decode_peak_memory = timed_decode(self.decode, self.vae.device,
                                                                                          result.tokens)
         result.total_time = time.perf_counter() - t_start
