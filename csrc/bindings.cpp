@@ -63,8 +63,9 @@ Codes make_codes(std::uintptr_t table, int64_t K, int m, const std::vector<int>&
 StepArgs make_step(std::uintptr_t cond, std::uintptr_t uncond, int dtype, int64_t cond_stride,
                    int64_t uncond_stride, float scale, float temperature, int64_t exclude, std::uintptr_t x,
                    std::uintptr_t out, int64_t D, int64_t K, std::uintptr_t params, std::uintptr_t seeds,
-                   int64_t n_seeds, int64_t row_len, std::uintptr_t step, bool last, bool argmax_last,
-                   int n_threads, std::uintptr_t stream) {
+                   int64_t n_seeds, int64_t row_len, int64_t index_offset, std::uintptr_t step, bool last,
+                   bool argmax_last, std::uintptr_t x1, std::uintptr_t error, bool check_logits, int n_threads,
+                   std::uintptr_t stream) {
   StepArgs a;
   a.D = D;
   a.K = K;
@@ -77,11 +78,15 @@ StepArgs make_step(std::uintptr_t cond, std::uintptr_t uncond, int dtype, int64_
   a.logits.temperature = temperature;
   a.logits.exclude = exclude;
   a.x = ptr<const int64_t>(x);
+  a.x1 = ptr<const int64_t>(x1);
   a.out = ptr<int64_t>(out);
+  a.error = ptr<int32_t>(error);
+  a.check_logits = check_logits;
   a.params = ptr<const float>(params);
   a.rng.seeds = ptr<const int64_t>(seeds);
   a.rng.n_seeds = n_seeds;
   a.rng.row_len = row_len;
+  a.rng.index_offset = index_offset;
   a.rng.step = ptr<const int64_t>(step);
   a.last = last;
   a.argmax_last = argmax_last;
@@ -91,7 +96,8 @@ StepArgs make_step(std::uintptr_t cond, std::uintptr_t uncond, int dtype, int64_
 }
 
 PathArgs make_path(std::uintptr_t x1, std::uintptr_t value, std::uintptr_t out, int64_t D, int64_t K,
-                   std::uintptr_t seeds, int64_t n_seeds, int64_t row_len, int n_threads, std::uintptr_t stream) {
+                   std::uintptr_t seeds, int64_t n_seeds, int64_t row_len, int64_t index_offset, int n_threads,
+                   std::uintptr_t stream) {
   PathArgs a;
   a.D = D;
   a.K = K;
@@ -101,32 +107,37 @@ PathArgs make_path(std::uintptr_t x1, std::uintptr_t value, std::uintptr_t out, 
   a.rng.seeds = ptr<const int64_t>(seeds);
   a.rng.n_seeds = n_seeds;
   a.rng.row_len = row_len;
+  a.rng.index_offset = index_offset;
   a.n_threads = n_threads;
   a.stream = ptr<void>(stream);
   return a;
 }
 
-#define URSA_STEP_ARGS                                                                                   \
-  std::uintptr_t cond, std::uintptr_t uncond, int dtype, int64_t cond_stride, int64_t uncond_stride,     \
-      float scale, float temperature, int64_t exclude, std::uintptr_t x, std::uintptr_t out, int64_t D, \
-      int64_t K, std::uintptr_t params, std::uintptr_t seeds, int64_t n_seeds, int64_t row_len,         \
-      std::uintptr_t step, bool last, bool argmax_last, int n_threads, std::uintptr_t stream
-#define URSA_STEP_VALUES                                                                             \
-  cond, uncond, dtype, cond_stride, uncond_stride, scale, temperature, exclude, x, out, D, K, params, \
-      seeds, n_seeds, row_len, step, last, argmax_last, n_threads, stream
+#define URSA_STEP_ARGS                                                                                    \
+  std::uintptr_t cond, std::uintptr_t uncond, int dtype, int64_t cond_stride, int64_t uncond_stride,      \
+      float scale, float temperature, int64_t exclude, std::uintptr_t x, std::uintptr_t out, int64_t D,  \
+      int64_t K, std::uintptr_t params, std::uintptr_t seeds, int64_t n_seeds, int64_t row_len,          \
+      int64_t index_offset, std::uintptr_t step, bool last, bool argmax_last, std::uintptr_t x1,         \
+      std::uintptr_t error, bool check_logits, int n_threads, std::uintptr_t stream
+#define URSA_STEP_VALUES                                                                                 \
+  cond, uncond, dtype, cond_stride, uncond_stride, scale, temperature, exclude, x, out, D, K, params,     \
+      seeds, n_seeds, row_len, index_offset, step, last, argmax_last, x1, error, check_logits, n_threads, \
+      stream
 #define URSA_STEP_PYARGS                                                                                  \
   py::arg("cond"), py::arg("uncond"), py::arg("dtype"), py::arg("cond_stride"), py::arg("uncond_stride"), \
       py::arg("scale"), py::arg("temperature"), py::arg("exclude"), py::arg("x"), py::arg("out"),         \
       py::arg("D"), py::arg("K"), py::arg("params"), py::arg("seeds"), py::arg("n_seeds"),                \
-      py::arg("row_len"), py::arg("step"), py::arg("last"), py::arg("argmax_last"), py::arg("n_threads"), \
-      py::arg("stream")
+      py::arg("row_len"), py::arg("index_offset"), py::arg("step"), py::arg("last"),                      \
+      py::arg("argmax_last"), py::arg("x1"), py::arg("error"), py::arg("check_logits"),                   \
+      py::arg("n_threads"), py::arg("stream")
 #define URSA_PATH_ARGS                                                                                      \
   std::uintptr_t x1, std::uintptr_t value, std::uintptr_t out, int64_t D, int64_t K, std::uintptr_t seeds, \
-      int64_t n_seeds, int64_t row_len, int n_threads, std::uintptr_t stream
-#define URSA_PATH_VALUES x1, value, out, D, K, seeds, n_seeds, row_len, n_threads, stream
+      int64_t n_seeds, int64_t row_len, int64_t index_offset, int n_threads, std::uintptr_t stream
+#define URSA_PATH_VALUES x1, value, out, D, K, seeds, n_seeds, row_len, index_offset, n_threads, stream
 #define URSA_PATH_PYARGS                                                                                 \
   py::arg("x1"), py::arg("value"), py::arg("out"), py::arg("D"), py::arg("K"), py::arg("seeds"),         \
-      py::arg("n_seeds"), py::arg("row_len"), py::arg("n_threads"), py::arg("stream")
+      py::arg("n_seeds"), py::arg("row_len"), py::arg("index_offset"), py::arg("n_threads"),             \
+      py::arg("stream")
 
 }  // namespace
 
@@ -177,16 +188,17 @@ PYBIND11_MODULE(URSA_MODULE, mod) {
   mod.def(
       "random_words",
       [](std::uintptr_t seeds, int64_t n_seeds, int64_t row_len, int64_t numel, int64_t step, uint32_t tag,
-         std::uintptr_t out) {
+         std::uintptr_t out, int64_t index_offset) {
         int64_t* o = ptr<int64_t>(out);
         for (int64_t i = 0; i < numel; ++i) {
-          const ursa::Words w = ursa::flat_token_words(ptr<const int64_t>(seeds), n_seeds, row_len, i, step, tag);
+          const ursa::Words w =
+              ursa::flat_token_words(ptr<const int64_t>(seeds), n_seeds, row_len, index_offset, i, step, tag);
           for (int l = 0; l < 4; ++l) o[4 * i + l] = w.w[l];
         }
       },
       "Host philox.h: the four lanes of flat tokens 0..numel-1 into int64 out (numel, 4)",
       py::arg("seeds"), py::arg("n_seeds"), py::arg("row_len"), py::arg("numel"), py::arg("step"),
-      py::arg("tag"), py::arg("out"));
+      py::arg("tag"), py::arg("out"), py::arg("index_offset") = 0);
   mod.def(
       "philox_raw",
       [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
@@ -194,6 +206,9 @@ PYBIND11_MODULE(URSA_MODULE, mod) {
         return py::make_tuple(w.w[0], w.w[1], w.w[2], w.w[3]);
       },
       py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("k0"), py::arg("k1"));
+  py::dict errors;  // errors.h, for the test against ursa_engine.reference.sampler's ERR_*
+  for (const ursa::ErrorName& e : ursa::kErrors) errors[e.name] = e.bit;
+  mod.attr("errors") = errors;
 #if defined(URSA_BIND_CUDA)
   mod.def("device_count", &ursa::cuda::device_count, "CUDA devices visible to the runtime (0 without a driver)");
 #else

@@ -31,11 +31,12 @@ def _inputs(K=9, S=(2, 5)):
     (lambda z, x: (z.index_fill(-1, torch.tensor([1]), float("inf")), x), r"logits: contains \+inf"),
     (lambda z, x: (torch.full_like(z, -float("inf")), x), "logits: a token has every logit at -inf"),
 ])
-def test_step_rejects_bad_tensors(sched, mutate, match):
+@pytest.mark.parametrize("which", ["torch", "auto"])  # auto: a fused backend's error bits where one runs
+def test_step_rejects_bad_tensors(sched, mutate, match, which):
     z, x = mutate(*_inputs())
     out = torch.full((2, 5), -1, dtype=torch.int64)
     with pytest.raises((ValueError, TypeError), match=match):
-        sched.step(z, 3, x, out=out, backend="torch")
+        sched.step(z, 3, x, out=out, backend=which)
     assert (out == -1).all(), "nothing may be written on error"
 
 
@@ -54,6 +55,24 @@ def test_step_rejects_bad_options(sched, kwargs, match):
     z, x = _inputs()
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         sched.step(z, 3, x, **kwargs)
+
+
+def test_step_rejects_bad_x1_and_token_offset():
+    sched = ue.Scheduler(ue.MetricPath(ue.Codebook.fsq((3, 3))), 10)
+    z, x = torch.randn(2, 5, 9), torch.randint(0, 9, (2, 5))
+    with pytest.raises(ValueError, match="token_offset: must be an int"):
+        sched.step(z, 3, x, token_offset=-1)
+    with pytest.raises(ValueError, match=r"x1: shape \(5,\) does not match tokens \(2, 5\)"):
+        sched.step(None, 3, x, x1=torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(TypeError, match="logits: expected a float tensor"):
+        sched.step(None, 3, x)
+    out = torch.full((2, 5), -1, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"x1: ids must be in \[0, 9\), found values in \[9, 9\]"):
+        sched.step(None, 3, x, x1=torch.full_like(x, 9), out=out, backend="torch")
+    assert (out == -1).all()
+    conf = ue.Scheduler(ue.MaskPath(9, 8), 4, mask_sampler="confidence")
+    with pytest.raises(ValueError, match="x1: the confidence sampler"):
+        conf.step(z, 1, x, x1=x)
 
 
 @pytest.mark.parametrize("k", [-1, 10, 2.0, True])

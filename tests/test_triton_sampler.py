@@ -32,6 +32,7 @@ from triton_kernels import philox  # noqa: E402
 from triton_kernels import sampler as tks  # noqa: E402
 from ursa_engine import _dispatch  # noqa: E402
 from ursa_engine.codebook import Codebook  # noqa: E402
+from ursa_engine.ops_library import sampler_op  # noqa: E402
 from ursa_engine.reference import laws, rng  # noqa: E402
 from ursa_engine.reference import sampler as ref  # noqa: E402
 
@@ -124,10 +125,10 @@ def run_metric_step(cb, cfg, cond, uncond, x, p, st, seeds, row_len, out=None, *
 
 # ------------------------------------------------------------------ RNG
 @triton.jit
-def _words_kernel(seeds_ptr, row_len, step_ptr, out_ptr, D, n, TAG: tl.constexpr, B: tl.constexpr):
+def _words_kernel(seeds_ptr, row_len, index_offset, step_ptr, out_ptr, D, n, TAG: tl.constexpr, B: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64) * B + tl.arange(0, B)
     ok = tok < D
-    w0, w1, w2, w3 = philox.token_words(seeds_ptr, row_len, tok, ok, tl.load(step_ptr), TAG)
+    w0, w1, w2, w3 = philox.token_words(seeds_ptr, row_len, tok, ok, tl.load(step_ptr), TAG, index_offset)
     tl.store(out_ptr + tok * 6 + 0, w0.to(tl.int64), mask=ok)
     tl.store(out_ptr + tok * 6 + 1, w1.to(tl.int64), mask=ok)
     tl.store(out_ptr + tok * 6 + 2, w2.to(tl.int64), mask=ok)
@@ -136,18 +137,19 @@ def _words_kernel(seeds_ptr, row_len, step_ptr, out_ptr, D, n, TAG: tl.constexpr
     tl.store(out_ptr + tok * 6 + 5, philox.to_below(w2, n), mask=ok)
 
 
-@pytest.mark.parametrize("seed,row_len,step,tag", [
-    (2**40 + 12345, 1000, 7, rng.TAG_STEP),
-    (torch.tensor([3, 2**62 + 5, 0, 99]), 250, 2**33 + 3, rng.TAG_PATH),  # step ≥ 2³²: low word
-    (0, 1000, 0, rng.TAG_TIMESTEP),
+@pytest.mark.parametrize("seed,row_len,step,tag,offset", [
+    (2**40 + 12345, 1000, 7, rng.TAG_STEP, 0),
+    (torch.tensor([3, 2**62 + 5, 0, 99]), 250, 2**33 + 3, rng.TAG_PATH, 0),  # step ≥ 2³²: low word
+    (0, 1000, 0, rng.TAG_TIMESTEP, 0),
+    (torch.tensor([3, 2**62 + 5, 0, 99]), 250, 4, rng.TAG_STEP, 2**32 - 100),  # rows cross into the high word
 ])
-def test_philox_words_match_reference_bit_for_bit(seed, row_len, step, tag):
+def test_philox_words_match_reference_bit_for_bit(seed, row_len, step, tag, offset):
     D = 1000
     seeds = seed.to(DEVICE) if isinstance(seed, torch.Tensor) else torch.tensor([seed], device=DEVICE)
     out = torch.zeros(D, 6, dtype=torch.int64, device=DEVICE)
-    _words_kernel[(triton.cdiv(D, 256),)](seeds, row_len, torch.tensor([step], device=DEVICE), out, D, 97,
+    _words_kernel[(triton.cdiv(D, 256),)](seeds, row_len, offset, torch.tensor([step], device=DEVICE), out, D, 97,
                                           TAG=tag, B=256)
-    words = rng.random_words(seeds, row_len, D, step, tag)
+    words = rng.random_words(seeds, row_len, D, step, tag, index_offset=offset)
     for lane in range(4):
         assert torch.equal(out[:, lane], words[lane]), f"lane {lane}"
     u = out[:, 4].to(torch.int32).view(torch.float32)
@@ -427,11 +429,12 @@ def test_filters_are_reported_unsupported_and_auto_falls_back():
     assert tks.unsupported("metric_step", top_k=3) and tks.unsupported("mask_step", top_p=0.9)
     assert tks.unsupported("metric_step", top_k=0, top_p=1.0) is None
     assert _dispatch.why_not("triton", "metric_step", DEVICE, {"top_k": 3}) is not None
-    assert _dispatch.resolve("metric_step", "triton", DEVICE) is tks.metric_step
+    triton_op = sampler_op("metric_step", "triton")  # the torch.library op over tks.metric_step
+    assert _dispatch.resolve("metric_step", "triton", DEVICE) is triton_op
     if DEVICE.type == "cpu":  # the interpreter is never chosen by "auto"
-        assert _dispatch.resolve("metric_step", "auto", DEVICE) is not tks.metric_step
+        assert _dispatch.resolve("metric_step", "auto", DEVICE) is not triton_op
     else:
-        assert _dispatch.resolve("metric_step", "auto", DEVICE) is tks.metric_step
+        assert _dispatch.resolve("metric_step", "auto", DEVICE) is triton_op
 
 
 def test_availability_reasons():

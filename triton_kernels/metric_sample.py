@@ -4,7 +4,8 @@
 weights ``exp(−β d) ≤ 1`` need no max subtraction. Per program, ROWS tokens stream over the
 implicit codebook (:mod:`triton_kernels.fsq`) keeping only per-tile sums in registers, then
 the crossing tile is recomputed: nothing of size D×K exists, the extra memory is zero.
-``β = ∞`` returns x1; ``β = 0`` is uniform. RNG (§2.5): TAG_PATH, step 0, lane 0.
+``β = ∞`` returns x1; ``β = 0`` is uniform. RNG (§2.5): TAG_PATH, step 0, lane 0, index
+``i % row_len + index_offset``.
 Explicit tables go through :mod:`triton_kernels.table` instead.
 """
 
@@ -18,7 +19,7 @@ from .philox import TAG_PATH, to_uniform, token_words
 
 
 @triton.jit
-def metric_sample_fsq_kernel(x1_ptr, beta_ptr, out_ptr, seeds_ptr, row_len, D,
+def metric_sample_fsq_kernel(x1_ptr, beta_ptr, out_ptr, seeds_ptr, row_len, index_offset, D,
                              LEVELS: tl.constexpr, NLO: tl.constexpr, P_LO: tl.constexpr, LO_P2: tl.constexpr,
                              P_HI: tl.constexpr, CH_P2: tl.constexpr, FW: tl.constexpr, POWER: tl.constexpr,
                              ROWS: tl.constexpr):
@@ -29,7 +30,7 @@ def metric_sample_fsq_kernel(x1_ptr, beta_ptr, out_ptr, seeds_ptr, row_len, D,
     act = ok & (beta < float("inf"))
     new = x1
     if tl.max(act.to(tl.int32), 0) > 0:
-        w0 = token_words(seeds_ptr, row_len, rows, ok, 0, TAG_PATH)[0]
+        w0 = token_words(seeds_ptr, row_len, rows, ok, 0, TAG_PATH, index_offset)[0]
         y = tl.where(act, x1, 0).to(tl.int32)
         nb = tl.where(act, -beta, 0.0)
         rn_y, sq_y, d0 = fsq_token(y, y, LEVELS, NLO, P_LO, POWER)

@@ -4,7 +4,9 @@ Bit-for-bit the generator of :mod:`ursa_engine.reference.rng` (the torch oracle)
 ``key = (seed lo, seed hi)``, ``counter = (index lo, index hi, step, tag)``, four 32-bit lanes
 per call (0: x̂1 / path sample, 1: jump / keep, 2: destination / uniform code, 3: Gumbel).
 ``index`` is the token's position inside its RNG row: token ``i`` of a flat tensor uses
-``seeds[i // row_len]`` and index ``i % row_len``.
+``seeds[i // row_len]`` and index ``i % row_len + index_offset`` (64-bit): a call on the tokens
+``[s, e)`` of every row (``row_len = e − s``, ``index_offset = s``) gets exactly the words of
+those tokens in the unchunked call.
 
 All arithmetic is uint32 (``tl.umulhi`` for the high word, wrapping multiply for the low one),
 so the words are identical on the GPU, under ``TRITON_INTERPRET=1`` and in the torch reference.
@@ -36,14 +38,15 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def token_words(seeds_ptr, row_len, tok, mask, step, TAG: tl.constexpr):
+def token_words(seeds_ptr, row_len, tok, mask, step, TAG: tl.constexpr, index_offset=0):
     """The four Philox lanes of flat tokens ``tok`` (int64 tensor) for ``(seed, step, TAG)``.
 
     ``step`` is an integer scalar (read from device memory by the caller: CUDA graphs).
+    ``index_offset`` (an integer scalar, default 0) is added to every token's index in its row.
     Tokens outside ``mask`` get words of seed 0 (never used).
     """
     row = tok // row_len
-    index = tok - row * row_len
+    index = (tok - row * row_len) + index_offset  # tok is int64: so is the sum
     seed = tl.load(seeds_ptr + row, mask=mask, other=0)
     c0 = index.to(tl.uint32)  # truncation: the low word
     c1 = (index >> 32).to(tl.uint32)

@@ -8,13 +8,22 @@ so one seed gives the same tokens on both backends up to float ties. Kernels:
   x̂1 draw, then one arithmetic pass over the implicit codebook for tokens with x̂1 ≠ x.
   Extra memory: none.
 * ``metric_step``, explicit table (IBQ): x̂1 draw + list of moving tokens, tensor-core pass,
-  finish (:mod:`.table`); token groups pipelined on two streams so the draw of one group
-  overlaps the pass of the previous one. Extra memory O(D·K/BN) float32 (BN = 64: 32 MiB for
-  the IBQ image step). A float32 table runs the dot in tf32, a bfloat16 table in bf16.
+  finish (:mod:`.table`); G token groups pipelined on two streams so the draw of one group
+  overlaps the pass of the previous one. Extra memory: one (⌈D/G⌉, K/BN) float32 tile-sum
+  buffer reused by every group (BN = 64, G = 4: 136 MB at D = 66,560, K = 131,072; 8 MB for
+  the IBQ image step) and ‖ê_c‖² (K,), computed once per table (:func:`_sq_norms`). A float32
+  table runs the dot in tf32, a bfloat16 table in bf16.
 * ``metric_sample``: FSQ: one kernel (:mod:`.metric_sample`), no extra memory; table: pass +
   finish.
 * ``mixture_step``, ``mask_step``: one kernel; only tokens that change read their logits
   (:mod:`.mixture_mask`). ``mixture_sample``, ``mask_sample``: one elementwise kernel.
+
+Keywords of issue 11, on every op / every step op (the reference's docstring has the contract):
+``index_offset`` (token ``i`` has RNG index ``i % row_len + index_offset``: a call on the tokens
+``[s, e)`` of every sample gives exactly their tokens of the whole call); ``x1`` (x̂1 drawn
+elsewhere: no logits read, ``cond`` may be None); ``error`` (int32 (1,): kernels OR in the bits
+of :mod:`.errors` for the values they read, at no cost in the draw's streaming loop for valid
+logits; launchers never read it back: no host sync, CUDA-graph safe).
 
 Not fused: top-k / top-p filtering (``unsupported`` says so; ``backend="auto"`` then falls back
 to the reference). Runs on CUDA devices, or on the CPU under ``TRITON_INTERPRET=1`` (tests).
@@ -28,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import weakref
 
 import torch
 
@@ -217,20 +227,57 @@ def _per_token(name, v, D, device) -> torch.Tensor:
     return v.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _check_step(op, cond, uncond, x, params, step, seeds, row_len, top_k, top_p):
-    """Checks shared by the step launchers; returns (device, D, K)."""
-    reason = unsupported(op, top_k=top_k, top_p=top_p)
-    if reason:
-        raise ValueError(reason)
-    device = x.device
+def _check_offset(index_offset, row_len) -> int:
+    if isinstance(index_offset, bool) or not isinstance(index_offset, int):
+        raise ValueError(f"index_offset: expected an int, got {type(index_offset).__name__}")
+    if not 0 <= index_offset <= 2**63 - 1 - row_len:  # index_offset + (i % row_len) fits int64
+        raise ValueError(f"index_offset: expected an int in [0, 2^63 − row_len), got {index_offset}")
+    return index_offset
+
+
+def _check_error(error, device) -> None:
+    if error is None:
+        return
+    if (not isinstance(error, torch.Tensor) or error.dtype != torch.int32 or error.shape != (1,)
+            or error.device != device):
+        raise ValueError(f"error: expected an int32 tensor of shape (1,) on {device}, got "
+                         f"{getattr(error, 'dtype', type(error).__name__)} of shape "
+                         f"{tuple(getattr(error, 'shape', ()))} on {getattr(error, 'device', None)}")
+
+
+def _check_step(op, cond, uncond, x, params, step, seeds, row_len, top_k, top_p, x1=None, error=None,
+                index_offset=0):
+    """Checks shared by the step launchers; returns (device, D, K) (K None: no logits, x1 given)."""
+    if x1 is None:  # with x1 no logits are read: guidance, temperature and filtering are ignored
+        reason = unsupported(op, top_k=top_k, top_p=top_p)
+        if reason:
+            raise ValueError(reason)
+    device = x.device if isinstance(x, torch.Tensor) else None
     _check_tokens("x", x, None, device)
     D = x.shape[0]
-    _check_logits("cond", cond, D, None, device)
-    K = cond.shape[1]
+    K = None
+    if x1 is not None:
+        _check_tokens("x1", x1, D, device)
+    if cond is not None or x1 is None:
+        _check_logits("cond", cond, D, None, device)
+        K = cond.shape[1]
+    if uncond is not None and cond is None:
+        raise ValueError("uncond: given without cond")
     if uncond is not None:
         _check_logits("uncond", uncond, D, K, device)
     _check_rng(seeds, row_len, D, device, params, step)
+    _check_offset(index_offset, row_len)
+    _check_error(error, device)
     return device, D, K
+
+
+def _logit_args(cond, uncond, x1, fallback):
+    """(cond, uncond pointers, stride_c, stride_u, HAS_UNCOND): logits are never read with x1, and
+    pointers of absent tensors are ``fallback`` (never dereferenced)."""
+    if x1 is not None or cond is None:
+        return fallback, fallback, 0, 0, False
+    sc, su = _strides(cond, uncond)
+    return cond, (uncond if uncond is not None else cond), sc, su, uncond is not None
 
 
 def _out(out, x: torch.Tensor, name="out") -> torch.Tensor:
@@ -266,9 +313,35 @@ def _guidance(uncond, guidance_scale, temperature):
     return float(guidance_scale), LOG2E / float(temperature)
 
 
+# ‖ê_c‖² per table: id(table) -> (weak reference, version, data pointer, norms). An entry dies with its table.
+_SQ_NORMS: dict[int, tuple] = {}
+_SQ_ROWS = 8192  # rows a chunk: the float32 temporary stays (8192, m), never (K, m)
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter: only identity and address key it
+        return None
+
+
 def _sq_norms(table: torch.Tensor) -> torch.Tensor:
-    """‖ê_c‖² of every code, float32 (K,): one read of the table per call."""
-    return table.float().pow(2).sum(-1)
+    """‖ê_c‖² of every code, float32 (K,), computed once per table.
+
+    Cached on the table tensor's identity, version counter (an in-place change recomputes it) and
+    data pointer: a step reads the (K,) norms and allocates nothing for them (the IBQ table, K =
+    131,072, m = 256, made a 128 MiB temporary every step before). Host-side lookups only: no sync.
+    """
+    key = id(table)
+    hit = _SQ_NORMS.get(key)
+    version, ptr = _version(table), table.data_ptr()
+    if hit is not None and hit[0]() is table and hit[1] == version and hit[2] == ptr:
+        return hit[3]
+    sq = torch.empty(table.shape[0], dtype=torch.float32, device=table.device)
+    for i in range(0, table.shape[0], _SQ_ROWS):
+        sq[i:i + _SQ_ROWS] = table[i:i + _SQ_ROWS].float().pow(2).sum(-1)
+    _SQ_NORMS[key] = (weakref.ref(table, lambda _ref, key=key: _SQ_NORMS.pop(key, None)), version, ptr, sq)
+    return sq
 
 
 def _strides(cond, uncond):
@@ -276,12 +349,13 @@ def _strides(cond, uncond):
 
 
 # ----------------------------------------------------------------------------- path sampling
-def metric_sample(x1, beta, table, *, power=2, levels=None, seeds, row_len, out=None):
+def metric_sample(x1, beta, table, *, power=2, levels=None, seeds, row_len, out=None, index_offset=0):
     """x_t ~ softmax(−β_i·d(·, x1_i)) per token (§2.3); β = ∞ returns x1. RNG: TAG_PATH, lane 0."""
-    return _metric_sample(x1, beta, table, power=power, levels=levels, seeds=seeds, row_len=row_len, out=out)
+    return _metric_sample(x1, beta, table, power=power, levels=levels, seeds=seeds, row_len=row_len, out=out,
+                          index_offset=index_offset)
 
 
-def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, cfg=None):
+def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, index_offset=0, cfg=None):
     from . import metric_sample as kern
     from .table import table_finish_kernel, table_pass_kernel
 
@@ -291,6 +365,7 @@ def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, cfg=N
     levels = _check_table(table, K, levels, power, device)
     beta = _per_token("beta", beta, D, device)
     _check_rng(seeds, row_len, D, device)
+    index_offset = _check_offset(index_offset, row_len)
     out = _out(out, x1)
     if D == 0:
         return out
@@ -300,7 +375,8 @@ def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, cfg=N
         rows = cfg.get("ROWS") or (4 if device.type == "cuda" else
                                    _interp_rows(D, c["CH_P2"] * c["FW"] + c["LO_P2"]))
         kern.metric_sample_fsq_kernel[(math.ceil(D / rows),)](
-            x1, beta, out, seeds, row_len, D, POWER=power, ROWS=rows, **c, **_launch_opts(device, cfg, "sample", 8))
+            x1, beta, out, seeds, row_len, index_offset, D, POWER=power, ROWS=rows, **c,
+            **_launch_opts(device, cfg, "sample", 8))
         return out
     m = table.shape[1]
     table = table.contiguous()
@@ -312,13 +388,13 @@ def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, cfg=N
         RATES=False, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
         DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "pass", 8, 3))
     table_finish_kernel[(math.ceil(D / c["R"]),)](
-        table, x1, x1, out, x1, x1, beta, beta, x1, seeds, ts, ts, row_len, D, K, m, c["NT"], c["SPLITS"],
-        RATES=False, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]), SP_P2=_pow2(c["SPLITS"]), BN=c["BN"],
+        table, x1, x1, out, x1, x1, beta, beta, x1, seeds, ts, ts, row_len, index_offset, D, K, m, c["NT"],
+        c["SPLITS"], RATES=False, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]), SP_P2=_pow2(c["SPLITS"]), BN=c["BN"],
         M_P2=c["M_P2"], BKM=c["BKM"], **_launch_opts(device, cfg, "finish", 4))
     return out
 
 
-def _uniform_sample(x1, keep, *, K, mask_id, seeds, row_len, out, mask):
+def _uniform_sample(x1, keep, *, K, mask_id, seeds, row_len, out, mask, index_offset):
     from .mixture_mask import uniform_path_sample_kernel
 
     device = x1.device
@@ -326,50 +402,65 @@ def _uniform_sample(x1, keep, *, K, mask_id, seeds, row_len, out, mask):
     D = x1.shape[0]
     keep = _per_token("keep", keep, D, device)
     _check_rng(seeds, row_len, D, device)
+    index_offset = _check_offset(index_offset, row_len)
     out = _out(out, x1)
     if D == 0:
         return out
     block = 1024 if device.type == "cuda" else _interp_rows(D, 1)
-    uniform_path_sample_kernel[(math.ceil(D / block),)](x1, keep, out, seeds, row_len, D, K, mask_id,
+    uniform_path_sample_kernel[(math.ceil(D / block),)](x1, keep, out, seeds, row_len, index_offset, D, K, mask_id,
                                                           MASK=mask, BLOCK=block, **_launch_opts(device, {}, "", 4))
     return out
 
 
-def mixture_sample(x1, keep, *, K, seeds, row_len, out=None):
+def mixture_sample(x1, keep, *, K, seeds, row_len, out=None, index_offset=0):
     """x_t = x1 with probability κ_i (lane 1), else uniform over [0, K) (lane 2)."""
     if not isinstance(K, int) or not 2 <= K < 2**31:
         raise ValueError(f"K: expected an int in [2, 2^31), got {K!r}")
-    return _uniform_sample(x1, keep, K=K, mask_id=0, seeds=seeds, row_len=row_len, out=out, mask=False)
+    return _uniform_sample(x1, keep, K=K, mask_id=0, seeds=seeds, row_len=row_len, out=out, mask=False,
+                           index_offset=index_offset)
 
 
-def mask_sample(x1, keep, *, mask_id, seeds, row_len, out=None):
+def mask_sample(x1, keep, *, mask_id, seeds, row_len, out=None, index_offset=0):
     """x_t = x1 with probability κ_i (lane 1), else the mask id."""
     return _uniform_sample(x1, keep, K=2, mask_id=int(mask_id), seeds=seeds, row_len=row_len, out=out,
-                           mask=True)
+                           mask=True, index_offset=index_offset)
 
 
 # ----------------------------------------------------------------------------- sampler steps
 def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidance_scale=1.0, temperature=1.0,
-                top_k=0, top_p=1.0, power=2, levels=None, last=False, argmax_last=False, out=None):
-    """One metric-path Euler step (§2.4). RNG: TAG_STEP; lanes 0 x̂1, 1 jump, 2 destination."""
+                top_k=0, top_p=1.0, power=2, levels=None, last=False, argmax_last=False, out=None, index_offset=0,
+                x1=None, error=None):
+    """One metric-path Euler step (§2.4). RNG: TAG_STEP; lanes 0 x̂1, 1 jump, 2 destination.
+
+    ``x1`` (D,) int64: x̂1 drawn elsewhere (no logits read; ``cond`` may be None). ``error``
+    int32 (1,): the kernels OR in the bits of :mod:`triton_kernels.errors` for the logits, x and
+    x1 they read (every token's logits: the draw reads them all). ``index_offset``: RNG index of
+    token ``i`` is ``i % row_len + index_offset``.
+    """
     return _metric_step(cond, uncond, x, table, params, step, seeds=seeds, row_len=row_len,
                         guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                        power=power, levels=levels, last=last, argmax_last=argmax_last, out=out)
+                        power=power, levels=levels, last=last, argmax_last=argmax_last, out=out,
+                        index_offset=index_offset, x1=x1, error=error)
 
 
 def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidance_scale, temperature, top_k,
-                 top_p, power, levels, last, argmax_last, out, cfg=None):
+                 top_p, power, levels, last, argmax_last, out, index_offset=0, x1=None, error=None, cfg=None):
     from .metric_step import metric_step_fsq_kernel
 
-    device, D, K = _check_step("metric_step", cond, uncond, x, params, step, seeds, row_len, top_k, top_p)
+    device, D, K = _check_step("metric_step", cond, uncond, x, params, step, seeds, row_len, top_k, top_p, x1,
+                               error, index_offset)
+    if K is None:
+        K = table.shape[0] if isinstance(table, torch.Tensor) and table.dim() == 2 else 0
     levels = _check_table(table, K, levels, power, device)
-    gs, zs = _guidance(uncond, guidance_scale, temperature)
+    gs, zs = _guidance(uncond, guidance_scale, temperature) if x1 is None else (1.0, LOG2E)
     out = _out(out, x)
     if D == 0:
         return out
     cfg = dict(cfg or {})
-    sc, su = _strides(cond, uncond)
-    uptr = uncond if uncond is not None else cond
+    cptr, uptr, sc, su, has_uncond = _logit_args(cond, uncond, x1, x)
+    flags = dict(HAS_UNCOND=has_uncond, HAS_X1=x1 is not None, HAS_ERROR=error is not None)
+    x1_in = x1 if x1 is not None else x
+    err = error if error is not None else x  # never dereferenced without HAS_ERROR
     argmax = bool(last and argmax_last)
     if levels is not None:
         c = fsq_config(levels, device, ch_max=cfg.get("CH_MAX"), w=cfg.get("FW"))
@@ -377,112 +468,141 @@ def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidan
                          per_row=c["CH_P2"] * c["FW"] + c["LO_P2"], draw_rows=cfg.get("DRAW_ROWS"),
                          stages=cfg.get("STAGES"))
         metric_step_fsq_kernel[(math.ceil(D / dc["ROWS"]),)](
-            cond, uptr, x, out, params, step, seeds, row_len, D, K, sc, su, gs, zs,
-            POWER=power, HAS_UNCOND=uncond is not None, LAST=bool(last), ARGMAX=argmax, **dc, **c,
-            **_launch_opts(device, cfg, "step", 8))
+            cptr, uptr, x, x1_in, out, params, step, seeds, err, row_len, index_offset, D, K, sc, su, gs, zs,
+            POWER=power, LAST=bool(last), ARGMAX=argmax, **flags, **dc, **c, **_launch_opts(device, cfg, "step", 8))
         return out
     # explicit table: x̂1 draw (and the list of tokens with x̂1 ≠ x), tensor-core pass, finish
     dc = draw_config(K, D, device, rows=cfg.get("ROWS"), chunks=cfg.get("CHUNKS"), w=cfg.get("W"),
                      draw_rows=cfg.get("DRAW_ROWS"), stages=cfg.get("STAGES"))
-    table = table.contiguous()
-    common = dict(cond=cond, uncond=uptr, has_uncond=uncond is not None, x=x, out=out, table=table,
-                  params=params, step=step, seeds=seeds, row_len=row_len, strides=(sc, su), gs=gs, zs=zs,
-                  power=power, last=bool(last), argmax=argmax, dc=dc, cfg=cfg)
+    draw = dict(cond=cptr, uncond=uptr, x=x, out=out, step=step, seeds=seeds, error=err, row_len=row_len,
+                index_offset=index_offset, K=K, strides=(sc, su), gs=gs, zs=zs, flags=flags, argmax=argmax, dc=dc,
+                cfg=cfg)
     if last:
-        _table_group(0, D, None, None, None, None, None, **common)
+        _table_draw(0, D, x1_in, x, x, last=True, **draw)  # no list, no count on the last step
         return out
+    table = table.contiguous()
+    m = table.shape[1]
     # Token groups: the draw of group g+1 (memory-bound) runs while the tensor-core pass of
     # group g (compute-bound) runs on a side stream. A captured CUDA graph keeps the fork/join.
-    groups = cfg.get("GROUPS") or (4 if device.type == "cuda" and D >= 4096 else 1)
+    groups = max(1, min(cfg.get("GROUPS") or (4 if device.type == "cuda" and D >= 4096 else 1), D))
     bounds = [D * g // groups for g in range(groups + 1)]
-    scratch = dict(x1=torch.empty_like(x), lst=torch.empty_like(x),
-                   count=torch.zeros(groups, dtype=torch.int32, device=device), sqc=_sq_norms(table))
+    n_max = max(bounds[g + 1] - bounds[g] for g in range(groups))
+    c = table_config(n_max, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
+                     splits=cfg.get("SPLITS"))
     side = torch.cuda.Stream(device) if device.type == "cuda" and groups > 1 else None
     main = torch.cuda.current_stream(device) if side is not None else None
+    # Scratch of the whole step, allocated once: the rates of one group at a time run on one
+    # stream (side or main), so every group reuses the same tile sums (n_max, NT) and split
+    # normalizers (n_max, SPLITS) (before: one pair per group, all alive in a graph's pool).
+    x1_buf = x1 if x1 is not None else torch.empty_like(x)
+    lst = torch.empty_like(x)
+    count = torch.zeros(groups, dtype=torch.int32, device=device)
+    ts = torch.empty((n_max, c["NT"]), dtype=torch.float32, device=device)
+    zp = torch.empty((n_max, c["SPLITS"]), dtype=torch.float32, device=device)
+    if side is not None:
+        for t in (x1_buf, lst, count, ts, zp):
+            t.record_stream(side)
+    rates = dict(table=table, sqc=_sq_norms(table), x=x, x1=x1_buf, out=out, params=params, step=step, seeds=seeds,
+                 ts=ts, zp=zp, row_len=row_len, index_offset=index_offset, K=K, m=m, power=power, c=c, cfg=cfg)
     for g in range(groups):
         a, b = bounds[g], bounds[g + 1]
         if a == b:
             continue
-        _table_group(a, b, g, side, main, scratch, "draw", **common)
-        _table_group(a, b, g, side, main, scratch, "rates", **common)
+        _table_draw(a, b, x1_buf, lst[a:b], count[g:g + 1], last=False, **draw)
+        if side is not None:
+            side.wait_stream(main)  # this group's draw is done
+            ctx = torch.cuda.stream(side)
+        else:
+            ctx = contextlib.nullcontext()
+        with ctx:
+            _table_rates(b - a, lst[a:b], count[g:g + 1], **rates)
     if side is not None:
         main.wait_stream(side)
     return out
 
 
-def _table_group(a, b, g, side, main, scratch, phase, *, cond, uncond, has_uncond, x, out, table, params, step,
-                 seeds, row_len, strides, gs, zs, power, last, argmax, dc, cfg):
-    """Tokens [a, b) of the table metric step: the draw (main stream), then the rates (side stream)."""
+def _table_draw(a, b, x1, lst, count, *, last, cond, uncond, x, out, step, seeds, error, row_len, index_offset, K,
+                strides, gs, zs, flags, argmax, dc, cfg):
+    """Tokens [a, b) of the table metric step, phase 1 (current stream): x̂1 (drawn, or read from a
+    given x1) into ``x1``; the moving tokens into ``lst``, their number into ``count``; ``out = x``
+    (``out = x̂1`` when ``last``)."""
     from .categorical import draw_kernel
+
+    draw_kernel[(math.ceil((b - a) / dc["ROWS"]),)](
+        cond, uncond, x, out, x1, lst if not last else x, count, step, seeds, error, row_len, index_offset, a, b, K,
+        *strides, gs, zs, LAST=last, ARGMAX=argmax, **flags, **dc, **_launch_opts(x.device, cfg, "draw", 8))
+
+
+def _table_rates(n, lst, count, *, table, sqc, x, x1, out, params, step, seeds, ts, zp, row_len, index_offset, K, m,
+                 power, c, cfg):
+    """Phase 2 of a group of n tokens (``lst[:count]`` move): the tensor-core pass, then the finish."""
     from .table import table_finish_kernel, table_pass_kernel
 
-    device, K, m = x.device, table.shape[0], table.shape[1]
-    n = b - a
-    if last or phase == "draw":
-        x1 = x if last else scratch["x1"]
-        lst = x if last else scratch["lst"][a:b]
-        count = scratch["count"][g:g + 1] if not last else torch.zeros(1, dtype=torch.int32, device=device)
-        draw_kernel[(math.ceil(n / dc["ROWS"]),)](
-            cond, uncond, x, out, x1, lst, count, step, seeds, row_len, a, b, K, *strides, gs, zs,
-            HAS_UNCOND=has_uncond, LAST=last, ARGMAX=argmax, **dc, **_launch_opts(device, cfg, "draw", 8))
-        return
-    c = table_config(n, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
-                     splits=cfg.get("SPLITS"))
-    ts = torch.empty((n, c["NT"]), dtype=torch.float32, device=device)
-    zp = torch.empty((n, c["SPLITS"]), dtype=torch.float32, device=device)
-    lst, count = scratch["lst"][a:b], scratch["count"][g:g + 1]
-    if side is not None:
-        side.wait_stream(main)  # this group's draw is done
-        ctx = torch.cuda.stream(side)
-        for t in (ts, zp):
-            t.record_stream(side)
-    else:
-        ctx = contextlib.nullcontext()
-    with ctx:
-        table_pass_kernel[(math.ceil(n / c["BM"]), c["SPLITS"])](
-            table, scratch["sqc"], scratch["x1"], x, lst, count, params, params, ts, zp, n, K, m, c["NT"],
-            c["SPLITS"], TPS=c["TPS"], RATES=True, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"],
-            BKM=c["BKM"], DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "pass", 8, 3))
-        table_finish_kernel[(math.ceil(n / c["R"]),)](
-            table, x, scratch["x1"], out, lst, count, params, params, step, seeds, ts, zp, row_len, n, K, m,
-            c["NT"], c["SPLITS"], RATES=True, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]),
-            SP_P2=_pow2(c["SPLITS"]), BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
-            **_launch_opts(device, cfg, "finish", 4))
+    device = x.device
+    table_pass_kernel[(math.ceil(n / c["BM"]), c["SPLITS"])](
+        table, sqc, x1, x, lst, count, params, params, ts, zp, n, K, m, c["NT"], c["SPLITS"], TPS=c["TPS"],
+        RATES=True, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
+        DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "pass", 8, 3))
+    table_finish_kernel[(math.ceil(n / c["R"]),)](
+        table, x, x1, out, lst, count, params, params, step, seeds, ts, zp, row_len, index_offset, n, K, m, c["NT"],
+        c["SPLITS"], RATES=True, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]), SP_P2=_pow2(c["SPLITS"]), BN=c["BN"],
+        M_P2=c["M_P2"], BKM=c["BKM"], **_launch_opts(device, cfg, "finish", 4))
 
 
 def _uniform_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, guidance_scale, temperature, top_k,
-                  top_p, last, argmax_last, out, mask, op, cfg=None):
+                  top_p, last, argmax_last, out, mask, op, index_offset=0, x1=None, error=None, K=None, cfg=None):
     from .mixture_mask import uniform_step_kernel
 
-    device, D, K = _check_step(op, cond, uncond, x, params, step, seeds, row_len, top_k, top_p)
-    if mask and not 0 <= int(mask_id) < K:
+    device, D, K_logits = _check_step(op, cond, uncond, x, params, step, seeds, row_len, top_k, top_p, x1, error,
+                                      index_offset)
+    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or not 2 <= K < 2**31
+                          or K_logits not in (None, K)):
+        raise ValueError(f"K: expected an int in [2, 2^31) equal to the logits' last dim, got {K!r}")
+    K = K_logits if K_logits is not None else K
+    if mask and K is not None and not 0 <= int(mask_id) < K:
         raise ValueError(f"mask_id: expected an id in [0, {K}), got {mask_id!r}")
-    gs, zs = _guidance(uncond, guidance_scale, temperature)
+    gs, zs = _guidance(uncond, guidance_scale, temperature) if x1 is None else (1.0, LOG2E)
     out = _out(out, x)
     if D == 0:
         return out
     cfg = dict(cfg or {})
-    sc, su = _strides(cond, uncond)
-    dc = draw_config(K, D, device, rows=cfg.get("ROWS"), chunks=cfg.get("CHUNKS"), w=cfg.get("W"),
+    cptr, uptr, sc, su, has_uncond = _logit_args(cond, uncond, x1, x)
+    # Without logits (x1 given, cond None) and without ``K``, K is unknown: K = 0 checks no ids (as
+    # the reference); these kernels never address memory with an id.
+    k_ids = K if K is not None else 0
+    dc = draw_config(K or 2, D, device, rows=cfg.get("ROWS"), chunks=cfg.get("CHUNKS"), w=cfg.get("W"),
                      draw_rows=cfg.get("DRAW_ROWS"), stages=cfg.get("STAGES"))
     uniform_step_kernel[(math.ceil(D / dc["ROWS"]),)](
-        cond, uncond if uncond is not None else cond, x, out, params, step, seeds, row_len, D, K, sc, su, gs, zs,
-        int(mask_id), MASK=mask, HAS_UNCOND=uncond is not None, LAST=bool(last),
-        ARGMAX=bool(last and argmax_last), **dc, **_launch_opts(device, cfg, "step", 8))
+        cptr, uptr, x, x1 if x1 is not None else x, out, params, step, seeds, error if error is not None else x,
+        row_len, index_offset, D, k_ids, sc, su, gs, zs, int(mask_id), MASK=mask, HAS_UNCOND=has_uncond,
+        HAS_X1=x1 is not None, HAS_ERROR=error is not None, LAST=bool(last), ARGMAX=bool(last and argmax_last),
+        **dc, **_launch_opts(device, cfg, "step", 8))
     return out
 
 
 def mixture_step(cond, uncond, x, params, step, *, seeds, row_len, guidance_scale=1.0, temperature=1.0, top_k=0,
-                 top_p=1.0, last=False, argmax_last=False, out=None):
-    """Mixture-path step (§2.4): jump to x̂1 with probability 1 − exp(−h·κ̇/(1−κ))."""
+                 top_p=1.0, last=False, argmax_last=False, out=None, index_offset=0, x1=None, error=None, K=None):
+    """Mixture-path step (§2.4): jump to x̂1 with probability 1 − exp(−h·κ̇/(1−κ)).
+
+    ``x1``, ``error``, ``index_offset``: as in :func:`metric_step`. Only the logits of the tokens
+    that jump are read (every token on the last step), so only those are checked. ``K`` (default:
+    the logits' last dim) bounds the id checks when ``cond`` is None; with neither, no id is checked.
+    """
     return _uniform_step(cond, uncond, x, params, step, mask_id=0, seeds=seeds, row_len=row_len,
                          guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                         last=last, argmax_last=argmax_last, out=out, mask=False, op="mixture_step")
+                         last=last, argmax_last=argmax_last, out=out, mask=False, op="mixture_step",
+                         index_offset=index_offset, x1=x1, error=error, K=K)
 
 
 def mask_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, guidance_scale=1.0, temperature=1.0,
-              top_k=0, top_p=1.0, last=False, argmax_last=False, out=None):
-    """Masked-path step (§2.4): a masked token becomes x̂1 (never the mask) w.p. min(1, h·κ̇/(1−κ))."""
+              top_k=0, top_p=1.0, last=False, argmax_last=False, out=None, index_offset=0, x1=None, error=None,
+              K=None):
+    """Masked-path step (§2.4): a masked token becomes x̂1 (never the mask) w.p. min(1, h·κ̇/(1−κ)).
+
+    ``x1``, ``error``, ``index_offset``, ``K``: as in :func:`mixture_step` (a given x1 replaces
+    masked tokens only; the logits of unmasking tokens only are read, so checked).
+    """
     return _uniform_step(cond, uncond, x, params, step, mask_id=mask_id, seeds=seeds, row_len=row_len,
                          guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                         last=last, argmax_last=argmax_last, out=out, mask=True, op="mask_step")
+                         last=last, argmax_last=argmax_last, out=out, mask=True, op="mask_step",
+                         index_offset=index_offset, x1=x1, error=error, K=K)

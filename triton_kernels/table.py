@@ -140,12 +140,13 @@ def table_pass_kernel(table_ptr, sqc_ptr, y_ptr, z0_ptr, list_ptr, count_ptr, be
 
 @triton.jit
 def table_finish_kernel(table_ptr, x_ptr, y_ptr, out_ptr, list_ptr, count_ptr, beta_ptr, params_ptr,
-                        step_ptr, seeds_ptr, ts_ptr, zp_ptr, row_len, D, K, m, NT, SPLITS,
+                        step_ptr, seeds_ptr, ts_ptr, zp_ptr, row_len, index_offset, D, K, m, NT, SPLITS,
                         RATES: tl.constexpr, POWER: tl.constexpr, R: tl.constexpr, NT_P2: tl.constexpr,
                         SP_P2: tl.constexpr, BN: tl.constexpr, M_P2: tl.constexpr, BKM: tl.constexpr):
     """Jump decision (RATES) and the destination / path sample from the tile sums.
 
-    RNG (§2.5): step: TAG_STEP, lane 1 jump, lane 2 destination; path: TAG_PATH, lane 0.
+    RNG (§2.5): step: TAG_STEP, lane 1 jump, lane 2 destination; path: TAG_PATH, lane 0; token
+    ``i`` has index ``i % row_len + index_offset``.
     Step: writes only the tokens that jump (``out`` already holds x). Path: writes every token.
     """
     if RATES:
@@ -161,7 +162,7 @@ def table_finish_kernel(table_ptr, x_ptr, y_ptr, out_ptr, list_ptr, count_ptr, b
         total = tl.max(cs, 1)
         if RATES:
             tok = tl.load(list_ptr + slots, mask=sok, other=0)
-            wd = token_words(seeds_ptr, row_len, tok, sok, tl.load(step_ptr), TAG_STEP)
+            wd = token_words(seeds_ptr, row_len, tok, sok, tl.load(step_ptr), TAG_STEP, index_offset)
             w1 = wd[1]
             w2 = wd[2]
             six = tl.arange(0, SP_P2)[None, :]
@@ -175,7 +176,7 @@ def table_finish_kernel(table_ptr, x_ptr, y_ptr, out_ptr, list_ptr, count_ptr, b
             nb = tl.zeros([R], tl.float32) - tl.load(params_ptr + 1)
         else:
             tok = slots
-            w0 = token_words(seeds_ptr, row_len, tok, sok, 0, TAG_PATH)[0]
+            w0 = token_words(seeds_ptr, row_len, tok, sok, 0, TAG_PATH, index_offset)[0]
             beta = tl.load(beta_ptr + tok, mask=sok, other=0.0).to(tl.float32)
             act = sok & (beta < float("inf"))
             target = to_uniform(w0) * total

@@ -15,11 +15,24 @@ What the kernels do (csrc/cpu/kernels.h, csrc/cuda/sampler.cu):
   rescanned block. FSQ codebooks (``levels``) rebuild ê from the index instead of reading the
   table (used only when the table is exactly ``Codebook.fsq(levels).normalized``).
 * mixture / mask steps draw x̂1 only for tokens whose result depends on it.
-* top-k / top-p: the filtered logits are computed with the reference's ``guided_logits`` in
-  row chunks (exact same kept set), then sampled by the kernel.
+* top-k / top-p (and logits the kernels cannot read directly: another dtype, strided in K,
+  cond and uncond of different dtypes): prepared with the reference's ``guided_logits`` in row
+  chunks (one (rows, K) float64 buffer within ``reference.sampler.CHUNK_BYTES``, the reference's
+  own budget), each chunk sampled by the kernel with the RNG index offset of its tokens: no
+  (D, K) buffer, and exactly the tokens of one whole call.
+* ``x1=`` (x̂1 drawn elsewhere, e.g. by the fused lm_head + draw): the logits are not read.
+* ``error=`` (int32 (1,) on the tokens' device): the kernels OR the ``ERR_*`` bits of
+  :mod:`ursa_engine.reference.sampler` (``csrc/include/ursa/errors.h``) for what they read:
+  ids of x and x1 (every token), and the raw cond / uncond logits of every row they draw x̂1
+  from (all rows of the metric step; of moving / unmasking tokens for the mixture / mask
+  steps; every row of a top-k / top-p chunk, checked by torch before the filter). No extra
+  pass: a NaN or +inf logit poisons its block's Σ exp of the draw, an all −inf row has no
+  finite max; only such a row is rescanned to classify its values. The argmax last step
+  rescans every row it reads. A bad id is flagged and never used as an address.
 
 Randomness: the §2.5 contract through ``csrc/include/ursa/philox.h`` (same lanes and tags as
 the reference), so a seed gives the same tokens as the torch reference up to float ties.
+``index_offset`` is added to every token's index inside its row (64-bit).
 """
 
 from __future__ import annotations
@@ -31,10 +44,9 @@ import weakref
 
 import torch
 
-from .reference.sampler import guided_logits
+from .reference import sampler as ref
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_FILTER_CHUNK_ELEMS = 1 << 24  # rows × K per float64 chunk of the top-k / top-p prefilter
 
 
 # ----------------------------------------------------------------------------- loading
@@ -104,15 +116,18 @@ def _tokens(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).contiguous()
 
 
-def _logits(name: str, z: torch.Tensor | None, D: int, K: int | None) -> torch.Tensor | None:
+def _logits(name: str, z: torch.Tensor | None, D: int, K: int) -> torch.Tensor | None:
+    """(D, K) rows of logits, a view whenever one exists: the kernels read any row stride, and
+    other dtypes / strides in K are converted per row chunk by the caller, never as a whole."""
     if z is None:
         return None
-    if z.dim() != 2 or z.shape[0] != D or (K is not None and z.shape[1] != K):
-        raise ValueError(f"{name}: expected shape ({D}, {K if K is not None else 'K'}), got {tuple(z.shape)}")
-    if z.dtype not in _DTYPES:
-        z = z.to(torch.float32)
-    if z.stride(1) != 1 or z.stride(0) < z.shape[1]:
-        z = z.contiguous()
+    if z.dim() == 0 or z.shape[-1] != K or z.numel() != D * K:
+        raise ValueError(f"{name}: expected shape ({D}, {K}), got {tuple(z.shape)}")
+    if z.dim() != 2:
+        try:
+            z = z.view(D, K)
+        except RuntimeError:  # not viewable as rows: one copy
+            z = z.reshape(D, K)
     return z
 
 
@@ -187,38 +202,102 @@ def _threads(device: torch.device) -> int:
     return torch.get_num_threads() if device.type == "cpu" else 0
 
 
-def _prefiltered(cond, uncond, *, guidance_scale, temperature, top_k, top_p, exclude=None):
-    """float32 z after guidance, temperature and top-k / top-p, by the reference (row chunks).
+def _offset(index_offset) -> int:
+    if isinstance(index_offset, bool) or not isinstance(index_offset, int) or not 0 <= index_offset < 2**62:
+        raise ValueError(f"index_offset: expected an int in [0, 2^62), got {index_offset!r}")
+    return index_offset
 
-    Known cost: this materializes one (D, K) float32 buffer (the size of fp32 logits) before the
-    kernel samples from it; only the unfiltered path reads the logits once with nothing D×K.
+
+def _error_word(error: torch.Tensor | None, device) -> torch.Tensor | None:
+    if error is None:
+        return None
+    if not isinstance(error, torch.Tensor) or error.dtype != torch.int32 or error.numel() != 1:
+        raise ValueError(f"error: expected an int32 tensor of one element, got {getattr(error, 'dtype', error)!r} "
+                         f"of shape {tuple(getattr(error, 'shape', ()))}")
+    if error.device != device:
+        raise ValueError(f"error: on {error.device}, expected {device} like the tokens")
+    return error
+
+
+def _row_chunks(D: int, row_len: int, n_seeds: int, rows: int):
+    """Pieces ``(s, e, seed_lo, seed_hi, row_len, offset)`` of at most ``rows`` tokens covering [0, D).
+
+    Each piece is whole RNG rows or part of one row, so that the call on tokens [s, e) with
+    ``seeds[seed_lo:seed_hi]`` (all of them for a single seed), that ``row_len`` and
+    ``index_offset + offset`` draws the words of those tokens in the whole call (§2.5).
     """
-    D, K = cond.shape
-    z = torch.empty(D, K, dtype=torch.float32, device=cond.device)
-    rows = max(1, _FILTER_CHUNK_ELEMS // max(K, 1))
-    for r0 in range(0, D, rows):
-        sl = slice(r0, min(D, r0 + rows))
-        z[sl] = guided_logits(cond[sl], None if uncond is None else uncond[sl], guidance_scale=guidance_scale,
-                              temperature=temperature, top_k=top_k, top_p=top_p, exclude=exclude)
-    return z
+    L = max(int(row_len), 1)
+    if L <= rows:  # whole rows per piece
+        step = rows // L * L
+        for s in range(0, D, step):
+            e = min(D, s + step)
+            yield s, e, s // L, -(-e // L), L, 0
+        return
+    for r0 in range(0, D, L):  # pieces of one row
+        for s in range(r0, min(D, r0 + L), rows):
+            e = min(D, r0 + L, s + rows)
+            yield s, e, r0 // L, r0 // L + 1, e - s, s - r0
 
 
-def _step_call(mod_fn, cond, uncond, x, params, step, *, seeds, row_len, guidance_scale, temperature, top_k,
-               top_p, last, argmax_last, out, exclude=None, **extra):
+def _chunk_rows(K: int, elem_bytes: int) -> int:
+    """Rows of one chunk: a (rows, K) buffer of ``elem_bytes`` fits the reference's CHUNK_BYTES."""
+    return max(1, ref.CHUNK_BYTES // max(K * elem_bytes, 1))
+
+
+def _prefiltered(cond, uncond, *, guidance_scale, temperature, top_k, top_p, exclude, error):
+    """float32 z of a row chunk after guidance, temperature and top-k / top-p, by the reference.
+
+    The kernel then reads z, not the raw logits: with ``error`` the raw values are checked here
+    (a few torch passes over the chunk, beside the filter's own sort).
+    """
+    ref.check_logits(error, cond)
+    if uncond is not None:
+        ref.check_logits(error, uncond, uncond=True)
+    return ref.guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                             top_p=top_p, exclude=exclude).to(torch.float32)
+
+
+def _launch(mod, fn: str, *, cond, uncond, x, x1, out, error, check_logits, params, step, seeds, row_len,
+            index_offset, K, guidance_scale, temperature, exclude, last, argmax_last, device, extra):
+    """One kernel call on (D,) tokens; logits (D, K) rows contiguous in K, or None with x1."""
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    getattr(mod, fn)(
+        cond=ptr(cond), uncond=ptr(uncond), dtype=_DTYPES[cond.dtype] if cond is not None else 0,
+        cond_stride=0 if cond is None else cond.stride(0), uncond_stride=0 if uncond is None else uncond.stride(0),
+        scale=float(guidance_scale), temperature=float(temperature), exclude=exclude, x=x.data_ptr(),
+        out=out.data_ptr(), D=x.numel(), K=K, params=params.data_ptr(), seeds=seeds.data_ptr(),
+        n_seeds=seeds.numel(), row_len=int(row_len), index_offset=int(index_offset), step=step.data_ptr(),
+        last=bool(last), argmax_last=bool(argmax_last), x1=ptr(x1), error=ptr(error),
+        check_logits=bool(check_logits), n_threads=_threads(device), stream=_stream(device), **extra)
+
+
+def _step_call(mod_fn, cond, uncond, x, params, step, *, K, seeds, row_len, index_offset, guidance_scale,
+               temperature, top_k, top_p, last, argmax_last, out, x1, error, exclude=None, **extra):
     x_flat = _tokens("x", x)
     D = x_flat.numel()
-    device = _device_of(x_flat, cond=cond, uncond=uncond, params=params)
+    if K is None and cond is not None:
+        K = cond.shape[-1]
+    if K is None:  # x1 given and no logits: no K to check ids against and no logits read: nothing checked
+        K, error = 2**62, None
+    if x1 is not None:
+        x1 = _tokens("x1", x1)
+        if x1.numel() != D:
+            raise ValueError(f"x1: expected {D} ids like x, got {x1.numel()}")
+        cond = uncond = None  # the logits are not read (guidance, temperature and filtering ignored)
+    elif cond is None:
+        raise ValueError("cond: logits are needed unless x1 is given")
+    device = _device_of(x_flat, cond=cond, uncond=uncond, params=params, x1=x1, error=error)
     mod = _module(device)
-    K = cond.shape[-1]
-    cond = _logits("cond", cond.reshape(D, K) if cond.dim() != 2 else cond, D, K)
-    uncond = _logits("uncond", None if uncond is None else (uncond.reshape(D, K) if uncond.dim() != 2 else uncond),
-                     D, K)
-    if uncond is not None and uncond.dtype != cond.dtype:
-        cond, uncond = cond.float(), uncond.float()
-    if top_k or top_p < 1.0:
-        cond = _prefiltered(cond, uncond, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                            top_p=top_p, exclude=exclude)
-        uncond, guidance_scale, temperature = None, 1.0, 1.0
+    index_offset = _offset(index_offset)
+    error = _error_word(error, device)
+    if cond is not None:
+        cond = _logits("cond", cond, D, K)
+        uncond = _logits("uncond", uncond, D, K)
+    filtering = cond is not None and (bool(top_k) or top_p < 1.0)
+    # Logits the kernel cannot read as they are go through row chunks (converted or filtered).
+    convert = cond is not None and not filtering and (
+        cond.dtype not in _DTYPES or cond.stride(1) != 1
+        or (uncond is not None and (uncond.dtype != cond.dtype or uncond.stride(1) != 1)))
     params = params.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
     if params.numel() < 4:
         raise ValueError(f"params: expected 4 step values, got {params.numel()}")
@@ -227,15 +306,30 @@ def _step_call(mod_fn, cond, uncond, x, params, step, *, seeds, row_len, guidanc
     step = step.to(device=device, dtype=torch.int64).reshape(-1).contiguous()
     seeds = _seeds(seeds, row_len, D, device)
     buf, target = _out(out, D, device)
+    exclude_id = -1 if exclude is None or not 0 <= exclude < K else int(exclude)
+    call = dict(params=params, step=step, K=int(K), exclude=exclude_id, last=last, argmax_last=argmax_last,
+                device=device, extra=extra)
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-        getattr(mod, mod_fn)(
-            cond=cond.data_ptr(), uncond=0 if uncond is None else uncond.data_ptr(), dtype=_DTYPES[cond.dtype],
-            cond_stride=cond.stride(0), uncond_stride=0 if uncond is None else uncond.stride(0),
-            scale=float(guidance_scale), temperature=float(temperature),
-            exclude=-1 if exclude is None or not 0 <= exclude < K else int(exclude),
-            x=x_flat.data_ptr(), out=buf.data_ptr(), D=D, K=K, params=params.data_ptr(), seeds=seeds.data_ptr(),
-            n_seeds=seeds.numel(), row_len=int(row_len), step=step.data_ptr(), last=bool(last),
-            argmax_last=bool(argmax_last), n_threads=_threads(device), stream=_stream(device), **extra)
+        if not (filtering or convert):
+            _launch(mod, mod_fn, cond=cond, uncond=uncond, x=x_flat, x1=x1, out=buf, error=error, check_logits=True,
+                    seeds=seeds, row_len=row_len, index_offset=index_offset, guidance_scale=guidance_scale,
+                    temperature=temperature, **call)
+            return _finish(buf, target, out)
+        rows = _chunk_rows(K, 8 if filtering else 4)  # float64 filter buffers / float32 converted logits
+        for s, e, lo, hi, chunk_len, offset in _row_chunks(D, row_len, seeds.numel(), rows):
+            c, u = cond[s:e], None if uncond is None else uncond[s:e]
+            if filtering:
+                c = _prefiltered(c, u, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, exclude=exclude, error=error)
+                u, gs, temp = None, 1.0, 1.0
+            else:
+                c = c.to(torch.float32).contiguous()
+                u = None if u is None else u.to(torch.float32).contiguous()
+                gs, temp = guidance_scale, temperature
+            _launch(mod, mod_fn, cond=c, uncond=u, x=x_flat[s:e], x1=None, out=buf[s:e], error=error,
+                    check_logits=not filtering, seeds=seeds[lo:hi] if seeds.numel() > 1 else seeds,
+                    row_len=chunk_len, index_offset=index_offset + offset, guidance_scale=gs, temperature=temp,
+                    **call)
     return _finish(buf, target, out)
 
 
@@ -247,11 +341,12 @@ class _nullcontext:
         return False
 
 
-def _path_call(mod_fn, x1, value, *, seeds, row_len, out, K, **extra):
+def _path_call(mod_fn, x1, value, *, seeds, row_len, index_offset, out, K, **extra):
     x1_flat = _tokens("x1", x1)
     D = x1_flat.numel()
     device = _device_of(x1_flat, value=value)
     mod = _module(device)
+    index_offset = _offset(index_offset)
     value = value.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
     if value.numel() != D:
         raise ValueError(f"per-token values: expected {D}, got {value.numel()}")
@@ -260,52 +355,71 @@ def _path_call(mod_fn, x1, value, *, seeds, row_len, out, K, **extra):
     with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
         getattr(mod, mod_fn)(x1=x1_flat.data_ptr(), value=value.data_ptr(), out=buf.data_ptr(), D=D, K=int(K),
                              seeds=seeds.data_ptr(), n_seeds=seeds.numel(), row_len=int(row_len),
-                             n_threads=_threads(device), stream=_stream(device), **extra)
+                             index_offset=index_offset, n_threads=_threads(device), stream=_stream(device), **extra)
     return _finish(buf, target, out)
 
 
 # ----------------------------------------------------------------------------- path sampling
-def metric_sample(x1, beta, table, *, power=2, levels=None, seeds, row_len, out=None):
+def metric_sample(x1, beta, table, *, power=2, levels=None, seeds, row_len, index_offset=0, out=None):
     """x_t ~ softmax(−β_i·d(·, x1_i)) per token (§2.3); β = ∞ returns x1. RNG: TAG_PATH, lane 0."""
     K = table.shape[0]
     table, lv = _codes(table, K, levels, x1.device)
-    return _path_call("metric_sample", x1, beta, seeds=seeds, row_len=row_len, out=out, K=K,
-                      table=table.data_ptr(), m=table.shape[1], levels=lv, power=int(power))
+    return _path_call("metric_sample", x1, beta, seeds=seeds, row_len=row_len, index_offset=index_offset, out=out,
+                      K=K, table=table.data_ptr(), m=table.shape[1], levels=lv, power=int(power))
 
 
-def mixture_sample(x1, keep, *, K, seeds, row_len, out=None):
+def mixture_sample(x1, keep, *, K, seeds, row_len, index_offset=0, out=None):
     """x_t = x1 with probability κ_i (lane 1), else uniform over [0, K) (lane 2)."""
-    return _path_call("mixture_sample", x1, keep, seeds=seeds, row_len=row_len, out=out, K=K)
+    return _path_call("mixture_sample", x1, keep, seeds=seeds, row_len=row_len, index_offset=index_offset, out=out,
+                      K=K)
 
 
-def mask_sample(x1, keep, *, mask_id, seeds, row_len, out=None):
+def mask_sample(x1, keep, *, mask_id, seeds, row_len, index_offset=0, out=None):
     """x_t = x1 with probability κ_i (lane 1), else the mask id."""
-    return _path_call("mask_sample", x1, keep, seeds=seeds, row_len=row_len, out=out, K=0, mask_id=int(mask_id))
+    return _path_call("mask_sample", x1, keep, seeds=seeds, row_len=row_len, index_offset=index_offset, out=out,
+                      K=0, mask_id=int(mask_id))
 
 
 # ----------------------------------------------------------------------------- sampler steps
+# Step options common to the three ops (reference.sampler): index_offset shifts the RNG index of
+# every token (§2.5); x1 (D,) replaces the draw of x̂1 (logits unread, may be None); error
+# (int32 (1,)) receives the ERR_* bits of the values read (see the module docstring).
 def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidance_scale=1.0, temperature=1.0,
-                top_k=0, top_p=1.0, power=2, levels=None, last=False, argmax_last=False, out=None):
-    """One metric-path Euler step (§2.4). RNG: TAG_STEP; lanes 0 x̂1, 1 jump, 2 destination."""
-    K = cond.shape[-1]
+                top_k=0, top_p=1.0, power=2, levels=None, last=False, argmax_last=False, out=None, index_offset=0,
+                x1=None, error=None):
+    """One metric-path Euler step (§2.4). RNG: TAG_STEP; lanes 0 x̂1, 1 jump, 2 destination.
+
+    Reads the logits of every token (with x1: none), the codebook for tokens with x̂1 ≠ x.
+    """
+    K = cond.shape[-1] if cond is not None and x1 is None else table.shape[0]
     table, lv = _codes(table, K, levels, x.device)
-    return _step_call("metric_step", cond, uncond, x, params, step, seeds=seeds, row_len=row_len,
-                      guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, last=last,
-                      argmax_last=argmax_last, out=out, table=table.data_ptr(), m=table.shape[1], levels=lv,
-                      power=int(power))
+    return _step_call("metric_step", cond, uncond, x, params, step, K=K, seeds=seeds, row_len=row_len,
+                      index_offset=index_offset, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                      top_p=top_p, last=last, argmax_last=argmax_last, out=out, x1=x1, error=error,
+                      table=table.data_ptr(), m=table.shape[1], levels=lv, power=int(power))
 
 
 def mixture_step(cond, uncond, x, params, step, *, seeds, row_len, guidance_scale=1.0, temperature=1.0, top_k=0,
-                 top_p=1.0, last=False, argmax_last=False, out=None):
-    """Mixture-path step (§2.4): jump to x̂1 with probability 1 − exp(−h·κ̇/(1−κ))."""
-    return _step_call("mixture_step", cond, uncond, x, params, step, seeds=seeds, row_len=row_len,
-                      guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, last=last,
-                      argmax_last=argmax_last, out=out)
+                 top_p=1.0, last=False, argmax_last=False, out=None, index_offset=0, x1=None, error=None, K=None):
+    """Mixture-path step (§2.4): jump to x̂1 with probability 1 − exp(−h·κ̇/(1−κ)).
+
+    Reads the logits of jumping tokens only (every token on the last step). ``K`` (default: the
+    logits' last dim) bounds the id checks when ``cond`` is None.
+    """
+    return _step_call("mixture_step", cond, uncond, x, params, step, K=K, seeds=seeds, row_len=row_len,
+                      index_offset=index_offset, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                      top_p=top_p, last=last, argmax_last=argmax_last, out=out, x1=x1, error=error)
 
 
 def mask_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, guidance_scale=1.0, temperature=1.0,
-              top_k=0, top_p=1.0, last=False, argmax_last=False, out=None):
-    """Masked-path step (§2.4): a masked token becomes x̂1 (never the mask) w.p. min(1, h·κ̇/(1−κ))."""
-    return _step_call("mask_step", cond, uncond, x, params, step, seeds=seeds, row_len=row_len,
-                      guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, last=last,
-                      argmax_last=argmax_last, out=out, exclude=int(mask_id), mask_id=int(mask_id))
+              top_k=0, top_p=1.0, last=False, argmax_last=False, out=None, index_offset=0, x1=None, error=None,
+              K=None):
+    """Masked-path step (§2.4): a masked token becomes x̂1 (never the mask) w.p. min(1, h·κ̇/(1−κ)).
+
+    Reads the logits of unmasking tokens only (every masked token on the last step). ``K`` as
+    for :func:`mixture_step`.
+    """
+    return _step_call("mask_step", cond, uncond, x, params, step, K=K, seeds=seeds, row_len=row_len,
+                      index_offset=index_offset, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                      top_p=top_p, last=last, argmax_last=argmax_last, out=out, x1=x1, error=error,
+                      exclude=int(mask_id), mask_id=int(mask_id))

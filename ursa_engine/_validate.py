@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .reference import sampler as _ref
+
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -21,11 +23,17 @@ def tokens(name: str, x, K: int, *, values: bool = True, device=None) -> torch.T
         raise TypeError(f"{name}: expected an integer tensor of token ids, got {x.dtype}")
     if device is not None and x.device != torch.device(device):
         raise ValueError(f"{name}: on {x.device}, expected {device}")
-    if values and x.numel():
+    if values:
+        token_values(name, x, K)
+    return x.to(torch.int64)
+
+
+def token_values(name: str, x: torch.Tensor, K: int) -> None:
+    """Ids in [0, K) (a host sync)."""
+    if x.numel():
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= K:
             raise ValueError(f"{name}: ids must be in [0, {K}), found values in [{lo}, {hi}]")
-    return x.to(torch.int64)
 
 
 def logits(name: str, z, shape: tuple[int, ...], K: int, *, device, values: bool = True) -> torch.Tensor:
@@ -42,13 +50,51 @@ def logits(name: str, z, shape: tuple[int, ...], K: int, *, device, values: bool
     if tuple(z.shape[:-1]) != tuple(shape):
         raise ValueError(f"{name}: shape {tuple(z.shape)} does not match tokens {tuple(shape)} + (K={K},)")
     if values:
-        if torch.isnan(z).any():
-            raise ValueError(f"{name}: contains NaN")
-        if torch.isposinf(z).any():
-            raise ValueError(f"{name}: contains +inf")
-        if z.numel() and (z == -torch.inf).all(-1).any():
-            raise ValueError(f"{name}: a token has every logit at -inf")
+        logit_values(name, z)
     return z
+
+
+def logit_values(name: str, z: torch.Tensor) -> None:
+    """No NaN, no +inf, no token with every logit at −inf (a host sync). The checks run on row chunks
+    (:func:`ursa_engine.reference.sampler.row_chunks`): no (D, K) temporary."""
+    if not z.numel():
+        return
+    error = torch.zeros(1, dtype=torch.int32, device=z.device)
+    rows = z.reshape(-1, z.shape[-1])
+    for sl in _ref.row_chunks(rows.shape[0], rows.shape[1]):
+        _ref.check_logits(error, rows[sl])
+    raise_for_errors(int(error.item()), K=z.shape[-1], logits_name=name)
+
+
+_LOGIT_MESSAGES = ((_ref.ERR_COND_NAN, "logits", "contains NaN"), (_ref.ERR_COND_POSINF, "logits", "contains +inf"),
+                   (_ref.ERR_COND_ALL_NEGINF, "logits", "a token has every logit at -inf"),
+                   (_ref.ERR_UNCOND_NAN, "uncond_logits", "contains NaN"),
+                   (_ref.ERR_UNCOND_POSINF, "uncond_logits", "contains +inf"),
+                   (_ref.ERR_UNCOND_ALL_NEGINF, "uncond_logits", "a token has every logit at -inf"))
+
+
+def raise_for_errors(bits: int, *, K: int, x: torch.Tensor | None = None, x1: torch.Tensor | None = None,
+                     logits_name: str = "logits") -> None:
+    """Turn the ``ERR_*`` bits of a sampler op's ``error=`` buffer into the ValueError that the
+    torch checks give (naming ``x``, ``x1``, ``logits``, ``uncond_logits``); no-op for 0."""
+    if not bits:
+        return
+    for bit, name, ids in ((_ref.ERR_X_RANGE, "x", x), (_ref.ERR_X1_RANGE, "x1", x1)):
+        if bits & bit:
+            if ids is not None:
+                token_values(name, ids, K)  # raises with the values found
+            raise ValueError(f"{name}: ids must be in [0, {K})")
+    for bit, name, what in _LOGIT_MESSAGES:
+        if bits & bit:
+            raise ValueError(f"{logits_name if name == 'logits' else name}: {what}")
+    raise ValueError(f"sampler error bits {bits:#x}")
+
+
+def index_offset(name: str, v) -> int:
+    """A token offset: an int in [0, 2^62) (Philox indices are 64-bit)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**62:
+        raise ValueError(f"{name}: must be an int in [0, 2^62), got {v!r}")
+    return v
 
 
 def times(name: str, t, shape: tuple[int, ...], device) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -10,9 +12,26 @@ from . import _dispatch, _validate
 from ._dispatch import resolve
 from .paths import MaskPath, MetricPath, MixturePath
 from .reference import laws
+from .reference import sampler as _reference
 from .reference.rng import seeds_per_row
 from .reference.sampler import NUM_PARAMS, P_BETA, P_BETA_DOT, P_H, P_RATE, mask_confidence_step
 from .schedules import shift_time
+
+
+@functools.cache
+def _op_accepts(backend: str, op: str, name: str) -> bool:
+    """Whether ``backend``'s own ``op`` takes the keyword ``name``: the ops gain the keywords of the
+    memory contract (``index_offset``, ``x1``, ``error``, ``K``) backend by backend. The backend
+    module is asked, not the custom-op wrapper :func:`._dispatch.resolve` may hand out (that one
+    accepts every keyword and forwards the non-default ones)."""
+    if backend == "torch":
+        return True
+    mod, _ = _dispatch._module(backend)
+    try:
+        params = inspect.signature(getattr(mod, op)).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class Scheduler:
@@ -51,6 +70,7 @@ class Scheduler:
         self._params64 = self._step_table()
         self._params = self._params64.to(torch.float32)  # what the kernels read
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._error_cache: dict[str, torch.Tensor] = {}
 
     def _step_table(self) -> torch.Tensor:
         """Per-step values (N, NUM_PARAMS) float64: h, β, β̇ and κ̇/(1−κ) at t_k."""
@@ -85,18 +105,23 @@ class Scheduler:
             raise ValueError(f"k: must be an int in [0, {self.num_steps}), got {k!r}")
         return k
 
-    def _options(self, logits, uncond_logits, k, x, guidance_scale, guidance_trunc, temperature,
-                 top_k, top_p, validate):
-        """Validate once; return flattened inputs and the kernel options."""
+    def _options(self, logits, uncond_logits, k, x, x1, guidance_scale, guidance_trunc, temperature, top_k, top_p):
+        """Check types, shapes and options (values are checked later, by the path that reads them);
+        return (logits, uncond after truncation, uncond as given, x, x1, kernel options)."""
         K = self.path.size
-        x = _validate.tokens("x", x, K, values=validate)
+        x = _validate.tokens("x", x, K, values=False)
         shape = tuple(x.shape)
-        logits = _validate.logits("logits", logits, shape, K, device=x.device, values=validate)
+        if x1 is not None:
+            x1 = _validate.tokens("x1", x1, K, values=False, device=x.device)
+            if tuple(x1.shape) != shape:
+                raise ValueError(f"x1: shape {tuple(x1.shape)} does not match tokens {shape}")
+        if x1 is None or logits is not None:
+            logits = _validate.logits("logits", logits, shape, K, device=x.device, values=False)
         if uncond_logits is not None:
-            uncond_logits = _validate.logits("uncond_logits", uncond_logits, shape, K, device=x.device,
-                                             values=validate)
-            if uncond_logits.dtype != logits.dtype:
+            uncond_logits = _validate.logits("uncond_logits", uncond_logits, shape, K, device=x.device, values=False)
+            if logits is not None and uncond_logits.dtype != logits.dtype:
                 raise TypeError(f"uncond_logits: dtype {uncond_logits.dtype} differs from logits {logits.dtype}")
+        given_uncond = uncond_logits
         guidance_scale = _validate.finite("guidance_scale", guidance_scale)
         guidance_trunc = _validate.finite("guidance_trunc", guidance_trunc)
         temperature = _validate.positive("temperature", temperature)
@@ -107,17 +132,35 @@ class Scheduler:
             if self.times[k] >= guidance_trunc:
                 uncond_logits = None
         opts = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
-        return logits, uncond_logits, x, opts
+        return logits, uncond_logits, given_uncond, x, x1, opts
+
+    def _check_values(self, x, x1, logits, uncond) -> None:
+        """The torch value checks (host syncs; no (D, K) temporary): ids, then the logits the step reads."""
+        K = self.path.size
+        _validate.token_values("x", x, K)
+        if x1 is not None:
+            _validate.token_values("x1", x1, K)
+            return  # given x̂1, the step reads no logits
+        _validate.logit_values("logits", logits)
+        if uncond is not None:
+            _validate.logit_values("uncond_logits", uncond)
+
+    def _error_buffer(self, device: torch.device) -> torch.Tensor:
+        """The int32 (1,) ``error=`` buffer of the fused ops on ``device`` (cached), zeroed."""
+        key = str(device)
+        if key not in self._error_cache:
+            self._error_cache[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        return self._error_cache[key].zero_()
 
     def step(self, logits, k, x, *, uncond_logits=None, guidance_scale: float = 1.0,
              guidance_trunc: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             argmax_last: bool = False, seed=0, backend: str = "auto", validate: bool = True,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+             argmax_last: bool = False, seed=0, token_offset: int = 0, x1: torch.Tensor | None = None,
+             backend: str = "auto", validate: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
         """One sampling step from ``x = x_{t_k}`` (DESIGN §2.4).
 
         Parameters
         ----------
-        logits : Tensor S + (K,)
+        logits : Tensor S + (K,), or None when ``x1`` is given
             Conditional logits for every token (bf16 / fp16 / fp32).
         k : int or 0-dim int64 device tensor
             Step index in [0, N). A tensor index reads t, h, β, β̇ from device memory (for CUDA
@@ -133,9 +176,21 @@ class Scheduler:
         seed : int or int64 tensor (S[0],)
             RNG key (§2.5): one int, or one seed per sample (results then do not depend on the
             batch a sample is generated in). Draws use TAG_STEP and the step index k.
+        token_offset : int
+            The position of ``x``'s first token in its sample: a chunk ``x[:, s:e]`` of every
+            sample (with its logits and per-sample seeds) stepped with ``token_offset=s`` gives
+            exactly the tokens ``[s, e)`` of the whole step (Philox index ``i + s``, §2.5). Not
+            meaningful for the confidence sampler, whose ranking couples a sample's tokens.
+        x1 : LongTensor S, optional
+            x̂1 already drawn (the fused lm_head + draw): the step reads no logits (``logits``
+            may be None; guidance, temperature and filtering are ignored) and does the rest of
+            §2.4 as usual. Not for the confidence sampler (it ranks by log p(x̂1)).
         backend : {"auto", "torch", "triton", "native"}
         validate : bool
-            Check token ranges and NaN logits (a host sync); turn off inside CUDA graphs.
+            Check token ranges and NaN / +inf / all −inf logits, raising a ValueError naming
+            the argument and writing nothing. The torch backend runs the torch checks first;
+            fused backends check inside the op (an error buffer read after it, no extra pass
+            over the logits; one host sync either way). False: nothing checked (CUDA graphs).
         out : LongTensor S, optional
             Written in place (may be ``x`` itself).
 
@@ -144,8 +199,9 @@ class Scheduler:
         LongTensor S: x_{t_{k+1}}.
         """
         k = self._check_k(k, validate)
-        logits, uncond, x, opts = self._options(logits, uncond_logits, k, x, guidance_scale, guidance_trunc,
-                                                temperature, top_k, top_p, validate)
+        token_offset = _validate.index_offset("token_offset", token_offset)
+        logits, uncond, given_uncond, x, x1, opts = self._options(
+            logits, uncond_logits, k, x, x1, guidance_scale, guidance_trunc, temperature, top_k, top_p)
         shape, K, device = tuple(x.shape), self.path.size, x.device
         if out is None:
             out = torch.empty(shape, dtype=torch.int64, device=device)
@@ -160,32 +216,76 @@ class Scheduler:
             params, step, last = params_all.index_select(0, kk).view(-1), kk, False
         else:
             params, step, last = params_all[k], counters[k:k + 1], k == self.num_steps - 1
-        flat = dict(cond=logits.reshape(-1, K).contiguous(),
-                    uncond=None if uncond is None else uncond.reshape(-1, K).contiguous(),
-                    x=x.reshape(-1).contiguous())
+        flat_x = x.reshape(-1).contiguous()
         if self.mask_sampler == "confidence":
             if backend not in ("auto", "torch"):
                 raise RuntimeError(f"backend={backend!r} cannot run the confidence sampler: its top-n "
                                    "selection per sample runs on the torch backend only")
-            return self._confidence_step(flat, k, shape, seeds, row_len, step, opts, argmax_last, out)
-        common = dict(seeds=seeds, row_len=row_len, last=last, argmax_last=argmax_last, **opts)
-        filt = dict(top_k=opts["top_k"], top_p=opts["top_p"], shape=(x.numel(), K))
-        flat_out = out.view(-1)
-        if isinstance(self.path, MetricPath):
-            fn = resolve("metric_step", backend, device, **filt)
-            table = self.path.codebook.normalized_on(device)
-            fn(flat["cond"], flat["uncond"], flat["x"], table, params, step, power=self.path.power,
-               levels=self.path.codebook.levels, out=flat_out, **common)
-        elif isinstance(self.path, MixturePath):
-            fn = resolve("mixture_step", backend, device, **filt)
-            fn(flat["cond"], flat["uncond"], flat["x"], params, step, out=flat_out, **common)
+            if x1 is not None:
+                raise ValueError("x1: the confidence sampler ranks tokens by log p(x̂1): it needs the logits")
+            if validate:
+                self._check_values(x, None, logits, given_uncond)
+            flat = dict(cond=logits.reshape(-1, K).contiguous(),
+                        uncond=None if uncond is None else uncond.reshape(-1, K).contiguous(), x=flat_x)
+            return self._confidence_step(flat, k, shape, seeds, row_len, step, opts, argmax_last, out, token_offset)
+        op = {MetricPath: "metric_step", MixturePath: "mixture_step", MaskPath: "mask_step"}[type(self.path)]
+        extra = {}
+        if token_offset:  # only non-default keywords: backends that predate them keep working
+            extra["index_offset"] = token_offset
+        if x1 is not None:
+            extra["x1"] = x1.reshape(-1).contiguous()
+            cond = flat_uncond = None
+            opts = dict(opts, top_k=0, top_p=1.0)  # no logits read: no filtering to support
         else:
-            fn = resolve("mask_step", backend, device, **filt)
-            fn(flat["cond"], flat["uncond"], flat["x"], params, step, mask_id=self.path.mask_id,
-               out=flat_out, **common)
+            cond = logits.reshape(-1, K).contiguous()
+            flat_uncond = None if uncond is None else uncond.reshape(-1, K).contiguous()
+        name, fn = self._backend_op(op, backend, device, (x.numel(), K), opts, extra)
+        fused_check = validate and name != "torch" and _op_accepts(name, op, "error")
+        if validate and not fused_check:
+            self._check_values(x, x1, logits, given_uncond)
+        flat_out = out.view(-1)
+        target = flat_out
+        if fused_check:
+            # the op writes a scratch result: nothing reaches ``out`` unless the values were good
+            target = torch.empty_like(flat_out)
+            error = extra["error"] = self._error_buffer(device)
+            if x1 is not None and op != "metric_step":  # no logits: K tells the op the id range
+                if _op_accepts(name, op, "K"):
+                    extra["K"] = K
+                else:
+                    _reference.check_ids(error, flat_x, K, _reference.ERR_X_RANGE)
+                    _reference.check_ids(error, extra["x1"], K, _reference.ERR_X1_RANGE)
+        common = dict(seeds=seeds, row_len=row_len, last=last, argmax_last=argmax_last, out=target, **opts, **extra)
+        if op == "metric_step":
+            table = self.path.codebook.normalized_on(device)
+            fn(cond, flat_uncond, flat_x, table, params, step, power=self.path.power,
+               levels=self.path.codebook.levels, **common)
+        elif op == "mixture_step":
+            fn(cond, flat_uncond, flat_x, params, step, **common)
+        else:
+            fn(cond, flat_uncond, flat_x, params, step, mask_id=self.path.mask_id, **common)
+        if fused_check:
+            _validate.raise_for_errors(int(extra["error"].item()), K=K, x=x, x1=x1)
+            flat_out.copy_(target)
         return out
 
-    def _confidence_step(self, flat, k, shape, seeds, row_len, step, opts, argmax_last, out):
+    @staticmethod
+    def _backend_op(op: str, backend: str, device, shape, opts: dict, extra: dict):
+        """(name, op) of the backend that runs this call: a named backend must take every keyword of
+        ``extra`` (else RuntimeError); ``auto`` takes the first of its order that does (torch always)."""
+        filt = dict(top_k=opts["top_k"], top_p=opts["top_p"])
+        if backend == "auto":
+            for name in _dispatch.auto_order(device, op, shape):
+                if _dispatch.why_not(name, op, device, filt) is None and all(_op_accepts(name, op, k) for k in extra):
+                    return name, resolve(op, name, device, shape=shape, **filt)
+        fn = resolve(op, backend, device, shape=shape, **filt)
+        missing = [k for k in extra if not _op_accepts(backend, op, k)]
+        if missing:
+            names = ", ".join({"index_offset": "token_offset"}.get(k, k) for k in missing)
+            raise RuntimeError(f"backend={backend!r} cannot run {op} with {names}: its op does not accept it yet")
+        return backend, fn
+
+    def _confidence_step(self, flat, k, shape, seeds, row_len, step, opts, argmax_last, out, token_offset=0):
         if isinstance(k, torch.Tensor):
             raise ValueError("k: the confidence sampler takes a python int step index")
         rows = shape[0] if len(shape) > 1 else 1
@@ -201,7 +301,8 @@ class Scheduler:
         uncond = None if flat["uncond"] is None else flat["uncond"].view(rows, length, K)
         new = mask_confidence_step(cond, uncond, flat["x"].view(rows, length), mask_id=self.path.mask_id,
                                    n_unmasked=n_unmasked, noise_scale=noise, seeds=seeds, row_len=row_len,
-                                   step=step.reshape(-1)[0], argmax=last and argmax_last, **opts)
+                                   step=step.reshape(-1)[0], index_offset=token_offset,
+                                   argmax=last and argmax_last, **opts)
         out.view(-1).copy_(new.view(-1))
         return out
 
@@ -225,35 +326,38 @@ class Scheduler:
     # ------------------------------------------------------------------ exact law
     def step_probs(self, logits, k, x, *, uncond_logits=None, guidance_scale: float = 1.0,
                    guidance_trunc: float = 1.0, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, argmax_last: bool = False, seed=None, backend=None, out=None,
-                   validate=None) -> torch.Tensor:
+                   top_p: float = 1.0, argmax_last: bool = False, x1: torch.Tensor | None = None, seed=None,
+                   token_offset=None, backend=None, out=None, validate=None) -> torch.Tensor:
         """Exact law of :meth:`step`'s result (§2.4): float64 of shape S + (K,). Small K only
-        (the metric law costs O(D·K²)). Accepts and ignores ``seed`` / ``backend`` / ``out`` /
-        ``validate`` so that one option dict serves both calls."""
+        (the metric law costs O(D·K²)). With ``x1``: the law given x̂1 = x1 (``logits`` may be
+        None). Accepts and ignores ``seed`` / ``token_offset`` / ``backend`` / ``out`` /
+        ``validate`` (the law does not depend on them) so that one option dict serves both calls."""
         if self.mask_sampler == "confidence":
             raise NotImplementedError("step_probs: the confidence sampler couples tokens (top-n "
                                       "selection) and has no per-token law")
         if not isinstance(k, int):
             raise ValueError(f"k: step_probs takes a python int, got {type(k).__name__}")
         k = self._check_k(k, True)
-        logits, uncond, x, opts = self._options(logits, uncond_logits, k, x, guidance_scale, guidance_trunc,
-                                                temperature, top_k, top_p, True)
+        logits, uncond, given_uncond, x, x1, opts = self._options(
+            logits, uncond_logits, k, x, x1, guidance_scale, guidance_trunc, temperature, top_k, top_p)
+        self._check_values(x, x1, logits, given_uncond)
         K = self.path.size
-        cond = logits.reshape(-1, K)
-        uncond = None if uncond is None else uncond.reshape(-1, K)
+        cond = None if x1 is not None else logits.reshape(-1, K)
+        uncond = None if x1 is not None or uncond is None else uncond.reshape(-1, K)
         flat_x = x.reshape(-1)
         last = k == self.num_steps - 1
         p = self._params64[k]
-        common = dict(last=last, argmax_last=argmax_last, **opts)
+        common = dict(last=last, argmax_last=argmax_last, x1=None if x1 is None else x1.reshape(-1), **opts)
         if isinstance(self.path, MetricPath):
             law = laws.metric_step_probs(cond, uncond, flat_x, self.path.codebook.normalized_on(x.device),
                                          h=float(p[P_H]), beta=float(p[P_BETA]), beta_dot=float(p[P_BETA_DOT]),
                                          power=self.path.power, **common)
         elif isinstance(self.path, MixturePath):
-            law = laws.mixture_step_probs(cond, uncond, flat_x, h=float(p[P_H]), rate=float(p[P_RATE]), **common)
+            law = laws.mixture_step_probs(cond, uncond, flat_x, h=float(p[P_H]), rate=float(p[P_RATE]), K=K,
+                                          **common)
         else:
             law = laws.mask_step_probs(cond, uncond, flat_x, mask_id=self.path.mask_id, h=float(p[P_H]),
-                                       rate=float(p[P_RATE]), **common)
+                                       rate=float(p[P_RATE]), K=K, **common)
         return law.view(*x.shape, K)
 
     def __repr__(self):

@@ -1,7 +1,7 @@
 // CPU building blocks of the sampler ops: logits conversion, a vectorizable exp, the streaming
-// inverse-CDF draw and the step loop over tokens (the codebooks are in codes.h). Included by
-// every csrc/cpu/*.cpp, which CMake compiles once per instruction set (namespace URSA_ISA:
-// base, avx2, avx512).
+// inverse-CDF draw, the error checks and the step loop over tokens (the codebooks are in
+// codes.h). Included by every csrc/cpu/*.cpp, which CMake compiles once per instruction set
+// (namespace URSA_ISA: base, avx2, avx512).
 #pragma once
 
 #include <algorithm>
@@ -87,6 +87,7 @@ struct GuidedRow {
   const T* uncond;  // null: no guidance
   float scale, temperature;
   int64_t exclude;  // −1: none
+  bool* suspect = nullptr;  // set when z at `exclude` (overwritten by −inf) is NaN or +inf
 
   // Writes the block and returns its max (one pass: the draw's block max comes for free).
   float operator()(int64_t k0, int64_t n, float* buf) const {
@@ -115,6 +116,7 @@ struct GuidedRow {
       m = tt != 1.0f ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
     }
     if (exclude >= k0 && exclude < k0 + n) {
+      if (suspect != nullptr && !(buf[exclude - k0] < std::numeric_limits<float>::infinity())) *suspect = true;
       buf[exclude - k0] = kNegInf;
       m = block_max(buf, n);
     }
@@ -127,6 +129,7 @@ struct Scratch {
   std::vector<float> buf, aux, aux2;
   std::vector<float> bmax, bsum;
   std::vector<double> bweight;
+  bool suspect = false;  // the last checked draw met a row that needs the exact check
   explicit Scratch(int64_t block, int64_t blocks)
       : buf(block), aux(block), aux2(block), bmax(blocks), bsum(blocks), bweight(blocks) {}
 };
@@ -184,19 +187,32 @@ inline int64_t find_block(const double* weight, int64_t blocks, double target, d
   return last_pos;
 }
 
+inline bool any_nan(const float* v, int64_t n) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t j = 0; j < n; ++j) bad |= v[j] != v[j];
+  return bad != 0;
+}
+
 // Inverse-CDF draw from softmax(z) with z streamed by `fill(k0, n, buf) -> max` (§2.5): one pass
 // keeps each block's max and Σ exp(z − max); the block crossing u·W is then rescanned alone.
+// With `check`, s.suspect tells whether the row may hold NaN / +inf or no finite z, at no cost
+// per element: a NaN or +inf z makes its block's Σ exp(z − max) NaN, a block whose max is −inf
+// is scanned for NaN, an all −inf row has max −inf. The caller then classifies the raw values.
 template <class Fill>
-int64_t draw_softmax(const Fill& fill, int64_t K, int64_t block, float u, Scratch& s) {
+int64_t draw_softmax(const Fill& fill, int64_t K, int64_t block, float u, Scratch& s, bool check = false) {
   const int64_t blocks = (K + block - 1) / block;
   float gmax = kNegInf;
+  bool suspect = false;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t k0 = b * block, n = std::min(block, K - k0);
     const float m = fill(k0, n, s.buf.data());
     s.bmax[b] = m;
     s.bsum[b] = m == kNegInf ? 0.0f : block_expsum(s.buf.data(), n, m);
+    if (check) suspect |= m == kNegInf ? any_nan(s.buf.data(), n) : !(s.bsum[b] == s.bsum[b]);
     gmax = std::max(gmax, m);
   }
+  if (check && (suspect || gmax == kNegInf)) s.suspect = true;
   double total = 0.0;
   for (int64_t b = 0; b < blocks; ++b) {
     s.bweight[b] = s.bsum[b] > 0.0f ? s.bsum[b] * std::exp(static_cast<double>(s.bmax[b]) - gmax) : 0.0;
@@ -249,32 +265,84 @@ void with_dtype(int dtype, F&& f) {
 
 inline int threads(int n) { return n > 0 ? n : omp_get_max_threads(); }
 
+// ----------------------------------------------------------------------------- errors (errors.h)
+inline void error_or(int32_t* error, int32_t bits) {
+  if (bits != 0) __atomic_fetch_or(error, bits, __ATOMIC_RELAXED);
+}
+
+// The ERR_* bits of one row of raw logits: NaN, +inf, every value −inf (exact, vectorized).
+template <class Load, typename T>
+int32_t value_errors(const T* p, int64_t K, int32_t nan_bit, int32_t posinf_bit, int32_t all_neginf_bit) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  int nan = 0, posinf = 0, above = 0;
+#pragma omp simd reduction(| : nan, posinf, above)
+  for (int64_t j = 0; j < K; ++j) {
+    const float v = Load::get(p, j);
+    nan |= v != v;
+    posinf |= v == inf;
+    above |= v != -inf;  // NaN counts as "not −inf", as torch's (z == −inf).all() does
+  }
+  return (nan ? nan_bit : 0) | (posinf ? posinf_bit : 0) | (above ? 0 : all_neginf_bit);
+}
+
+template <class Load, typename T>
+int32_t row_errors(const GuidedRow<Load, T>& row, int64_t K) {
+  int32_t e = value_errors<Load>(row.cond, K, ERR_COND_NAN, ERR_COND_POSINF, ERR_COND_ALL_NEGINF);
+  if (row.uncond != nullptr) e |= value_errors<Load>(row.uncond, K, ERR_UNCOND_NAN, ERR_UNCOND_POSINF,
+                                                      ERR_UNCOND_ALL_NEGINF);
+  return e;
+}
+
+// ERR_X_RANGE / ERR_X1_RANGE of token i.
+inline int32_t id_errors(const StepArgs& a, int64_t i) {
+  int32_t e = in_range(a.x[i], a.K) ? 0 : ERR_X_RANGE;
+  if (a.x1 != nullptr && !in_range(a.x1[i], a.K)) e |= ERR_X1_RANGE;
+  return e;
+}
+
+// x̂1 of token i: the given one, else drawn with uniform u from its guided logits (argmax on an
+// argmax last step). Checking, the raw logits of a row the draw flagged (or of every argmax
+// row) are classified into `bits`: normal rows cost nothing more than the draw.
+template <class Load, typename T>
+int64_t token_x1(const StepArgs& a, int64_t i, float u, Scratch& s, int32_t& bits) {
+  if (a.x1 != nullptr) return a.x1[i];
+  const Logits& L = a.logits;
+  const bool check = a.error != nullptr && a.check_logits;
+  s.suspect = false;
+  const GuidedRow<Load, T> row{static_cast<const T*>(L.cond) + i * L.cond_stride,
+                               L.uncond ? static_cast<const T*>(L.uncond) + i * L.uncond_stride : nullptr,
+                               L.scale, L.temperature, L.exclude, check ? &s.suspect : nullptr};
+  int64_t j;
+  if (a.last && a.argmax_last) {
+    j = argmax_stream(row, a.K, kLogitBlock, s);
+    s.suspect = check;
+  } else {
+    j = draw_softmax(row, a.K, kLogitBlock, u, s, check);
+  }
+  if (s.suspect) bits |= row_errors(row, a.K);
+  return j;
+}
+
 // ----------------------------------------------------------------------------- steps
 // For each token: `decide(z0, u1)` says whether it takes x̂1 (else it keeps z0, and its logits
-// are never read); x̂1 is drawn from the guided logits (argmax on an argmax last step).
+// are never read); x̂1 is the given one or drawn from the guided logits (token_x1).
 template <class Load, typename T, class Decide>
 void token_step_loop(const StepArgs& a, Decide decide) {
-  const Logits& L = a.logits;
-  const int64_t K = a.K;
   const int64_t step = a.rng.step ? *a.rng.step : 0;
-  const int64_t blocks = (K + kLogitBlock - 1) / kLogitBlock;
+  const int64_t blocks = a.x1 != nullptr ? 1 : (a.K + kLogitBlock - 1) / kLogitBlock;  // (x1: K may be unknown)
 #pragma omp parallel num_threads(threads(a.n_threads))
   {
     Scratch s(kLogitBlock, blocks);
+    int32_t bits = 0;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t i = 0; i < a.D; ++i) {
-      const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, step, TAG_STEP);
+      const Words r = rng_words(a.rng, i, step, TAG_STEP);
       const int64_t z0 = a.x[i];
-      if (!decide(z0, to_uniform(r.w[LANE_JUMP]))) {
-        a.out[i] = z0;
-        continue;
-      }
-      const GuidedRow<Load, T> row{static_cast<const T*>(L.cond) + i * L.cond_stride,
-                                   L.uncond ? static_cast<const T*>(L.uncond) + i * L.uncond_stride : nullptr,
-                                   L.scale, L.temperature, L.exclude};
-      a.out[i] = a.last && a.argmax_last ? argmax_stream(row, K, kLogitBlock, s)
-                                         : draw_softmax(row, K, kLogitBlock, to_uniform(r.w[LANE_DRAW]), s);
+      if (a.error != nullptr) bits |= id_errors(a, i);
+      a.out[i] = decide(z0, to_uniform(r.w[LANE_JUMP])) ? token_x1<Load, T>(a, i, to_uniform(r.w[LANE_DRAW]), s, bits)
+                                                         : z0;
     }
+    if (a.error != nullptr) error_or(a.error, bits);
   }
 }
 

@@ -69,7 +69,6 @@ int64_t metric_move(C& c, int64_t K, int64_t z0, int64_t j, float beta, double b
 
 template <class Load, typename T, class C>
 void metric_step_loop(const StepArgs& a, const C& proto) {
-  const Logits& L = a.logits;
   const int64_t K = a.K;
   const int64_t step = a.rng.step ? *a.rng.step : 0;
   const float beta = a.params[P_BETA];
@@ -82,24 +81,23 @@ void metric_step_loop(const StepArgs& a, const C& proto) {
     C c = proto;
     std::vector<float> cs(c.scratch_size() + 1);
     c.set_scratch(cs.data());
+    int32_t bits = 0;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t i = 0; i < a.D; ++i) {
-      const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, step, TAG_STEP);
-      const GuidedRow<Load, T> row{static_cast<const T*>(L.cond) + i * L.cond_stride,
-                                   L.uncond ? static_cast<const T*>(L.uncond) + i * L.uncond_stride : nullptr,
-                                   L.scale, L.temperature, L.exclude};
+      const Words r = rng_words(a.rng, i, step, TAG_STEP);
       const int64_t z0 = a.x[i];
-      const int64_t j = a.last && a.argmax_last ? argmax_stream(row, K, kLogitBlock, s)
-                                                : draw_softmax(row, K, kLogitBlock, to_uniform(r.w[LANE_DRAW]), s);
+      if (a.error != nullptr) bits |= id_errors(a, i);
+      const int64_t j = token_x1<Load, T>(a, i, to_uniform(r.w[LANE_DRAW]), s, bits);
       if (a.last) {
         a.out[i] = j;
-      } else if (j == z0 || z0 < 0 || z0 >= K) {  // (an invalid z0 is the caller's error: left as is)
+      } else if (j == z0 || !in_range(z0, K) || !in_range(j, K)) {  // (bad ids: flagged, never addresses)
         a.out[i] = z0;  // λ = 0: the codebook pass is skipped
       } else {
         a.out[i] = metric_move(c, K, z0, j, beta, beta_dot, h, to_uniform(r.w[LANE_JUMP]),
                                to_uniform(r.w[LANE_DEST]), s);
       }
     }
+    if (a.error != nullptr) error_or(a.error, bits);
   }
 }
 
@@ -137,7 +135,7 @@ std::string metric_sample(const PathArgs& a) {
           a.out[i] = x1;
           continue;
         }
-        const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, 0, TAG_PATH);
+        const Words r = rng_words(a.rng, i, 0, TAG_PATH);
         c.target(x1);
         const auto logits = [&](int64_t k0, int64_t n, float* buf) {
           c.distances(k0, n, buf);

@@ -28,7 +28,7 @@ std::string mask_step(const StepArgs& a) {
 std::string mixture_sample(const PathArgs& a) {
 #pragma omp parallel for num_threads(threads(a.n_threads)) schedule(static) if (a.D > 4096)
   for (int64_t i = 0; i < a.D; ++i) {
-    const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, 0, TAG_PATH);
+    const Words r = rng_words(a.rng, i, 0, TAG_PATH);
     a.out[i] = to_uniform(r.w[LANE_JUMP]) < a.value[i] ? a.x1[i] : to_below(r.w[LANE_DEST], a.K);
   }
   return "";
@@ -38,7 +38,7 @@ std::string mixture_sample(const PathArgs& a) {
 std::string mask_sample(const PathArgs& a) {
 #pragma omp parallel for num_threads(threads(a.n_threads)) schedule(static) if (a.D > 4096)
   for (int64_t i = 0; i < a.D; ++i) {
-    const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, 0, TAG_PATH);
+    const Words r = rng_words(a.rng, i, 0, TAG_PATH);
     a.out[i] = to_uniform(r.w[LANE_JUMP]) < a.value[i] ? a.x1[i] : a.mask_id;
   }
   return "";

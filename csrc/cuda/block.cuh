@@ -100,15 +100,16 @@ struct GuidedRow {  // z = (u + s·(c − u)) / T, −∞ at `exclude`
   const void* uncond;
   float scale, temperature;
   int64_t exclude;
-  __device__ float operator()(int64_t j) const {
+  __device__ float unexcluded(int64_t j) const {
     float z = load_logit<DT>(cond, j);
     if (uncond != nullptr) {
       const float u = load_logit<DT>(uncond, j);
       z = (z == u) ? z : u + scale * (z - u);  // c == u (e.g. both -inf) stays: no NaN
     }
     if (temperature != 1.0f) z = z / temperature;
-    return j == exclude ? -kInf : z;
+    return z;
   }
+  __device__ float operator()(int64_t j) const { return j == exclude ? -kInf : unexcluded(j); }
 };
 
 template <int DT>
@@ -132,16 +133,22 @@ struct Shared {
   float* warp_z;  // (kWarps,)
   int64_t* result;
   float* sqj;
+  int* flag;  // block_draw's "check this row" (errors.h)
 };
 
 __host__ __device__ inline int64_t tiles_of(int64_t K) { return (K + kTile - 1) / kTile; }
 
 // ----------------------------------------------------------------------------- draws
 // x ~ softmax(zf) over [0, K) by the inverse CDF with u; called by every thread of the block.
+// With `check`, *suspect (the same in every thread) tells whether the row may hold NaN / +inf
+// or no finite value, at no cost per element: a NaN or +inf z makes its tile's Σ exp NaN, a
+// tile whose max is −inf is tested for NaN, an all −inf row has max −inf.
 template <class ZF>
-__device__ int64_t block_draw(const ZF& zf, int64_t K, float u, const Shared& sh) {
+__device__ int64_t block_draw(const ZF& zf, int64_t K, float u, const Shared& sh, bool check = false,
+                              bool* suspect = nullptr) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t tiles = tiles_of(K);
+  int bad = 0;
   for (int64_t t = warp; t < tiles; t += kWarps) {
     float v[kPer];
     float m = -kInf;
@@ -158,16 +165,27 @@ __device__ int64_t block_draw(const ZF& zf, int64_t K, float u, const Shared& sh
       for (int e = 0; e < kPer; ++e) s += __expf(v[e] - m);
     }
     s = warp_sum(s);
+    if (check) {  // m and s are the same in every lane of the warp
+      if (m == -kInf) {
+        bool nan = false;
+#pragma unroll
+        for (int e = 0; e < kPer; ++e) nan |= v[e] != v[e];
+        bad |= __any_sync(kFull, nan);
+      } else {
+        bad |= !(s == s);
+      }
+    }
     if (lane == 0) {
       sh.tile_m[t] = m;
       sh.tile_s[t] = m == -kInf ? 0.0f : s;
     }
   }
-  __syncthreads();
+  const int any_bad = __syncthreads_or(bad);
   if (warp == 0) {
     float gm = -kInf;
     for (int64_t t = lane; t < tiles; t += 32) gm = fmaxf(gm, sh.tile_m[t]);
     gm = warp_max(gm);
+    if (lane == 0) *sh.flag = check && (any_bad || gm == -kInf);
     const auto weight = [&](int64_t t) -> double {
       return sh.tile_s[t] > 0.0f ? static_cast<double>(sh.tile_s[t]) * exp(static_cast<double>(sh.tile_m[t]) - gm)
                                  : 0.0;
@@ -192,8 +210,38 @@ __device__ int64_t block_draw(const ZF& zf, int64_t K, float u, const Shared& sh
   }
   __syncthreads();
   const int64_t r = *sh.result;
+  if (suspect != nullptr) *suspect = *sh.flag != 0;
   __syncthreads();
   return r;
+}
+
+// The ERR_* bits of one row of raw logits (errors.h), scanned by the whole block (every thread
+// calls it and gets the bits).
+template <int DT>
+__device__ int32_t block_row_errors(const GuidedRow<DT>& row, int64_t K) {
+  int nan_c = 0, inf_c = 0, seen_c = 0, nan_u = 0, inf_u = 0, seen_u = 0;
+  for (int64_t j = threadIdx.x; j < K; j += kThreads) {
+    const float c = load_logit<DT>(row.cond, j);
+    nan_c |= c != c;
+    inf_c |= c == kInf;
+    seen_c |= c != -kInf;  // NaN counts as "not −inf", as torch's (z == −inf).all() does
+    if (row.uncond != nullptr) {
+      const float u = load_logit<DT>(row.uncond, j);
+      nan_u |= u != u;
+      inf_u |= u == kInf;
+      seen_u |= u != -kInf;
+    }
+  }
+  int32_t e = 0;
+  if (__syncthreads_or(nan_c)) e |= ERR_COND_NAN;
+  if (__syncthreads_or(inf_c)) e |= ERR_COND_POSINF;
+  if (!__syncthreads_or(seen_c)) e |= ERR_COND_ALL_NEGINF;
+  if (row.uncond != nullptr) {
+    if (__syncthreads_or(nan_u)) e |= ERR_UNCOND_NAN;
+    if (__syncthreads_or(inf_u)) e |= ERR_UNCOND_POSINF;
+    if (!__syncthreads_or(seen_u)) e |= ERR_UNCOND_ALL_NEGINF;
+  }
+  return e;
 }
 
 // argmax zf (first index of the maximum).
@@ -254,6 +302,7 @@ __device__ Shared shared_layout(int64_t K, int m) {  // m: embedding dim (0: no 
   __shared__ int64_t result;
   __shared__ float warp_z[kWarps];
   __shared__ float sqj;
+  __shared__ int flag;
   const int64_t tiles = padded_tiles(K);
   float* base = reinterpret_cast<float*>(smem_raw);
   Shared sh;
@@ -264,6 +313,7 @@ __device__ Shared shared_layout(int64_t K, int m) {  // m: embedding dim (0: no 
   sh.warp_z = warp_z;
   sh.result = &result;
   sh.sqj = &sqj;
+  sh.flag = &flag;
   return sh;
 }
 

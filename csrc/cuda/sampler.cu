@@ -74,6 +74,38 @@ __device__ int64_t block_metric_move(const Dist& dist, int64_t K, int64_t z0, fl
   return r;
 }
 
+// ----------------------------------------------------------------------------- errors (errors.h)
+// ERR_X_RANGE / ERR_X1_RANGE of token i (one thread per token calls it).
+__device__ void report_ids(const StepArgs& a, int64_t i) {
+  int32_t e = in_range(a.x[i], a.K) ? 0 : ERR_X_RANGE;
+  if (a.x1 != nullptr && !in_range(a.x1[i], a.K)) e |= ERR_X1_RANGE;
+  if (e != 0) atomicOr(a.error, e);
+}
+
+// x̂1 of token i: the given one, else drawn with uniform u from its guided logits (argmax on an
+// argmax last step); called by the whole block. Checking, a row the draw flagged (or every
+// argmax row) is classified and its bits ORed into a.error.
+template <int DT>
+__device__ int64_t block_x1(const StepArgs& a, int64_t i, float u, const Shared& sh) {
+  if (a.x1 != nullptr) return a.x1[i];
+  const GuidedRow<DT> row = guided_row<DT>(a.logits, i);
+  const bool check = a.error != nullptr && a.check_logits;
+  bool suspect = false;
+  int64_t j;
+  if (a.last && a.argmax_last) {
+    j = block_argmax(row, a.K, sh);
+    suspect = check;
+  } else {
+    j = block_draw(row, a.K, u, sh, check, &suspect);
+  }
+  if (check && row.exclude >= 0 && row.exclude < a.K) suspect |= !(row.unexcluded(row.exclude) < kInf);
+  if (suspect) {  // the same in every thread
+    const int32_t e = block_row_errors(row, a.K);
+    if (threadIdx.x == 0 && e != 0) atomicOr(a.error, e);
+  }
+  return j;
+}
+
 // ----------------------------------------------------------------------------- kernels
 template <int DT, int MODE>
 __global__ void __launch_bounds__(kThreads) metric_step_kernel(StepArgs a, FsqSplit f) {
@@ -82,13 +114,12 @@ __global__ void __launch_bounds__(kThreads) metric_step_kernel(StepArgs a, FsqSp
   const float beta = a.params[P_BETA];
   const double beta_dot = a.params[P_BETA_DOT], h = a.params[P_H];
   for (int64_t i = blockIdx.x; i < a.D; i += gridDim.x) {
-    const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, step, TAG_STEP);
+    const Words r = rng_words(a.rng, i, step, TAG_STEP);
     const int64_t z0 = a.x[i];
-    const GuidedRow<DT> row = guided_row<DT>(a.logits, i);
-    const int64_t j = a.last && a.argmax_last ? block_argmax(row, a.K, sh)
-                                              : block_draw(row, a.K, to_uniform(r.w[LANE_DRAW]), sh);
+    if (a.error != nullptr && threadIdx.x == 0) report_ids(a, i);
+    const int64_t j = block_x1<DT>(a, i, to_uniform(r.w[LANE_DRAW]), sh);
     int64_t result = j;
-    if (!a.last && j != z0 && z0 >= 0 && z0 < a.K) {
+    if (!a.last && j != z0 && in_range(z0, a.K) && in_range(j, a.K)) {  // bad ids: flagged, never addresses
       const auto dist = DistOf<MODE>::make(a.codes, f, j, sh);
       result = block_metric_move(dist, a.K, z0, beta, beta_dot, h, to_uniform(r.w[LANE_JUMP]),
                                  to_uniform(r.w[LANE_DEST]), sh);
@@ -99,25 +130,27 @@ __global__ void __launch_bounds__(kThreads) metric_step_kernel(StepArgs a, FsqSp
   }
 }
 
+// Codes the token kernels keep per-tile state for (none with a given x̂1: K may then be unknown).
+__host__ __device__ inline int64_t drawn_codes(const StepArgs& a) { return a.x1 != nullptr ? 1 : a.K; }
+
 // mode 0: mixture step, 1: mask step.
 template <int DT, int MODE>
 __global__ void __launch_bounds__(kThreads) token_step_kernel(StepArgs a) {
-  const Shared sh = shared_layout(a.K, 0);
+  const Shared sh = shared_layout(drawn_codes(a), 0);
   const int64_t step = a.rng.step ? *a.rng.step : 0;
   const double hr = static_cast<double>(a.params[P_H]) * static_cast<double>(a.params[P_RATE]);
   const double prob = MODE == 0 ? -expm1(-hr) : (hr < 1.0 ? hr : 1.0);  // jump / unmask
   for (int64_t i = blockIdx.x; i < a.D; i += gridDim.x) {
-    const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, step, TAG_STEP);
+    const Words r = rng_words(a.rng, i, step, TAG_STEP);
     const int64_t z0 = a.x[i];
+    if (a.error != nullptr && threadIdx.x == 0) report_ids(a, i);
     const bool take = MODE == 0 ? (a.last || static_cast<double>(to_uniform(r.w[LANE_JUMP])) < prob)
                                 : (z0 == a.mask_id && (a.last || static_cast<double>(to_uniform(r.w[LANE_JUMP])) < prob));
     if (!take) {  // uniform over the block: the result does not depend on x̂1
       if (threadIdx.x == 0) a.out[i] = z0;
       continue;
     }
-    const GuidedRow<DT> row = guided_row<DT>(a.logits, i);
-    const int64_t j = a.last && a.argmax_last ? block_argmax(row, a.K, sh)
-                                              : block_draw(row, a.K, to_uniform(r.w[LANE_DRAW]), sh);
+    const int64_t j = block_x1<DT>(a, i, to_uniform(r.w[LANE_DRAW]), sh);
     if (threadIdx.x == 0) a.out[i] = j;
   }
 }
@@ -132,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) metric_sample_kernel(PathArgs a, Fsq
       if (threadIdx.x == 0) a.out[i] = x1;
       continue;
     }
-    const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, 0, TAG_PATH);
+    const Words r = rng_words(a.rng, i, 0, TAG_PATH);
     const auto dist = DistOf<MODE>::make(a.codes, f, x1, sh);
     const auto logit = [&](int64_t y) { return -beta * dist(y); };
     const int64_t x = block_draw(logit, a.K, to_uniform(r.w[LANE_DRAW]), sh);
@@ -144,7 +177,7 @@ template <int MODE>  // 0: mixture (uniform noise), 1: mask
 __global__ void kappa_sample_kernel(PathArgs a) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.D;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Words r = flat_token_words(a.rng.seeds, a.rng.n_seeds, a.rng.row_len, i, 0, TAG_PATH);
+    const Words r = rng_words(a.rng, i, 0, TAG_PATH);
     const bool keep = to_uniform(r.w[LANE_JUMP]) < a.value[i];
     a.out[i] = keep ? a.x1[i] : (MODE == 0 ? to_below(r.w[LANE_DEST], a.K) : a.mask_id);
   }
@@ -199,7 +232,7 @@ namespace {
 template <int MODE>
 std::string token_step(const StepArgs& a, const char* what) {
   const cudaStream_t stream = static_cast<cudaStream_t>(a.stream);
-  const size_t smem = shared_bytes(a.K, 0, 0);
+  const size_t smem = shared_bytes(drawn_codes(a), 0, 0);
   switch (a.logits.dtype) {
     case DTYPE_BF16: return launch_blocks(token_step_kernel<DTYPE_BF16, MODE>, what, a.D, smem, stream, a);
     case DTYPE_F16: return launch_blocks(token_step_kernel<DTYPE_F16, MODE>, what, a.D, smem, stream, a);

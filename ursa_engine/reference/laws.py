@@ -36,7 +36,10 @@ def mask_path_probs(x1: torch.Tensor, keep: torch.Tensor, K: int, mask_id: int):
     return k * onehot + (1 - k) * mask
 
 
-def _x1_law(cond, uncond, options: dict, *, last: bool, argmax_last: bool, exclude=None):
+def _x1_law(cond, uncond, options: dict, *, last: bool, argmax_last: bool, exclude=None, x1=None, K=None):
+    """Law of x̂1 (D, K): softmax of the guided logits, their argmax, or δ(x1) for a given x̂1."""
+    if x1 is not None:
+        return torch.nn.functional.one_hot(x1, K if K is not None else cond.shape[-1]).to(torch.float64)
     z = guided_logits(cond, uncond, exclude=exclude, **options)
     if last and argmax_last:
         return torch.nn.functional.one_hot(z.argmax(-1), z.shape[-1]).to(torch.float64)
@@ -44,12 +47,13 @@ def _x1_law(cond, uncond, options: dict, *, last: bool, argmax_last: bool, exclu
 
 
 def metric_step_probs(cond, uncond, x, table, *, h: float, beta: float, beta_dot: float,
-                      power: int = 2, last: bool = False, argmax_last: bool = False, **options):
+                      power: int = 2, last: bool = False, argmax_last: bool = False, x1=None, **options):
     """Law of one metric step: ``P(y) = Σ_j p_j[(1 − J_j)δ(y = z0) + J_j u_j(y)/λ_j]``.
 
-    cond/uncond (D, K) logits, x (D,) current tokens -> (D, K).
+    cond/uncond (D, K) logits, x (D,) current tokens -> (D, K). With ``x1`` (D,) the law given
+    x̂1 = x1 (p = δ(x1); the logits are not read and may be None).
     """
-    p1 = _x1_law(cond, uncond, options, last=last, argmax_last=argmax_last)
+    p1 = _x1_law(cond, uncond, options, last=last, argmax_last=argmax_last, x1=x1, K=table.shape[0])
     if last:
         return p1
     K = p1.shape[-1]
@@ -71,9 +75,11 @@ def metric_step_probs(cond, uncond, x, table, *, h: float, beta: float, beta_dot
 
 
 def mixture_step_probs(cond, uncond, x, *, h: float, rate: float, last: bool = False,
-                       argmax_last: bool = False, **options):
-    """Law of one mixture step: jump to x̂1 ≠ z0 with probability 1 − exp(−h·rate)."""
-    p1 = _x1_law(cond, uncond, options, last=last, argmax_last=argmax_last)
+                       argmax_last: bool = False, x1=None, K: int | None = None, **options):
+    """Law of one mixture step: jump to x̂1 ≠ z0 with probability 1 − exp(−h·rate).
+
+    With ``x1`` (D,): the law given x̂1 = x1 (``K`` needed when the logits are None)."""
+    p1 = _x1_law(cond, uncond, options, last=last, argmax_last=argmax_last, x1=x1, K=K)
     if last:
         return p1
     jump = -torch.expm1(torch.tensor(-h * rate, dtype=torch.float64))
@@ -83,9 +89,11 @@ def mixture_step_probs(cond, uncond, x, *, h: float, rate: float, last: bool = F
 
 
 def mask_step_probs(cond, uncond, x, *, mask_id: int, h: float, rate: float, last: bool = False,
-                    argmax_last: bool = False, **options):
-    """Law of one masked step: masked tokens unmask to x̂1 w.p. min(1, h·rate); others stay."""
-    p1 = _x1_law(cond, uncond, options, last=last, argmax_last=argmax_last, exclude=mask_id)
+                    argmax_last: bool = False, x1=None, K: int | None = None, **options):
+    """Law of one masked step: masked tokens unmask to x̂1 w.p. min(1, h·rate); others stay.
+
+    With ``x1`` (D,): the law given x̂1 = x1 (``K`` needed when the logits are None)."""
+    p1 = _x1_law(cond, uncond, options, last=last, argmax_last=argmax_last, exclude=mask_id, x1=x1, K=K)
     q = 1.0 if last else min(1.0, h * rate)
     stay = torch.nn.functional.one_hot(x, p1.shape[-1]).to(torch.float64)
     masked = (x == mask_id).unsqueeze(-1)

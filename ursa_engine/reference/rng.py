@@ -13,6 +13,10 @@ tiling, launch configuration, batch composition or backend.
   whole tensor (one row: the flat index over all tokens) or an int64 tensor of shape
   ``(S[0],)``, one seed per sample (row ``b`` holds the ``prod(S[1:])`` tokens of sample ``b``).
   Per-sample seeds make a sample's tokens independent of which batch it is generated in.
+  Token ``i`` of a flat input of rows of ``row_len`` tokens uses key ``seeds[i // row_len]`` and
+  index ``(i % row_len) + index_offset`` (64-bit): a caller that runs the tokens ``[s, e)`` of
+  every sample as one call (``row_len = e − s``, ``index_offset = s``) draws exactly the numbers
+  of the whole call, so row chunking never changes a token.
 * ``tag`` names the consumer: :data:`TAG_STEP` for a sampler step (``step`` = the step index
   ``k``), :data:`TAG_PATH` for path sampling ``x_t ~ p_t(.|x1)`` (``step`` = 0),
   :data:`TAG_TIMESTEP` for training-time draws (``step`` = 0), :data:`TAG_INIT` for the
@@ -95,15 +99,16 @@ def seeds_per_row(seed, shape: tuple[int, ...], device) -> tuple[torch.Tensor, i
     return torch.tensor([seed], dtype=torch.int64, device=device), max(numel, 1)
 
 
-def random_words(seeds: torch.Tensor, row_len: int, numel: int, step, tag: int):
+def random_words(seeds: torch.Tensor, row_len: int, numel: int, step, tag: int, *, index_offset: int = 0):
     """The four Philox lanes for flat tokens ``0 .. numel-1`` (int64 tensors of uint32 words).
 
-    ``step`` is an int or a 0-dim int64 tensor (device memory, for CUDA graphs).
+    ``step`` is an int or a 0-dim int64 tensor (device memory, for CUDA graphs). Token ``i``
+    uses index ``(i % row_len) + index_offset`` of its row (see the module docstring).
     """
     device = seeds.device
     flat = torch.arange(numel, device=device, dtype=torch.int64)
     row = flat // max(row_len, 1)
-    index = flat - row * row_len
+    index = flat - row * row_len + index_offset
     seed = seeds[row] if seeds.numel() > 1 else seeds.expand(numel)
     step = torch.as_tensor(step, dtype=torch.int64, device=device)
     counter = (index & _MASK32, index >> 32, step.expand(numel), torch.full_like(flat, tag))

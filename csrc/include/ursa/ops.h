@@ -7,6 +7,7 @@
 #include <string>
 
 #include "codebook.h"
+#include "errors.h"
 
 namespace ursa {
 
@@ -14,13 +15,21 @@ enum DType : int { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2 };
 enum Param : int { P_H = 0, P_BETA = 1, P_BETA_DOT = 2, P_RATE = 3 };
 
 // RNG rows of the contract (philox.h). `step` points to the int64 step counter (device memory
-// on CUDA so that one captured graph serves every step); null means step 0.
+// on CUDA so that one captured graph serves every step); null means step 0. `index_offset` is
+// added to every token's index inside its row: tokens [s, e) of each row run as a call of
+// row_len = e − s with index_offset = s give exactly the tokens of the whole call.
 struct Rng {
   const int64_t* seeds = nullptr;
   int64_t n_seeds = 1;
   int64_t row_len = 1;
   const int64_t* step = nullptr;
+  int64_t index_offset = 0;
 };
+
+// The four lanes of flat token i under `r` (the row lookup of philox.h).
+URSA_HD Words rng_words(const Rng& r, int64_t i, int64_t step, uint32_t tag) {
+  return flat_token_words(r.seeds, r.n_seeds, r.row_len, r.index_offset, i, step, tag);
+}
 
 // Logits of D tokens: z = (u + s·(c − u)) / T (u absent: z = c / T); `exclude` (the mask id, or
 // −1) is never drawn. Rows are contiguous in K, `*_stride` elements apart.
@@ -46,11 +55,18 @@ struct Codes {
   int power = 2;
 };
 
+// `x1` (D,), when given, is x̂1 drawn elsewhere: the logits are never read (lane 0 unused).
+// `error`, when given, receives ERR_* bits (errors.h) for the values the op reads: ids of x and
+// x1, and (with `check_logits`) the raw cond / uncond logits of every row it draws from. A bad
+// id is never used as an address (the token keeps its id).
 struct StepArgs {
   int64_t D = 0, K = 0;
   Logits logits;
   const int64_t* x = nullptr;  // (D,) current tokens
+  const int64_t* x1 = nullptr;  // (D,) given x̂1, or null: drawn from the logits
   int64_t* out = nullptr;      // (D,) may alias x
+  int32_t* error = nullptr;    // (1,) ERR_* bits ORed in, or null: nothing checked
+  bool check_logits = true;    // with `error`: check the logits read (off for prefiltered ones)
   const float* params = nullptr;  // P_H, P_BETA, P_BETA_DOT, P_RATE
   Rng rng;
   bool last = false, argmax_last = false;

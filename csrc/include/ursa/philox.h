@@ -8,8 +8,8 @@
 //     lane 2: jump destination (or the mixture noise code)   lane 3: MaskGIT Gumbel noise
 //   uniform(w) = (2·(w >> 9) + 1) · 2^-24  (float32 in (0, 1), exact on every backend)
 //   below(w,n) = (w · n) >> 32
-// Token i of a flat tensor uses row r = i / row_len, index i % row_len and seed seeds[r]
-// (seeds[0] when there is a single seed).
+// Token i of a flat tensor uses row r = i / row_len, index (i % row_len) + index_offset and
+// seed seeds[r] (seeds[0] when there is a single seed); 64-bit index arithmetic.
 #pragma once
 
 #include <cstdint>
@@ -71,14 +71,14 @@ URSA_HD Words token_words(uint64_t seed, uint64_t index, uint64_t step, uint32_t
                        static_cast<uint32_t>(seed >> 32));
 }
 
-// Row lookup of the contract: token i -> (seed, index inside its row).
-URSA_HD Words flat_token_words(const int64_t* seeds, int64_t n_seeds, int64_t row_len, int64_t i,
-                               int64_t step, uint32_t tag) {
+// Row lookup of the contract: token i -> (seed, index inside its row + index_offset).
+URSA_HD Words flat_token_words(const int64_t* seeds, int64_t n_seeds, int64_t row_len, int64_t index_offset,
+                               int64_t i, int64_t step, uint32_t tag) {
   const int64_t len = row_len > 0 ? row_len : 1;
   const int64_t row = i / len;
   const int64_t seed = n_seeds > 1 ? seeds[row] : seeds[0];
-  return token_words(static_cast<uint64_t>(seed), static_cast<uint64_t>(i - row * len),
-                     static_cast<uint64_t>(step), tag);
+  const uint64_t index = static_cast<uint64_t>(i - row * len) + static_cast<uint64_t>(index_offset);
+  return token_words(static_cast<uint64_t>(seed), index, static_cast<uint64_t>(step), tag);
 }
 
 URSA_HD float to_uniform(uint32_t w) {
