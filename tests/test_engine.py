@@ -66,8 +66,8 @@ def test_generate_equals_hand_written_loop(model):
 
 
 def test_guidance_runs_as_one_2b_batch_and_truncation_drops_the_unconditional_half(model):
-    sizes = []
-    hook = model.register_forward_hook(lambda m, args, kwargs_out: sizes.append(args[0].shape[0]))
+    sizes = []  # rows of every transformer pass (the embedding sees its (rows, L) ids)
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
     try:
         sched = metric_sched(steps=6)
         engine_for(model, sched).generate(PROMPTS, NEG, SHAPE, guidance_scale=5.0, guidance_trunc=0.5)
@@ -79,7 +79,7 @@ def test_guidance_runs_as_one_2b_batch_and_truncation_drops_the_unconditional_ha
 
 def test_guidance_scale_one_never_evaluates_the_negative_prompt(model):
     sizes = []
-    hook = model.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
     try:
         engine_for(model).generate(PROMPTS, latents_shape=SHAPE, guidance_scale=1.0)
     finally:
@@ -358,6 +358,7 @@ def test_backend_names_and_sampling_options_are_checked_before_anything_runs(mod
     eng = engine_for(model, sampler_backend="torch")
     calls = []
     monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(1))
+    monkeypatch.setattr(model, "hidden_states", lambda *a, **kw: calls.append(1))
     for kw, name in [({"temperature": 0.0}, "temperature"), ({"temperature": float("inf")}, "temperature"),
                      ({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_p": 0.0}, "top_p"),
                      ({"top_p": 1.5}, "top_p")]:
@@ -380,3 +381,114 @@ def test_graphs_are_released_before_decoding_unless_kept(tmp_path, monkeypatch, 
     assert bool(eng._graphs) == bool(keep)
     eng.generate("a bear", latents_shape=(1, 2, 2), decode=False, keep_graphs=None if keep is None else keep)
     assert bool(eng._graphs) == (keep is not False)
+
+
+# ----------------------------------------------------------------------------- head + sampler by token range
+def _paths():
+    table = ue.Codebook(torch.randn(64, 8, generator=torch.Generator().manual_seed(9)))
+    return {
+        "metric-fsq": lambda: metric_sched(steps=5, shift=2.0),
+        "metric-table": lambda: ue.Scheduler(ue.MetricPath(table, alpha=0.5, c=6.0), 5),
+        "mixture": lambda: ue.Scheduler(ue.MixturePath(64), 4),
+        "mask": lambda: ue.Scheduler(ue.MaskPath(64, mask_id=63), 4),
+        "mask-confidence": lambda: ue.Scheduler(ue.MaskPath(64, mask_id=63), 4, mask_sampler="confidence"),
+    }
+
+
+def _offsets(sched, monkeypatch):
+    """Record the token_offset of every scheduler call."""
+    seen, step = [], sched.step
+    monkeypatch.setattr(sched, "step", lambda *a, **kw: seen.append(kw.get("token_offset", 0)) or step(*a, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("path", list(_paths()))
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("graph", [False, True])
+def test_head_and_sampler_by_token_range_give_the_unchunked_tokens(model, monkeypatch, path, scale, graph):
+    """lm_head + sampler run on token ranges [s, e) of every sample (cond and uncond rows together,
+    ``token_offset=s``): every draw is keyed by token (§2.5), so the tokens are exactly those of the
+    whole-logits step, for every path, with and without guidance, eager and in the graph body. The
+    MaskGIT confidence sampler ranks a sample's tokens together: it keeps whole logits."""
+    if graph and path == "mask-confidence":
+        pytest.skip("the confidence sampler takes python step indices: no graph body")
+    kw = {"guidance_scale": scale, "guidance_trunc": 0.7, "seed": 3, "argmax_last": path == "mixture"}
+    whole = engine_for(model, _paths()[path](), logits_budget=None, head="chunked")
+    sched = _paths()[path]()
+    ranged = engine_for(model, sched, logits_budget=5 * 4 * 64 * 4, head="chunked")  # 5 tokens of 4 rows, fp32
+    if graph:
+        _fake_graph_mode(whole, monkeypatch)
+        _fake_graph_mode(ranged, monkeypatch)
+    ref = whole.generate(PROMPTS, NEG, SHAPE, **kw)
+    offsets = _offsets(sched, monkeypatch)
+    out = ranged.generate(PROMPTS, NEG, SHAPE, **kw)
+    assert out.mode == ref.mode == ("graph" if graph else "eager")
+    assert torch.equal(out.tokens, ref.tokens)
+    if path == "mask-confidence":
+        assert set(offsets) == {0}
+    else:  # 5-token ranges with guidance (4 rows), 10 without (2 rows): ragged tails of 24 tokens
+        ranges = {0, 5, 10, 15, 20} if scale != 1.0 else {0, 10, 20}
+        assert ranges <= set(offsets) and set(offsets) <= {0, 5, 10, 15, 20}
+
+
+def test_logits_budget_bounds_the_range_of_logits(model):
+    """Every logits tensor of a step is one range's: (rows, at most 7 tokens, K) for a 7-token budget."""
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        eng = engine_for(model, metric_sched(steps=3), logits_budget=7 * 4 * 64 * 4, head="chunked")
+        eng.generate(PROMPTS, NEG, SHAPE, guidance_scale=3.0, guidance_trunc=1.0)
+    finally:
+        hook.remove()
+    assert shapes == [(4, 7, 64), (4, 7, 64), (4, 7, 64), (4, 3, 64)] * 2  # steps 1 and 2 (step 0 skipped)
+
+
+def _fused_or_skip():
+    from ursa_engine.ops_library import head_draw_unavailable
+
+    reason = head_draw_unavailable(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("path", ["metric-fsq", "metric-table", "mixture"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_fused_head_gives_the_tokens_of_the_chunked_head(model, monkeypatch, path, graph):
+    """``head="fused"``: x̂1 drawn inside the lm_head GEMM (triton_kernels.head_draw; the interpreter
+    here), the step fed ``x1=``: the same law and uniforms, so the same tokens (float ties aside, none
+    at this size), by token range too."""
+    _fused_or_skip()
+    kw = {"guidance_scale": 3.0, "guidance_trunc": 0.7, "seed": 5, "argmax_last": path == "mixture"}
+    chunked = engine_for(model, _paths()[path](), head="chunked")
+    fused = engine_for(model, _paths()[path](), head="fused", logits_budget=2 * (8 * 1 + 12) * 10)  # 10 tokens
+    if graph:
+        _fake_graph_mode(chunked, monkeypatch)
+        _fake_graph_mode(fused, monkeypatch)
+    ref = chunked.generate(PROMPTS, NEG, SHAPE, **kw)
+    out = fused.generate(PROMPTS, NEG, SHAPE, **kw)
+    assert torch.equal(out.tokens, ref.tokens)
+
+
+def test_fused_head_refuses_what_it_cannot_draw(model):
+    _fused_or_skip()
+    for sched, kw, why in [(ue.Scheduler(ue.MaskPath(64, mask_id=63), 3), {}, "mask id"),
+                           (metric_sched(), {"top_k": 5}, "top-k"),
+                           (ue.Scheduler(ue.MaskPath(64, 63), 3, mask_sampler="confidence"), {}, "confidence")]:
+        with pytest.raises(RuntimeError, match=why):
+            engine_for(model, sched, head="fused").generate(PROMPTS, NEG, SHAPE, **kw)
+    with pytest.raises(ValueError, match="head"):
+        engine_for(model, head="fast")
+    with pytest.raises(ValueError, match="logits_budget"):
+        engine_for(model, logits_budget=0)
+
+
+def test_auto_head_is_chunked_on_the_cpu(model):
+    """The fused head runs on the CPU only through the Triton interpreter: ``auto`` never picks it there."""
+    eng = engine_for(model)
+    assert eng.head == "auto" and eng.logits_budget == 512 * 2**20
+    from ursa_engine.graphs import LoopState
+
+    state = LoopState(eng, eng.scheduler, None, torch.zeros(2, 24, dtype=torch.long), None, None, None,
+                      {"top_k": 0, "top_p": 1.0}, False, 24, 2)
+    eng.configure(state, 4)
+    assert state.fused_head is False

@@ -293,3 +293,31 @@ def test_forced_cudnn_sdpa_refuses_query_lengths_it_gets_wrong(monkeypatch):
     assert resolve_attention("sdpa-cudnn", cuda, torch.bfloat16, 128, seq_len=256) == "sdpa-cudnn"
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91501)
     assert resolve_attention("sdpa-cudnn", cuda, torch.bfloat16, 128, seq_len=333) == "sdpa-cudnn"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_sequence_chunked_mlp_and_qkv_give_the_unchunked_logits(dtype, tol):
+    """Long sequences run the MLP (and a q / k / v projection >= 3 hidden states wide) in token
+    ranges: the same math per token, so the logits equal the unchunked model's."""
+    cfg = ModelConfig.preset("tiny", num_attention_heads=8)  # q / k / v: (8 + 4) · 16 = 3 x hidden
+    torch.manual_seed(0)
+    model = URSATransformer(cfg, dtype=dtype, init_std=0.2)
+    ids, pos = _inputs(cfg, B=2, P=5, shape=(3, 4, 5))
+    model.activation_budget = None
+    ref = model(ids, pos)
+    assert model.activation_chunks(2, ids.shape[1], 4) == {"qkv_chunks": None, "mlp_chunks": None}
+    for budget in (2 * 3 * 96 * 8 * 7, 1):  # 7 (fp64) or 14 (fp32) tokens a range, ragged tail; then one
+        model.activation_budget = budget
+        chunks = model.activation_chunks(2, ids.shape[1], torch.empty((), dtype=dtype).element_size())
+        assert len(chunks["mlp_chunks"]) > 1 and len(chunks["qkv_chunks"]) > 1
+        assert rel_err(model(ids, pos), ref) <= tol
+
+
+def test_narrow_qkv_is_not_chunked_and_training_never_chunks():
+    model = URSATransformer(TINY, activation_budget=1)  # q / k / v: (4 + 4) · 16 = 2 x hidden
+    chunks = model.activation_chunks(2, 100, 4)
+    assert chunks["qkv_chunks"] is None and len(chunks["mlp_chunks"]) == 100
+    model.requires_grad_(True)
+    assert model.activation_chunks(2, 100, 4) == {"qkv_chunks": None, "mlp_chunks": None}
+    with torch.no_grad():
+        assert len(model.activation_chunks(2, 100, 4)["mlp_chunks"]) == 100

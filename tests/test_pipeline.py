@@ -123,6 +123,7 @@ def test_pixel_arguments_are_checked_before_anything_runs(video_engine, clip, tm
             no_vae.generate("a bear", latents_shape=(3, 4, 6), **kw)
     calls = []
     monkeypatch.setattr(eng.model, "forward", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(eng.model, "hidden_states", lambda *a, **k: calls.append(1))  # what the steps call
     cases = [
         ({"image": image[:16]}, ValueError, "image"),  # 16x48 pixels for a 4x6 grid (32x48)
         ({"image": image.astype(np.float32)}, TypeError, "image"),
@@ -269,7 +270,8 @@ def test_pipeline_cond_indices_follow_the_authors(pipe):
 
 def test_pipeline_guidance_at_most_one_runs_the_conditional_rows_only(pipe):
     rows = []
-    hook = pipe.transformer.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    # every transformer pass embeds its (rows, L) ids (the engine calls hidden_states, then the head by range)
+    hook = pipe.transformer.model.embed_tokens.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     try:
         pipe("a bear", guidance_scale=0.5, **call_kw(seed=1))
     finally:

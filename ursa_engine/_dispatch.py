@@ -7,7 +7,11 @@ A backend is a module that defines every op of :data:`OPS` with the signatures o
 * ``unsupported(op, **options) -> str | None``: why it cannot run ``op`` with these options.
 
 Modules load on first use (importing the package compiles nothing). ``"auto"`` takes the first
-backend of :func:`auto_order` that is available and supports the call.
+backend of :func:`auto_order` that is available and supports the call. The fused backends are
+handed out as their ``torch.library`` custom ops (:func:`ursa_engine.ops_library.sampler_op`: same
+signature, one opaque node to ``torch.compile``, a fake implementation for memory plans); the
+reference is plain torch. Inside :func:`ursa_engine.ops_library.as_gpu` (planning on fake
+tensors) choices are made as on a CUDA device.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import importlib
 
 import torch
+
+from .reference import sampler as _reference
 
 BACKENDS = ("torch", "triton", "native")
 OPS = ("metric_sample", "mixture_sample", "mask_sample", "metric_step", "mixture_step", "mask_step")
@@ -26,12 +32,21 @@ _MODULES = {
 }
 
 
+# Backend modules once imported: a dict lookup, which torch.compile traces (an import it cannot).
+_LOADED: dict[str, object] = {"torch": _reference}
+
+
 def _module(backend: str):
     """Import a backend module, or return the reason it cannot be imported."""
+    mod = _LOADED.get(backend)
+    if mod is not None:
+        return mod, None
     try:
-        return importlib.import_module(_MODULES[backend]), None
+        mod = importlib.import_module(_MODULES[backend])
     except ImportError as err:  # not built / not installed
         return None, f"{backend} backend is not importable ({err})"
+    _LOADED[backend] = mod
+    return mod, None
 
 
 # GPU choice between the fused backends, measured per (op, device, shape bucket) by tune().
@@ -53,7 +68,7 @@ def auto_order(device: torch.device, op: str | None = None, shape=None) -> tuple
     On the GPU the faster of Triton and native for this op and shape ``(tokens, K)``, as
     measured by :func:`tune`; Triton where nothing was measured.
     """
-    if device.type == "cuda":
+    if device.type == "cuda" or _as_gpu():
         if _MEASURED.get(_bucket(op, device, shape)) == "native":
             return ("native", "triton", "torch")
         return ("triton", "native", "torch")
@@ -81,6 +96,7 @@ def tune(op: str, device: torch.device, shape, calls: dict, reps: int = 5) -> st
     return best
 
 
+@torch.compiler.assume_constant_result  # the environment, not the data: a trace-time constant for torch.compile
 def why_not(backend: str, op: str, device: torch.device, options: dict) -> str | None:
     """None if ``backend`` can run ``op`` here with ``options``, else the reason."""
     if backend == "torch":
@@ -88,7 +104,7 @@ def why_not(backend: str, op: str, device: torch.device, options: dict) -> str |
     mod, reason = _module(backend)
     if mod is None:
         return reason
-    reason = mod.unavailable(device)
+    reason = None if _as_gpu() else mod.unavailable(device)
     if reason is None:
         reason = mod.unsupported(op, **options)
     return reason
@@ -104,11 +120,25 @@ def resolve(op: str, backend: str, device: torch.device, *, shape=None, **option
     if backend == "auto":
         for name in auto_order(device, op, shape):
             if why_not(name, op, device, options) is None:
-                return getattr(_module(name)[0], op)
+                return _op(name, op)
         raise RuntimeError(f"no backend can run {op} on {device}")  # torch always can
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
     reason = why_not(backend, op, device, options)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run {op}: {reason}")
-    return getattr(_module(backend)[0], op)
+    return _op(backend, op)
+
+
+def _op(backend: str, op: str):
+    if backend == "torch":
+        return getattr(_module(backend)[0], op)
+    from .ops_library import sampler_op
+
+    return sampler_op(op, backend)
+
+
+def _as_gpu() -> bool:
+    from .ops_library import gpu_planning
+
+    return gpu_planning()

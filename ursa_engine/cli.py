@@ -5,7 +5,9 @@
 ``ursa-engine demo``: the bundled digits model on the CPU;
 ``ursa-engine bench run [SUITE...] --mode smoke|cpu|gpu``: benchmarks, one JSON per suite run;
 ``ursa-engine bench report RESULTS...``: markdown summary + PNG plot from result JSON;
-``ursa-engine bench suite --out DIR``: the whole GPU suite (build, GPU tests, benchmarks).
+``ursa-engine bench suite --out DIR``: the whole GPU suite (build, GPU tests, benchmarks);
+``ursa-engine plan --preset ursa-1.7b --latents-shape 13 40 64``: the planned peak memory of a
+generation, computed on the CPU (:func:`ursa_engine.memory.plan_generation`).
 
 Each subcommand registers itself through one ``_add_<name>(subparsers)`` function and imports
 its implementation only when it runs.
@@ -163,6 +165,79 @@ def _demo(args) -> int:
     return main_from_args(args)
 
 
+def _add_plan(subparsers) -> None:
+    plan = subparsers.add_parser(
+        "plan", help="planned peak memory of a generation (fake tensors on the CPU: nothing is allocated)",
+        description="Runs one guided denoising step of the engine (transformer, head + sampler as on a GPU: fused "
+                    "kernels, fused attention) and the tokenizer's decode on fake tensors at real size and reports "
+                    "the peak live bytes by phase (weights, inputs, activations, attention, MLP, head + sampler, "
+                    "decode), the largest tensor of each and whether any tensor has D x K elements.")
+    plan.add_argument("--preset", default="ursa-1.7b", help="model preset (default: ursa-1.7b); see ModelConfig")
+    plan.add_argument("--root", default=None, metavar="CKPT",
+                      help="a checkpoint root instead of a preset: its configs (transformer, scheduler codebook, vae) "
+                           "are read, never its weights")
+    plan.add_argument("--latents-shape", type=int, nargs="+", default=[13, 40, 64], metavar="N",
+                      help="latent grid T H W or H W (default: 13 40 64 = 49 x 320 x 512 video)")
+    plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    plan.add_argument("--cfg", action=argparse.BooleanOptionalAction, default=True,
+                      help="classifier-free guidance: 2B rows (default) or B")
+    plan.add_argument("--batch", type=int, default=1, help="prompts per call (default 1)")
+    plan.add_argument("--codebook", default="auto", choices=["auto", "fsq", "ibq"],
+                      help="fsq: K = 64,000 and the video tokenizer; ibq: K = 131,072 and the IBQ1024 image "
+                           "tokenizer; auto: ibq for one latent frame of at least 64 x 64, else fsq (presets only)")
+    plan.add_argument("--head", default="auto", choices=["auto", "fused", "chunked"],
+                      help="the engine's head (default auto: the fused lm_head + draw, as on a GPU)")
+    plan.add_argument("--logits-budget", type=float, default=None, metavar="MIB",
+                      help="MiB of logits a token range may hold (default: the engine's, 512; 0: whole logits)")
+    plan.add_argument("--activation-budget", type=float, default=None, metavar="MIB",
+                      help="MiB of an MLP intermediate before the sequence is chunked (default: the model's, 256; "
+                           "0: never chunked)")
+    plan.add_argument("--prompt-length", type=int, default=320)
+    plan.add_argument("--no-decode", action="store_true", help="leave the tokenizer's decode out")
+    plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    _add_debug(plan)
+    plan.set_defaults(handler=_plan)
+
+
+def _plan(args) -> int:
+    import torch
+
+    from .engine import LOGITS_BUDGET
+    from .memory import plan_generation
+    from .model import ACTIVATION_BUDGET
+
+    def mib(v, default):
+        if v is None:
+            return default
+        if v < 0:
+            raise UsageError(f"budget: expected a number of MiB >= 0 (0: no budget), got {v}")
+        return int(v * 2**20) or None
+
+    if len(args.latents_shape) not in (2, 3) or min(args.latents_shape) < 1:
+        raise UsageError(f"--latents-shape: expected T H W or H W of positive sizes, got {args.latents_shape}")
+    if args.batch < 1:
+        raise UsageError(f"--batch: expected a positive int, got {args.batch}")
+    if args.root is not None:
+        from pathlib import Path
+
+        missing = [f for f in ("transformer/config.json", "scheduler/scheduler_config.json")
+                   if not (Path(args.root) / f).is_file()]
+        if missing:
+            raise UsageError(f"--root: {args.root} has no {' and no '.join(missing)}")
+    else:
+        from .config import ModelConfig
+
+        if args.preset not in ModelConfig.PRESETS:
+            raise UsageError(f"--preset: unknown {args.preset!r}, expected one of {sorted(ModelConfig.PRESETS)}")
+    plan = plan_generation(args.preset, tuple(args.latents_shape), dtype=getattr(torch, args.dtype), cfg=args.cfg,
+                           batch=args.batch, root=args.root, codebook=args.codebook, prompt_length=args.prompt_length,
+                           head=args.head, logits_budget=mib(args.logits_budget, LOGITS_BUDGET),
+                           activation_budget=mib(args.activation_budget, ACTIVATION_BUDGET),
+                           decode=not args.no_decode)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
 def _add_debug(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     # SUPPRESS on subcommands: `ursa-engine --debug generate ...` is not reset by the subparser
     parser.add_argument("--debug", action="store_true", default=default,
@@ -176,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_bench(subparsers)
     _add_generate(subparsers)
+    _add_plan(subparsers)
     return parser
 
 

@@ -15,6 +15,13 @@ CUDA graphs (``mode="graph"``): the body of a step is captured once per batch la
 with the step index in device memory (:mod:`ursa_engine.graphs`); replays produce the eager tokens.
 The last step (k = N − 1) runs eagerly (the scheduler takes it as a python int).
 
+Memory (issue 11): the (rows, n, K) logits never exist at once. The head and the sampler run in
+token ranges whose logits fit ``logits_budget`` (tokens equal to the unchunked step: every draw is
+keyed by token, §2.5); on a GPU ``head="auto"`` draws x̂1 inside the ``lm_head`` GEMM (the fused
+head, ``triton_kernels.head_draw``) and never writes logits; the transformer runs its MLP in
+sequence chunks (``URSATransformer.activation_budget``). :func:`ursa_engine.memory.plan_generation`
+computes the resulting peak on the CPU.
+
 Beside this module: :mod:`ursa_engine.conditioning` (``image=`` / ``video=`` / ``cond_latents``,
 long videos), :mod:`ursa_engine.results` (:class:`GenerationResult`, step and decode timing).
 """
@@ -30,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import _dispatch, _validate, conditioning
+from . import _dispatch, _validate, conditioning, ops_library
 from .attention import ATTENTION_BACKENDS, resolve_attention
 from .graphs import GraphRunner, LoopState
 from .model import URSATransformer, latent_positions, sequence_ids
@@ -46,6 +53,8 @@ __all__ = ["Engine", "GenerationResult", "MODES", "NEGATIVE_PROMPT", "SAMPLER_BA
 SAMPLER_BACKENDS = ("auto", *_dispatch.BACKENDS)
 NEGATIVE_PROMPT = "worst quality, low quality, inconsistent motion, static, still, blurry, jittery, distorted, ugly"
 MODES = ("auto", "eager", "graph")
+HEADS = ("auto", "fused", "chunked")
+LOGITS_BUDGET = 512 * 2**20  # bytes of one range of logits (rows × tokens × K) in the head + sampler
 
 
 class Engine:
@@ -66,12 +75,21 @@ class Engine:
         step (a host sync each; graph replays never check)
     vae : a :class:`ursa_engine.vae.Tokenizer` (pixels <-> codes), optional: needed for ``image=`` /
         ``video=`` conditioning and for decoded ``frames``; its K must equal the scheduler's
+    head : how x̂1 is drawn from the hidden states: ``"chunked"`` (``lm_head`` on one token range at a
+        time, then the sampler reads that range's logits), ``"fused"`` (``triton_kernels.head_draw``:
+        the draw inside the ``lm_head`` GEMM, logits never written; the metric and mixture paths
+        without top-k / top-p) or ``"auto"`` (fused where it can run on a CUDA device and the
+        sampler backend is ``"auto"`` / ``"triton"``, else chunked). Tokens are the same either way
+        up to the float ties of §2.5
+    logits_budget : bytes of one token range's logits (all rows); None: one range (the whole
+        (rows, n, K) logits, as before issue 11)
     """
 
     def __init__(self, model: URSATransformer, scheduler: Scheduler, *, tokenizer: PromptTokenizer | None = None,
                  mode: str = "auto", attn_backend: str | None = None, ops_backend: str | None = None,
                  sampler_backend: str = "auto", prompt_length: int = PROMPT_LENGTH,
-                 default_steps: int | str | None = None, validate_steps: bool = False, vae=None):
+                 default_steps: int | str | None = None, validate_steps: bool = False, vae=None,
+                 head: str = "auto", logits_budget: int | None = LOGITS_BUDGET):
         if not isinstance(model, URSATransformer):
             raise TypeError(f"model: expected an URSATransformer, got {type(model).__name__}")
         if not isinstance(scheduler, Scheduler):
@@ -82,6 +100,11 @@ class Engine:
                              f"predicts {K}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        if head not in HEADS:
+            raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
+        if logits_budget is not None and (isinstance(logits_budget, bool) or not isinstance(logits_budget, int)
+                                          or logits_budget < 1):
+            raise ValueError(f"logits_budget: expected a positive number of bytes or None, got {logits_budget!r}")
         for name, value, allowed in (("attn_backend", attn_backend, ATTENTION_BACKENDS),
                                      ("ops_backend", ops_backend, MODEL_OP_BACKENDS),
                                      ("sampler_backend", sampler_backend, SAMPLER_BACKENDS)):
@@ -95,6 +118,7 @@ class Engine:
                                  f"K={K}")
         self.model, self.scheduler, self.tokenizer, self.vae = model, scheduler, tokenizer, vae
         self.mode, self.sampler_backend, self.prompt_length = mode, sampler_backend, int(prompt_length)
+        self.head, self.logits_budget = head, logits_budget
         if not (default_steps is None or default_steps == "authors" or isinstance(default_steps, int)):
             raise ValueError(f"default_steps: expected None, an int or 'authors', got {default_steps!r}")
         self.default_steps, self.validate_steps = default_steps, validate_steps
@@ -379,7 +403,7 @@ class Engine:
                     "top_k": top_k, "top_p": top_p}
         mode = self._resolve_mode(mode or self.mode, sched)
         state = LoopState(self, sched, ids, x, rope, seeds, freeze, opts, argmax_last, n, B)
-        state.backend = self._sampler_backend(state, 2 * B if use_cfg else B)  # same in eager and graph
+        self.configure(state, 2 * B if use_cfg else B)
         runner = self._graph_runner(state) if mode == "graph" else None
         times, calls = [], 0
         timer = StepTimer(device)
@@ -417,22 +441,54 @@ class Engine:
                                f"(model on {self.device}, mask_sampler={sched.mask_sampler!r})")
         return "graph" if mode == "graph" or (mode == "auto" and graphable) else "eager"
 
+    def configure(self, state: LoopState, rows: int) -> None:
+        """Decide, before the loop, how every step of ``state`` draws: the fused head or not, and
+        the concrete sampler backend (the same in eager and graph steps). ``rows``: the widest
+        layout (2B with guidance)."""
+        state.fused_head = self._fused_head(state)
+        state.backend = self._sampler_backend(state, rows)
+
+    def _fused_head(self, state: LoopState) -> bool:
+        """Whether x̂1 comes from the fused head kernel (``head``, see the class docstring)."""
+        if self.head == "chunked":
+            return False
+        sched, o = state.sched, state.opts
+        why = None
+        if sched.mask_sampler == "confidence":
+            why = "the confidence sampler ranks whole samples (it needs the logits)"
+        elif isinstance(sched.path, MaskPath):
+            why = "the masked path never draws the mask id, which the fused head cannot exclude"
+        elif o["top_k"] or o["top_p"] < 1.0:
+            why = "top-k / top-p filtering needs the logits"
+        else:
+            why = ops_library.head_draw_unavailable(self.device)
+        if self.head == "fused":
+            if why is not None:
+                raise RuntimeError(f"head='fused' cannot run here: {why}")
+            return True
+        gpu = self.device.type == "cuda" or ops_library.gpu_planning()
+        return why is None and gpu and self.sampler_backend in ("auto", "triton")
+
     def _sampler_backend(self, state: LoopState, rows: int) -> str:
         """The one concrete sampler backend of a generation, for eager and graph steps alike.
 
         ``"auto"`` where a fused sampler can run is resolved by :meth:`Scheduler.tune` (it times
-        Triton and native on this layout; synchronizes, so it runs here, before the loop and
-        outside any capture), once per layout; the choice is remembered.
+        Triton and native on one token range of this layout, the shape every step then runs;
+        synchronizes, so it runs here, before the loop and outside any capture), once per layout;
+        the choice is remembered. Steps fed by the fused head read no logits: nothing to tune.
         """
-        if self.sampler_backend != "auto" or not _tunable(state):
+        if self.sampler_backend != "auto" or state.fused_head or not _tunable(state):
             return self.sampler_backend
         o = state.opts
-        key = (id(state.sched), tuple(state.x.shape), rows, o["top_k"], o["top_p"])
+        s, e = state.chunks(rows)[0]
+        key = (id(state.sched), tuple(state.x.shape), rows, e - s, o["top_k"], o["top_p"])
         if key not in self._tuned:
             B = state.B
-            logits = self.model(state.ids[:rows], rope=state.rope, latent_tokens=state.n)
-            chosen = state.sched.tune(logits[:B], state.x, uncond_logits=logits[B:] if rows > B else None,
-                                      seed=state.seeds, argmax_last=state.argmax_last, **o)
+            hidden = self.model.hidden_states(state.ids[:rows], rope=state.rope, latent_tokens=state.n)
+            logits = self.model.lm_head(hidden[:, s:e])
+            chosen = state.sched.tune(logits[:B], state.x[:, s:e].contiguous(),
+                                      uncond_logits=logits[B:] if rows > B else None, seed=state.seeds,
+                                      argmax_last=state.argmax_last, **o)
             self._tuned[key] = chosen or "auto"
         return self._tuned[key]
 

@@ -1,16 +1,30 @@
 """One denoising step as a replayable body, and its CUDA graphs (DESIGN §8).
 
 :class:`LoopState` holds the static buffers of one generation (ids, tokens, seeds, rope tables,
-frozen frames) and runs one whole step on them: transformer, sampler, new tokens written back
-into the ids. Eager mode calls :meth:`LoopState.body` with a python step index; graph mode
-captures the same body once per batch layout (2B rows with guidance, B without) with the step
-index in a device tensor, so one graph serves every step and the sampler reads t, h, β, β̇ and
-the RNG step from device memory (:class:`GraphRunner`). Replays produce the eager tokens.
+frozen frames) and runs one whole step on them: transformer, head + sampler, new tokens written
+back into the ids.
+
+Head and sampler run in token chunks (issue 11): the transformer returns the final hidden states
+of the latent-predicting positions, then for each range ``[s, e)`` of tokens (every sample's, cond
+and uncond rows together) ``lm_head`` on that range and :meth:`Scheduler.step` with
+``token_offset=s``. Every draw is keyed by (seed, step, token index, lane) (§2.5), so the tokens
+are those of the unchunked step; the (rows, n, K) logits never exist, only one range's (the
+engine's ``logits_budget``). With the fused head (``triton_kernels.head_draw``) the logits are
+not written at all: x̂1 comes from the head kernel and the step gets ``x1=``. The MaskGIT
+confidence sampler ranks a sample's tokens against each other: it runs unchunked (whole logits).
+
+Eager mode calls :meth:`LoopState.body` with a python step index; graph mode captures the same
+body once per batch layout (2B rows with guidance, B without) with the step index in a device
+tensor, so one graph serves every step and the sampler reads t, h, β, β̇ and the RNG step from
+device memory (:class:`GraphRunner`). Replays produce the eager tokens.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import ops_library
+from .model import token_chunks
 
 
 class LoopState:
@@ -22,27 +36,72 @@ class LoopState:
         self.x_next = torch.empty_like(x)
         self.shift = engine.model.config.lm_vocab_size
         self.backend = engine.sampler_backend  # the concrete one: set by Engine._sampler_backend
+        self.fused_head = False  # x̂1 from the fused head kernel: set by Engine._fused_head
 
     def graph_key(self):
         o = self.opts
         return (id(self.sched), tuple(self.ids.shape), self.n, self.B, self.freeze is not None, o["guidance_scale"],
-                o["temperature"], o["top_k"], o["top_p"], self.backend, self.engine.model.attn_backend,
-                self.engine.model.ops_backend, self.engine.model.dtype)
+                o["temperature"], o["top_k"], o["top_p"], self.backend, self.fused_head, self.engine.logits_budget,
+                self.engine.model.attn_backend, self.engine.model.ops_backend, self.engine.model.dtype,
+                self.engine.model.activation_budget)
+
+    def chunks(self, rows: int) -> list[tuple[int, int]]:
+        """Token ranges of the head + sampler for ``rows`` rows, each within the logits budget.
+
+        Unfused: a range's (rows, e − s, K) logits. Fused: nothing of size K per token is written;
+        a range holds the kernel's scratch (per-(token, 128 codes) max and sum).
+        """
+        K, itemsize = self.engine.model.config.lm_head_size, self.engine.model.dtype.itemsize
+        per_token = ops_library.head_draw_scratch(self.B, K) if self.fused_head else rows * K * itemsize
+        return token_chunks(self.n, per_token, self.engine.logits_budget)
 
     def body(self, k, rows: int) -> None:
-        """Transformer on ``rows`` rows, sampler step, tokens written back: one whole step."""
-        B = self.B
-        logits = self.engine.model(self.ids[:rows], rope=self.rope, latent_tokens=self.n)  # (rows, n, K)
+        """Transformer on ``rows`` rows, head + sampler step by token ranges, tokens written back: one whole step."""
+        B, model = self.B, self.engine.model
         graph = isinstance(k, torch.Tensor)
-        self.sched.step(logits[:B], k, self.x, uncond_logits=logits[B:] if rows > B else None,
-                        argmax_last=self.argmax_last, seed=self.seeds, backend=self.backend,
-                        validate=self.engine.validate_steps and not graph, out=self.x_next, **self.opts)
+        common = dict(argmax_last=self.argmax_last, seed=self.seeds, backend=self.backend,
+                      validate=self.engine.validate_steps and not graph, **self.opts)
+        if self.sched.mask_sampler == "confidence":  # ranks a sample's tokens together: whole logits
+            logits = model(self.ids[:rows], rope=self.rope, latent_tokens=self.n)  # (rows, n, K)
+            self.sched.step(logits[:B], k, self.x, uncond_logits=logits[B:] if rows > B else None,
+                            out=self.x_next, **common)
+        else:
+            hidden = model.hidden_states(self.ids[:rows], rope=self.rope, latent_tokens=self.n)  # (rows, n, H)
+            for s, e in self.chunks(rows):
+                self._head_step(hidden[:, s:e], k, rows, s, e, common)
         if self.freeze is not None:
             mask, values = self.freeze
             torch.where(mask, values, self.x_next, out=self.x_next)
         self.x.copy_(self.x_next)
         for r in range(self.ids.shape[0] // B):  # every half sees the new tokens
-            torch.add(self.x, self.shift, out=self.ids[r * B : (r + 1) * B, -self.n :])
+            self.ids[r * B : (r + 1) * B, -self.n :].copy_(self.x).add_(self.shift)  # in place (no out= view)
+
+    def _head_step(self, hidden, k, rows: int, s: int, e: int, common: dict) -> None:
+        """Tokens [s, e) of every sample: hidden (rows, e − s, H) -> x_next[:, s:e]."""
+        B, model = self.B, self.engine.model
+        x, out = self.x[:, s:e], self.x_next[:, s:e]
+        target = out if out.is_contiguous() else torch.empty_like(x)  # the scheduler writes contiguous rows
+        if self.fused_head:
+            H = hidden.shape[-1]
+            x1 = ops_library.head_draw(
+                hidden[:B].reshape(-1, H), model.lm_head.weight,
+                uncond_hidden=hidden[B:].reshape(-1, H) if rows > B else None,
+                guidance_scale=self.opts["guidance_scale"], temperature=self.opts["temperature"], seeds=self.seeds,
+                row_len=e - s, step=self._rng_step(k), index_offset=s,
+                argmax=self.argmax_last and not isinstance(k, torch.Tensor) and k == self.sched.num_steps - 1)
+            self.sched.step(None, k, x, x1=x1.view(B, e - s), token_offset=s, out=target, **common)
+        else:
+            logits = model.lm_head(hidden)  # (rows, e − s, K): one range of the logits
+            self.sched.step(logits[:B], k, x, uncond_logits=logits[B:] if rows > B else None, token_offset=s,
+                            out=target, **common)
+        if target is not out:
+            out.copy_(target)
+
+    def _rng_step(self, k) -> torch.Tensor:
+        """The RNG step counter (1,) int64 on the device: the scheduler's, read inside the kernels."""
+        if isinstance(k, torch.Tensor):
+            return k.reshape(1)
+        return self.sched.step_values(self.x.device)[1][k : k + 1]
 
 
 def cuda_graph_capture(fn, pool):

@@ -5,9 +5,13 @@ MLP -> residual; a final RMSNorm and ``lm_head`` (hidden -> K). Logits of latent
 from the position one earlier (BOV predicts latent 0).
 
 The q / k / v and gate / up projections are stored fused (``qkv_proj``, ``gate_up_proj``): one
-GEMM each instead of three / two. :mod:`ursa_engine.checkpoint` converts to and from the Qwen3
-names of the checkpoint layout. :class:`ModelConfig` (sizes, presets) lives in
-:mod:`ursa_engine.config`; ``from ursa_engine.model import ModelConfig`` keeps working.
+GEMM each instead of three / two. Long sequences run the stages whose intermediate is at least three
+hidden states wide (the MLP's gate / up, 6-8x; the q / k / v projection where it is 4x, as in 0.6B)
+in sequence chunks: a token's math is the same, only the intermediate never exists for the whole
+sequence at once (``activation_budget``, DESIGN §4; :func:`token_chunks`).
+:mod:`ursa_engine.checkpoint` converts to and from the Qwen3 names of the checkpoint layout.
+:class:`ModelConfig` (sizes, presets) lives in :mod:`ursa_engine.config`; ``from ursa_engine.model
+import ModelConfig`` keeps working.
 """
 
 from __future__ import annotations
@@ -52,6 +56,19 @@ def latent_positions(prompt_len: int, latents_shape, *, device=None) -> torch.Te
     return torch.cat([text, grid])
 
 
+ACTIVATION_BUDGET = 256 * 2**20  # bytes of one chunked stage's intermediate (gate / up, q / k / v)
+WIDE = 3  # a stage is chunked when its intermediate is at least this many hidden states wide
+
+
+def token_chunks(length: int, per_token_bytes: int, budget: int | None) -> list[tuple[int, int]]:
+    """``[s, e)`` ranges covering ``0 .. length`` with at most ``budget`` bytes each (at least one
+    token a range); one range when ``budget`` is None or the whole length fits."""
+    if budget is None or length * per_token_bytes <= budget:
+        return [(0, length)]
+    step = max(1, int(budget) // max(int(per_token_bytes), 1))
+    return [(s, min(s + step, length)) for s in range(0, length, step)]
+
+
 def sequence_ids(prompt_ids: torch.Tensor, latents: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Input ids ``[prompt, BOV, lm_vocab_size + latents]``: (B, P) and (B, ...) -> (B, P + 1 + N)."""
     B = prompt_ids.shape[0]
@@ -79,8 +96,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, *, attn_backend="auto", ops_backend="auto"):
-        # x: (B, L, hidden); cos, sin: (L, D/2) or (B, L, D/2)
+    def project(self, x, cos, sin, *, ops_backend="auto"):
+        """q (B, L, Hq, D), k and v (B, L, Hkv, D): projection, QK-norm and RoPE of x (B, L, hidden)."""
         d, nq, nkv = self.head_dim, self.n_q, self.n_kv
         qkv = self.qkv_proj(x)  # (B, L, (Hq + 2 Hkv) D)
         q = qkv[..., : nq * d].unflatten(-1, (nq, d))
@@ -88,6 +105,20 @@ class Attention(nn.Module):
         v = qkv[..., (nq + nkv) * d :].unflatten(-1, (nkv, d))
         q, k = model_ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps,
                                       backend=ops_backend)
+        return q, k, v
+
+    def forward(self, x, cos, sin, *, attn_backend="auto", ops_backend="auto", chunks=None):
+        # x: (B, L, hidden); cos, sin: (L, D/2) or (B, L, D/2); chunks: token ranges of the projection
+        if chunks is None or len(chunks) == 1:
+            q, k, v = self.project(x, cos, sin, ops_backend=ops_backend)
+        else:  # q, k, v written range by range: the (B, L, (Hq + 2 Hkv) D) projection never exists whole
+            B, L, _ = x.shape
+            q = x.new_empty(B, L, self.n_q, self.head_dim)
+            k, v = (x.new_empty(B, L, self.n_kv, self.head_dim) for _ in range(2))
+            for s, e in chunks:
+                parts = self.project(x[:, s:e], cos[..., s:e, :], sin[..., s:e, :], ops_backend=ops_backend)
+                for whole, part in zip((q, k, v), parts, strict=True):
+                    whole[:, s:e] = part
         o = attention(q, k, v, backend=attn_backend)  # (B, L, Hq, D)
         return self.o_proj(o.flatten(2))
 
@@ -111,11 +142,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, *, attn_backend="auto", ops_backend="auto"):
+    def forward(self, h, cos, sin, *, attn_backend="auto", ops_backend="auto", qkv_chunks=None, mlp_chunks=None):
         a = self.self_attn(self.input_layernorm(h, backend=ops_backend), cos, sin,
-                           attn_backend=attn_backend, ops_backend=ops_backend)
+                           attn_backend=attn_backend, ops_backend=ops_backend, chunks=qkv_chunks)
         h, n = self.post_attention_layernorm(a, h, backend=ops_backend)  # h += a; n = norm(h), fused
-        return h + self.mlp(n, backend=ops_backend)
+        if mlp_chunks is None or len(mlp_chunks) == 1:
+            return h + self.mlp(n, backend=ops_backend)
+        # h is this layer's own residual sum: the MLP output of each token range is added in place,
+        # so the (B, L, 3·I) gate / up / SwiGLU intermediates exist for one range at a time
+        for s, e in mlp_chunks:
+            h[:, s:e] += self.mlp(n[:, s:e], backend=ops_backend)
+        return h
 
 
 class Decoder(nn.Module):
@@ -134,15 +171,19 @@ class URSATransformer(nn.Module):
     ``URSATransformer(cfg)`` has random weights, N(0, init_std²) for linear and embedding
     weights, ones for norms, created directly on ``device`` in ``dtype`` (benchmarks, tests; the
     4B preset never exists in fp32); use :meth:`from_pretrained` for a checkpoint.
-    ``attn_backend`` (see :mod:`ursa_engine.attention`) and ``ops_backend``
-    (``"auto" | "torch" | "triton"`` for RMSNorm, QK-norm + RoPE, SwiGLU) are plain attributes.
+    ``attn_backend`` (see :mod:`ursa_engine.attention`), ``ops_backend``
+    (``"auto" | "torch" | "triton"`` for RMSNorm, QK-norm + RoPE, SwiGLU) and ``activation_budget``
+    (bytes of the MLP / wide q-k-v intermediate before those stages run in sequence chunks; None:
+    never; chunking is off while autograd records) are plain attributes.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype | None = None, device=None,
-                 attn_backend: str = "auto", ops_backend: str = "auto", init_std: float = 0.02):
+                 attn_backend: str = "auto", ops_backend: str = "auto", init_std: float = 0.02,
+                 activation_budget: int | None = ACTIVATION_BUDGET):
         super().__init__()
         self.config = cfg
         self.attn_backend, self.ops_backend = attn_backend, ops_backend
+        self.activation_budget = activation_budget
         with torch.device("meta"):  # no memory until the final device and dtype are known
             self.model = Decoder(cfg)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.lm_head_size, bias=False)
@@ -173,7 +214,7 @@ class URSATransformer(nn.Module):
         dtype : compute dtype (default: the checkpoint's own)
         device : where the weights go (default: CPU); tensors are read straight to it
         variant : diffusers weight variant (``diffusion_pytorch_model.<variant>.safetensors``)
-        options : ``attn_backend`` / ``ops_backend`` for the model
+        options : ``attn_backend`` / ``ops_backend`` / ``activation_budget`` for the model
         """
         cfg, state = checkpoint.read_weights(folder, dtype=dtype, device=device, variant=variant)
         model = cls(cfg, device="meta", **options)
@@ -195,6 +236,19 @@ class URSATransformer(nn.Module):
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos / sin tables, (L, D/2) or (B, L, D/2), for positions (L, 3) or (B, L, 3)."""
         return rope_tables(positions.to(self.device), self.config.head_dim, self.config.rope_theta)
+
+    def activation_chunks(self, batch: int, length: int, itemsize: int) -> dict:
+        """Token ranges of the chunked stages for (batch, length) sequences: ``qkv_chunks`` (only
+        where the q / k / v projection is at least :data:`WIDE` hidden states wide) and
+        ``mlp_chunks``; None where a stage runs whole (no budget, autograd recording)."""
+        cfg, budget = self.config, self.activation_budget
+        if budget is None or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return {"qkv_chunks": None, "mlp_chunks": None}
+        qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        mlp = 3 * cfg.intermediate_size  # gate / up output and the SwiGLU result
+        wide = qkv >= WIDE * cfg.hidden_size
+        return {"qkv_chunks": token_chunks(length, batch * qkv * itemsize, budget) if wide else None,
+                "mlp_chunks": token_chunks(length, batch * mlp * itemsize, budget)}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, *,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, latent_tokens: int | None = None,
@@ -241,8 +295,9 @@ class URSATransformer(nn.Module):
         ops_backend = ops_backend or self.ops_backend
         cos, sin = rope
         h = self.model.embed_tokens(input_ids)  # (B, L, hidden)
+        chunks = self.activation_chunks(input_ids.shape[0], L, h.element_size())
         for layer in self.model.layers:
-            h = layer(h, cos, sin, attn_backend=attn_backend, ops_backend=ops_backend)
+            h = layer(h, cos, sin, attn_backend=attn_backend, ops_backend=ops_backend, **chunks)
         if latent_tokens is not None:
             h = h[:, L - latent_tokens - 1 : L - 1]  # position i predicts token i + 1
         return self.model.norm(h, backend=ops_backend)

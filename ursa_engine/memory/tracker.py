@@ -24,7 +24,9 @@ Enter it **inside** the fake mode (last), so that it sees each op before the fak
 The same code on real tensors gives the same figures (tested): the tracker only reads storages.
 
 What it does not see: scratch memory that a kernel allocates and frees inside one op (cuDNN /
-cuBLAS workspaces, im2col buffers, a fused attention kernel's tiles). A fake run follows the
+cuBLAS workspaces, im2col buffers, a fused attention kernel's tiles) — except where a
+``workspace`` callable declares it (our custom ops: :func:`ursa_engine.ops_library.workspace_bytes`);
+those bytes count as live while the op runs. A fake run follows the
 CPU's op choices: ``scaled_dot_product_attention`` becomes the CPU's fused kernel (output and
 log-sum-exp only, like CUDA's flash / memory-efficient kernels); under
 ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` it becomes the math decomposition (the
@@ -59,6 +61,8 @@ class PhaseStats:
     end: int | None = None  # live bytes when it ended (None while it runs)
     allocated: int = 0  # bytes of every storage created in it (freed or not)
     ops: int = 0  # aten ops run in it
+    largest: dict | None = None  # the largest storage created in it (bytes): {"bytes", "numel", "op", "shape", ...}
+    most_elements: dict | None = None  # the storage of the most elements created in it (declared workspaces aside)
 
 
 @dataclass
@@ -69,7 +73,12 @@ class _Storage:
     dtype: str
     phase: str
     module: str | None
-    ref: weakref.ref = field(repr=False)
+    ref: weakref.ref | None = field(repr=False)
+    numel: int = 0
+
+    def describe(self) -> dict:
+        return {"bytes": self.nbytes, "numel": self.numel, "op": self.op, "shape": list(self.shape),
+                "dtype": self.dtype, "phase": self.phase, "module": self.module}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -80,6 +89,9 @@ class LiveBytes(TorchDispatchMode):
     granularity : round every storage up to a multiple of this many bytes (1: exact; use
         :data:`CUDA_GRANULARITY` to mirror what ``torch.cuda.memory_allocated`` reports)
     top : how many of the largest live storages to keep at the peak (:attr:`peak_tensors`)
+    workspace : optional ``(func, args, kwargs) -> (bytes, label) | None``: scratch bytes an op
+        allocates and frees inside itself, counted as live while it runs (e.g.
+        :func:`ursa_engine.ops_library.workspace_bytes` for our custom ops)
 
     Attributes
     ----------
@@ -91,8 +103,9 @@ class LiveBytes(TorchDispatchMode):
     phases : :class:`PhaseStats` per phase name (nested phases are named ``outer/inner``)
     """
 
-    def __init__(self, *, granularity: int = 1, top: int = 8):
+    def __init__(self, *, granularity: int = 1, top: int = 8, workspace=None):
         super().__init__()
+        self.workspace = workspace
         if int(granularity) < 1:
             raise ValueError(f"granularity: expected a positive number of bytes, got {granularity!r}")
         self.granularity = int(granularity)
@@ -146,10 +159,39 @@ class LiveBytes(TorchDispatchMode):
             for h in handles:
                 h.remove()
 
+    @contextlib.contextmanager
+    def phase_of(self, modules, name: str) -> Iterator[None]:
+        """Run every call of each module in ``modules`` inside phase ``name`` (forward hooks)."""
+        open_phases = []
+
+        def enter(mod, args):
+            cm = self.phase(name)
+            cm.__enter__()
+            open_phases.append(cm)
+
+        def leave(mod, args, out):
+            if open_phases:
+                open_phases.pop().__exit__(None, None, None)
+
+        handles = []
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     # ------------------------------------------------------------------ the mode
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        scratch = self.workspace(func, args, kwargs) if self.workspace is not None else None
+        if scratch:
+            with self._scratch(func, *scratch):
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         if func in _CONSTANTS:
             return out
         held = {_key(s) for s in map(_storage, tree_leaves((args, kwargs))) if s is not None}
@@ -179,12 +221,35 @@ class LiveBytes(TorchDispatchMode):
                 self.current -= entry.nbytes
 
         entry = _Storage(nbytes, _op_name(func), tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""),
-                         self.phase_name, self._modules[-1] if self._modules else None, weakref.ref(st, freed))
+                         self.phase_name, self._modules[-1] if self._modules else None, weakref.ref(st, freed),
+                         numel=int(st.nbytes()) // max(tensor.element_size(), 1))
         self._live[key] = entry
         self.allocated += nbytes
         for stats in self._active():
             stats.allocated += nbytes
+            if stats.largest is None or nbytes > stats.largest["bytes"]:
+                stats.largest = entry.describe()
+            if stats.most_elements is None or entry.numel > stats.most_elements["numel"]:
+                stats.most_elements = entry.describe()
         self._add(nbytes, func, entry)
+
+    @contextlib.contextmanager
+    def _scratch(self, func, nbytes: int, label: str) -> Iterator[None]:
+        """Declared scratch bytes of one op: live while it runs (a pseudo storage, no elements)."""
+        nbytes = self._round(nbytes)
+        entry = _Storage(nbytes, f"{_op_name(func)} workspace: {label}", (), "workspace", self.phase_name,
+                         self._modules[-1] if self._modules else None, None)
+        key = -id(entry)  # never a storage address
+        self._live[key] = entry
+        for stats in self._active():
+            if stats.largest is None or nbytes > stats.largest["bytes"]:
+                stats.largest = entry.describe()
+        self._add(nbytes, func, entry)
+        try:
+            yield
+        finally:
+            self._live.pop(key, None)
+            self.current -= nbytes
 
     def _add(self, nbytes: int, func, entry: _Storage) -> None:
         self.current += nbytes
@@ -195,8 +260,7 @@ class LiveBytes(TorchDispatchMode):
             self.peak_at = {"phase": self.phase_name, "module": self._modules[-1] if self._modules else None,
                             "op": _op_name(func)}
             largest = heapq.nlargest(self.top, self._live.values(), key=lambda e: e.nbytes)
-            self.peak_tensors = [{"bytes": e.nbytes, "op": e.op, "shape": list(e.shape), "dtype": e.dtype,
-                                  "phase": e.phase, "module": e.module} for e in largest]
+            self.peak_tensors = [e.describe() for e in largest]
 
     def _active(self) -> list[PhaseStats]:
         return [self.phases["/".join(self._phases[: i + 1])] for i in range(len(self._phases))]

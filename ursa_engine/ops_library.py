@@ -1,0 +1,343 @@
+"""Our fused kernels as ``torch.library`` custom ops, each with a fake implementation (DESIGN §4).
+
+Why: a custom op is one opaque node to ``torch.compile`` (it traces a step body without graph
+breaks on our kernels) and its fake implementation lets a whole generation step run on
+``FakeTensorMode`` tensors at real size on any CPU (:mod:`ursa_engine.memory.generation`).
+Every fake allocates exactly the tensors the real launcher returns; scratch memory a launcher
+allocates and frees inside the call is declared by :func:`workspace_bytes` (what
+:class:`~ursa_engine.memory.LiveBytes` adds to the live bytes while the op runs).
+
+Ops (namespace ``ursa``):
+
+* sampler steps and path samples of the fused backends (``backend`` = ``"triton"`` | ``"native"``,
+  the signatures of :mod:`ursa_engine.reference.sampler`): ``metric_step``, ``mixture_step``,
+  ``mask_step``, ``metric_sample``, ``mixture_sample``, ``mask_sample``. They write ``out`` (and OR
+  bits into ``error``) and return nothing; :func:`sampler_op` gives the python callable with the
+  backend module's signature (allocates ``out`` when not given, returns it) that
+  :func:`ursa_engine._dispatch.resolve` hands out;
+* the transformer's Triton kernels: ``rms_norm``, ``add_rms_norm``, ``qk_norm_rope``, ``swiglu``
+  (:mod:`ursa_engine.model_ops`);
+* ``head_draw``: the fused ``lm_head`` + x̂1 draw (``triton_kernels.head_draw``): :func:`head_draw`.
+
+The reference backend is plain torch and is not wrapped: dynamo traces it as it is.
+
+:func:`as_gpu` makes every backend choice inside its block as on a CUDA device (fused kernels,
+Triton model ops, the fused head), without asking whether the kernels can run: for planning on
+fake tensors only, where nothing runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+_MODULES = {"triton": "triton_kernels.sampler", "native": "ursa_engine._native"}
+_AS_GPU = contextvars.ContextVar("ursa_engine_as_gpu", default=False)
+
+
+# ----------------------------------------------------------------------------- planning as on a GPU
+@contextlib.contextmanager
+def as_gpu() -> Iterator[None]:
+    """Inside: backend choices are made as on a CUDA device and kernels are assumed available
+    (fake tensors only: a real call would try to launch kernels that cannot run here)."""
+    token = _AS_GPU.set(True)
+    try:
+        yield
+    finally:
+        _AS_GPU.reset(token)
+
+
+@torch.compiler.assume_constant_result  # a trace-time constant for torch.compile (it cannot read a ContextVar)
+def gpu_planning() -> bool:
+    """True inside :func:`as_gpu`."""
+    return _AS_GPU.get()
+
+
+def _fn(backend: str, op: str):
+    return getattr(importlib.import_module(_MODULES[backend]), op)
+
+
+def _extra(**kwargs) -> dict:
+    """Keywords of the issue-11 contract passed only when they differ from their defaults (so a
+    backend that predates one still gets the calls it supports)."""
+    defaults = {"index_offset": 0, "x1": None, "error": None, "K": None}
+    return {k: v for k, v in kwargs.items() if v is not defaults[k]}
+
+
+# ----------------------------------------------------------------------------- sampler steps
+@custom_op("ursa::metric_step", mutates_args=("out", "error"))
+def _metric_step(backend: str, cond: Tensor | None, uncond: Tensor | None, x: Tensor, table: Tensor, params: Tensor,
+                 step: Tensor, seeds: Tensor, row_len: int, guidance_scale: float, temperature: float, top_k: int,
+                 top_p: float, power: int, levels: Sequence[int] | None, last: bool, argmax_last: bool,
+                 index_offset: int, x1: Tensor | None, out: Tensor, error: Tensor | None) -> None:
+    _fn(backend, "metric_step")(
+        cond, uncond, x, table, params, step, seeds=seeds, row_len=row_len, guidance_scale=guidance_scale,
+        temperature=temperature, top_k=top_k, top_p=top_p, power=power,
+        levels=None if levels is None else tuple(levels), last=last, argmax_last=argmax_last, out=out,
+        **_extra(index_offset=index_offset, x1=x1, error=error))
+
+
+@_metric_step.register_fake
+def _(backend, cond, uncond, x, table, params, step, seeds, row_len, guidance_scale, temperature, top_k, top_p,
+      power, levels, last, argmax_last, index_offset, x1, out, error) -> None:
+    return None
+
+
+@custom_op("ursa::mixture_step", mutates_args=("out", "error"))
+def _mixture_step(backend: str, cond: Tensor | None, uncond: Tensor | None, x: Tensor, params: Tensor, step: Tensor,
+                  seeds: Tensor, row_len: int, guidance_scale: float, temperature: float, top_k: int, top_p: float,
+                  last: bool, argmax_last: bool, index_offset: int, x1: Tensor | None, K: int | None, out: Tensor,
+                  error: Tensor | None) -> None:
+    _fn(backend, "mixture_step")(
+        cond, uncond, x, params, step, seeds=seeds, row_len=row_len, guidance_scale=guidance_scale,
+        temperature=temperature, top_k=top_k, top_p=top_p, last=last, argmax_last=argmax_last, out=out,
+        **_extra(index_offset=index_offset, x1=x1, error=error, K=K))
+
+
+@_mixture_step.register_fake
+def _(backend, cond, uncond, x, params, step, seeds, row_len, guidance_scale, temperature, top_k, top_p, last,
+      argmax_last, index_offset, x1, K, out, error) -> None:
+    return None
+
+
+@custom_op("ursa::mask_step", mutates_args=("out", "error"))
+def _mask_step(backend: str, cond: Tensor | None, uncond: Tensor | None, x: Tensor, params: Tensor, step: Tensor,
+               mask_id: int, seeds: Tensor, row_len: int, guidance_scale: float, temperature: float, top_k: int,
+               top_p: float, last: bool, argmax_last: bool, index_offset: int, x1: Tensor | None, K: int | None,
+               out: Tensor, error: Tensor | None) -> None:
+    _fn(backend, "mask_step")(
+        cond, uncond, x, params, step, mask_id=mask_id, seeds=seeds, row_len=row_len, guidance_scale=guidance_scale,
+        temperature=temperature, top_k=top_k, top_p=top_p, last=last, argmax_last=argmax_last, out=out,
+        **_extra(index_offset=index_offset, x1=x1, error=error, K=K))
+
+
+@_mask_step.register_fake
+def _(backend, cond, uncond, x, params, step, mask_id, seeds, row_len, guidance_scale, temperature, top_k, top_p,
+      last, argmax_last, index_offset, x1, K, out, error) -> None:
+    return None
+
+
+# ----------------------------------------------------------------------------- path samples
+@custom_op("ursa::metric_sample", mutates_args=("out",))
+def _metric_sample(backend: str, x1: Tensor, beta: Tensor, table: Tensor, power: int, levels: Sequence[int] | None,
+                   seeds: Tensor, row_len: int, index_offset: int, out: Tensor) -> None:
+    _fn(backend, "metric_sample")(x1, beta, table, power=power, levels=None if levels is None else tuple(levels),
+                                  seeds=seeds, row_len=row_len, out=out, **_extra(index_offset=index_offset))
+
+
+@_metric_sample.register_fake
+def _(backend, x1, beta, table, power, levels, seeds, row_len, index_offset, out) -> None:
+    return None
+
+
+@custom_op("ursa::uniform_sample", mutates_args=("out",))
+def _uniform_sample(backend: str, op: str, x1: Tensor, keep: Tensor, value: int, seeds: Tensor, row_len: int,
+                    index_offset: int, out: Tensor) -> None:
+    """``mixture_sample`` (value = K) and ``mask_sample`` (value = the mask id)."""
+    name = "K" if op == "mixture_sample" else "mask_id"
+    _fn(backend, op)(x1, keep, seeds=seeds, row_len=row_len, out=out, **{name: value},
+                     **_extra(index_offset=index_offset))
+
+
+@_uniform_sample.register_fake
+def _(backend, op, x1, keep, value, seeds, row_len, index_offset, out) -> None:
+    return None
+
+
+def _out(out: Tensor | None, x: Tensor) -> Tensor:
+    # the launchers allocate ``empty_like`` of the flat tokens when no ``out`` is given
+    return torch.empty(x.shape, dtype=torch.int64, device=x.device) if out is None else out
+
+
+def _levels(levels):
+    return None if levels is None else [int(v) for v in levels]
+
+
+def _steps(backend: str):
+    def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidance_scale=1.0, temperature=1.0,
+                    top_k=0, top_p=1.0, power=2, levels=None, last=False, argmax_last=False, out=None,
+                    index_offset=0, x1=None, error=None):
+        out = _out(out, x)
+        torch.ops.ursa.metric_step(backend, cond, uncond, x, table, params, step, seeds, row_len,
+                                   float(guidance_scale), float(temperature), int(top_k), float(top_p), int(power),
+                                   _levels(levels), bool(last), bool(argmax_last), int(index_offset), x1, out, error)
+        return out
+
+    def mixture_step(cond, uncond, x, params, step, *, seeds, row_len, guidance_scale=1.0, temperature=1.0, top_k=0,
+                     top_p=1.0, last=False, argmax_last=False, out=None, index_offset=0, x1=None, error=None, K=None):
+        out = _out(out, x)
+        torch.ops.ursa.mixture_step(backend, cond, uncond, x, params, step, seeds, row_len, float(guidance_scale),
+                                    float(temperature), int(top_k), float(top_p), bool(last), bool(argmax_last),
+                                    int(index_offset), x1, K, out, error)
+        return out
+
+    def mask_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, guidance_scale=1.0, temperature=1.0,
+                  top_k=0, top_p=1.0, last=False, argmax_last=False, out=None, index_offset=0, x1=None, error=None,
+                  K=None):
+        out = _out(out, x)
+        torch.ops.ursa.mask_step(backend, cond, uncond, x, params, step, int(mask_id), seeds, row_len,
+                                 float(guidance_scale), float(temperature), int(top_k), float(top_p), bool(last),
+                                 bool(argmax_last), int(index_offset), x1, K, out, error)
+        return out
+
+    def metric_sample(x1, beta, table, *, power=2, levels=None, seeds, row_len, index_offset=0, out=None):
+        out = _out(out, x1)
+        torch.ops.ursa.metric_sample(backend, x1, beta, table, int(power), _levels(levels), seeds, row_len,
+                                     int(index_offset), out)
+        return out
+
+    def mixture_sample(x1, keep, *, K, seeds, row_len, index_offset=0, out=None):
+        out = _out(out, x1)
+        torch.ops.ursa.uniform_sample(backend, "mixture_sample", x1, keep, int(K), seeds, row_len, int(index_offset),
+                                      out)
+        return out
+
+    def mask_sample(x1, keep, *, mask_id, seeds, row_len, index_offset=0, out=None):
+        out = _out(out, x1)
+        torch.ops.ursa.uniform_sample(backend, "mask_sample", x1, keep, int(mask_id), seeds, row_len,
+                                      int(index_offset), out)
+        return out
+
+    return {f.__name__: f for f in (metric_step, mixture_step, mask_step, metric_sample, mixture_sample,
+                                    mask_sample)}
+
+
+_SAMPLER_OPS = {backend: _steps(backend) for backend in _MODULES}
+
+
+def sampler_op(op: str, backend: str):
+    """The custom-op callable of ``op`` on a fused ``backend``, with the backend module's signature."""
+    return _SAMPLER_OPS[backend][op]
+
+
+# ----------------------------------------------------------------------------- transformer ops (Triton)
+def _triton(name: str):
+    return importlib.import_module(f"triton_kernels.{name}")
+
+
+def _empty(t: Tensor) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+@custom_op("ursa::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return _triton("rmsnorm").rms_norm(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return _empty(x)
+
+
+@custom_op("ursa::add_rms_norm", mutates_args=())
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return _triton("rmsnorm").rms_norm(x, weight, eps, residual=residual)
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return _empty(x), _empty(x)
+
+
+@custom_op("ursa::qk_norm_rope", mutates_args=())
+def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    return _triton("qk_norm_rope").qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+@qk_norm_rope.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, eps):
+    return _empty(q), _empty(k)  # contiguous (B, L, H, D), as the launcher allocates them
+
+
+@custom_op("ursa::swiglu", mutates_args=())
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return _triton("swiglu").swiglu(gate, up)
+
+
+@swiglu.register_fake
+def _(gate, up):
+    return _empty(gate)
+
+
+# ----------------------------------------------------------------------------- fused head + draw
+def head_draw_unavailable(device) -> str | None:
+    """None if the fused ``lm_head`` + x̂1 draw kernel can run on ``device``, else why not (inside
+    :func:`as_gpu`: None, the fake implementation needs no kernel)."""
+    if gpu_planning():
+        return None
+    try:
+        module = importlib.import_module("triton_kernels.head_draw")
+    except ImportError as err:
+        return f"triton_kernels.head_draw is not importable ({err})"
+    return module.unavailable(torch.device(device))
+
+
+@custom_op("ursa::head_draw", mutates_args=("out",))
+def _head_draw(hidden: Tensor, weight: Tensor, uncond_hidden: Tensor | None, guidance_scale: float,
+               temperature: float, seeds: Tensor, row_len: int, step: Tensor, index_offset: int, argmax: bool,
+               out: Tensor) -> None:
+    importlib.import_module("triton_kernels.head_draw").head_draw(
+        hidden, weight, uncond_hidden=uncond_hidden, guidance_scale=guidance_scale, temperature=temperature,
+        seeds=seeds, row_len=row_len, step=step, index_offset=index_offset, argmax=argmax, out=out)
+
+
+@_head_draw.register_fake
+def _(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset, argmax,
+      out) -> None:
+    return None
+
+
+def head_draw(hidden: Tensor, weight: Tensor, *, uncond_hidden: Tensor | None = None, guidance_scale: float = 1.0,
+              temperature: float = 1.0, seeds: Tensor, row_len: int, step: Tensor, index_offset: int = 0,
+              argmax: bool = False, out: Tensor | None = None) -> Tensor:
+    """x̂1 (D,) int64 drawn from ``softmax(guided(hidden @ weightᵀ) / T)`` without writing the logits
+    (``triton_kernels.head_draw``; same law and uniforms as the unfused path, §2.4-§2.5).
+
+    hidden, uncond_hidden : (D, hidden) final hidden states of the tokens (cond / uncond rows)
+    weight : (K, hidden) ``lm_head`` weight; seeds / row_len / step / index_offset: the RNG keys
+    """
+    if out is None:
+        out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
+    torch.ops.ursa.head_draw(hidden, weight, uncond_hidden, float(guidance_scale), float(temperature), seeds,
+                             int(row_len), step, int(index_offset), bool(argmax), out)
+    return out
+
+
+# ----------------------------------------------------------------------------- scratch memory
+_TABLE_BN = 64  # codes a table-pass tile covers (triton_kernels.sampler.table_config): one fp32 partial each
+HEAD_CHUNK = 128  # codes a head-draw chunk covers on a GPU (triton_kernels.head_draw.head_config)
+
+
+def head_draw_scratch(D: int, K: int) -> int:
+    """Peak scratch bytes of the fused head draw on D tokens (see :func:`workspace_bytes`)."""
+    return D * (8 * math.ceil(K / HEAD_CHUNK) + 12)
+
+
+def workspace_bytes(func, args, kwargs) -> tuple[int, str] | None:
+    """Scratch bytes a launcher allocates and frees inside ``func`` (our ops only), and a label.
+
+    Modelled on the GPU launchers: the Triton table metric step (explicit codebook, not the last
+    step) keeps the x̂1 and moving-token lists (2 × D int64) and a (D, K / BN) fp32 partial-sum
+    buffer (the FSQ step and the uniform steps keep nothing); the fused head draw keeps a
+    per-(token, 128-code chunk) max and sum (fp32, D × NC each) and, alive with them, the chosen
+    chunk (int32), the remaining target and the max (fp32) per token; then the sort (int32 values,
+    int64 order).
+    """
+    name = getattr(func, "name", lambda: "")()
+    if name == "ursa::metric_step":
+        backend, x, table, levels, last = args[0], args[3], args[4], args[14], args[15]
+        if backend != "triton" or levels is not None or last:
+            return None
+        D, K = x.numel(), table.shape[0]
+        return 2 * D * 8 + D * math.ceil(K / _TABLE_BN) * 4, "table metric step: x̂1, moving list, partial sums"
+    if name == "ursa::head_draw":
+        return head_draw_scratch(args[0].shape[0], args[1].shape[0]), "head draw: per-chunk max and sum"
+    return None
