@@ -31,6 +31,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # must precede the first @triton.jit decoration
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from law_stats import assert_follows
+
 from ursa_engine.reference import head_draw as ref_hd  # noqa: E402
 from ursa_engine.reference import sampler as ref  # noqa: E402
 
@@ -95,24 +97,6 @@ def agree(a, b, floor=0.99, what=""):
     print(f"\n{what}: {frac:.4%} of {a.numel()} tokens agree")
     assert frac >= floor, f"{what}: only {frac:.4%} of tokens agree with the reference"
     return frac
-
-
-def tv_bound(law, n):
-    """The bound of test_sampler_laws: 3× the expected TV of an exact sampler, plus 0.005."""
-    sd = (law * (1 - law) / n).sqrt()
-    return 3 * 0.5 * math.sqrt(2 / math.pi) * sd.sum(-1) + 0.005
-
-
-def assert_follows(samples, law):
-    """samples (S·n,) ids of S states replicated n times (state-major); law (S, K)."""
-    S, K = law.shape
-    samples = samples.view(S, -1).cpu()
-    n = samples.shape[1]
-    freq = torch.zeros(S, K, dtype=torch.float64).scatter_add_(1, samples, torch.ones(S, n, dtype=torch.float64))
-    tv = 0.5 * (freq / n - law.cpu()).abs().sum(-1)
-    bound = tv_bound(law.cpu(), n)
-    print(f"\nTV {[round(v, 4) for v in tv.tolist()]} (bounds {[round(v, 4) for v in bound.tolist()]})")
-    assert (tv <= bound).all(), f"TV {tv.tolist()} above bound {bound.tolist()}"
 
 
 # Forced small tilings: several chunks (BLOCK_K < K, a padded last chunk), two token tiles in pass one,

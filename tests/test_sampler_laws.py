@@ -6,30 +6,14 @@ The bound is fixed in advance: 3× the expected TV of an exact sampler,
 ``0.5·Σ_y sqrt(2/π)·sqrt(p_y(1 − p_y)/n)``, plus 0.005.
 """
 
-import math
 
 import pytest
 import torch
+from law_stats import assert_follows
 
 import ursa_engine as ue
 
 N_REP = 4000  # replicas per state: small enough for the Triton interpreter
-
-
-def tv_bound(law: torch.Tensor, n: int) -> torch.Tensor:
-    sd = (law * (1 - law) / n).sqrt()
-    return 3 * 0.5 * math.sqrt(2 / math.pi) * sd.sum(-1) + 0.005
-
-
-def assert_follows(samples: torch.Tensor, law: torch.Tensor):
-    """samples (S, n) ids, law (S, K): every state's empirical law within its TV bound."""
-    S, n = samples.shape
-    K = law.shape[-1]
-    freq = torch.zeros(S, K, dtype=torch.float64)
-    freq.scatter_add_(1, samples.cpu(), torch.ones_like(samples, dtype=torch.float64).cpu())
-    tv = 0.5 * (freq / n - law.cpu()).abs().sum(-1)
-    bound = tv_bound(law.cpu(), n)
-    assert (tv <= bound).all(), f"TV {tv.tolist()} above bound {bound.tolist()}"
 
 
 def replicate(states_logits: torch.Tensor, states_x: torch.Tensor, n=N_REP):

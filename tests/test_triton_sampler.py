@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from law_stats import assert_follows
 
 from triton_kernels import philox  # noqa: E402
 from triton_kernels import sampler as tks  # noqa: E402
@@ -69,23 +70,6 @@ def tokens(D, K, seed):
 
 def table_codebook(K, m, seed):
     return Codebook(torch.randn(K, m, generator=torch.Generator().manual_seed(seed)))
-
-
-def tv_bound(law, n):
-    """The bound of test_sampler_laws: 3× the expected TV of an exact sampler, plus 0.005."""
-    sd = (law * (1 - law) / n).sqrt()
-    return 3 * 0.5 * math.sqrt(2 / math.pi) * sd.sum(-1) + 0.005
-
-
-def assert_follows(samples, law):
-    """samples (S·n,) ids of S states replicated n times (state-major); law (S, K)."""
-    S, K = law.shape
-    samples = samples.view(S, -1).cpu()
-    n = samples.shape[1]
-    freq = torch.zeros(S, K, dtype=torch.float64).scatter_add_(1, samples, torch.ones(S, n, dtype=torch.float64))
-    tv = 0.5 * (freq / n - law.cpu()).abs().sum(-1)
-    bound = tv_bound(law.cpu(), n)
-    assert (tv <= bound).all(), f"TV {tv.tolist()} above bound {bound.tolist()}"
 
 
 def rep(t, n=N_REP):

@@ -322,47 +322,18 @@ def head_config(D: int, K: int, H: int, device, dtype=torch.bfloat16, **over) ->
 
 
 def _check(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset, out):
-    """Argument checks (the messages of :func:`ursa_engine.reference.head_draw.check_inputs`)."""
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.dtype not in _LOGIT_DTYPE:
-        raise ValueError(f"hidden: expected a (D, H) float32 / float16 / bfloat16 tensor, got "
-                         f"{getattr(hidden, 'dtype', type(hidden).__name__)} of shape "
-                         f"{tuple(getattr(hidden, 'shape', ()))}")
-    D, H = hidden.shape
-    device = hidden.device
-    for name, t, shape in (("weight", weight, None), ("uncond_hidden", uncond_hidden, (D, H))):
-        if t is None and name == "uncond_hidden":
-            continue
-        if (not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[1] != H or t.shape[0] < 1
-                or (shape is not None and tuple(t.shape) != shape)):
-            want = f"(K, {H}) (lm_head.weight)" if shape is None else str(shape)
-            raise ValueError(f"{name}: expected {want}, got shape {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype != hidden.dtype or t.device != device:
-            raise ValueError(f"{name}: expected {hidden.dtype} on {device} like hidden, got {t.dtype} on {t.device}")
-        if t.stride(1) != 1 and H > 1:
+    """The twin's argument checks (:func:`ursa_engine.reference.head_draw.check_inputs`), plus what
+    the kernel needs: the hidden axis contiguous, K < 2^31."""
+    from ursa_engine.reference.head_draw import check_inputs
+
+    D, K, H = check_inputs(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step,
+                           index_offset, out)
+    for name, t in (("hidden", hidden), ("weight", weight), ("uncond_hidden", uncond_hidden)):
+        if t is not None and H > 1 and t.stride(1) != 1:
             raise ValueError(f"{name}: the hidden axis must be contiguous (stride 1), got stride {t.stride(1)}")
-    if H > 1 and hidden.stride(1) != 1:
-        raise ValueError(f"hidden: the hidden axis must be contiguous (stride 1), got stride {hidden.stride(1)}")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
-    if not temperature > 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
-    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1 or seeds.device != device:
-        raise ValueError(f"seeds: expected a 1-D int64 tensor on {device}")
-    if isinstance(row_len, bool) or not isinstance(row_len, int) or row_len < 1:
-        raise ValueError(f"row_len: expected an int >= 1, got {row_len!r}")
-    if D and seeds.shape[0] * row_len < D:
-        raise ValueError(f"seeds: {seeds.shape[0]} rows of {row_len} tokens do not cover {D} tokens")
-    if (not isinstance(step, torch.Tensor) or step.dtype != torch.int64 or step.numel() < 1
-            or step.device != device):
-        raise ValueError(f"step: expected an int64 tensor (1,) on {device}")
-    if isinstance(index_offset, bool) or not isinstance(index_offset, int) or not 0 <= index_offset < 2**62:
-        raise ValueError(f"index_offset: expected an int in [0, 2^62), got {index_offset!r}")
-    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.shape != (D,)
-                            or out.device != device or not out.is_contiguous()):
-        raise ValueError(f"out: expected a contiguous int64 tensor of shape ({D},) on {device}")
-    if weight.shape[0] >= 2**31:
-        raise ValueError(f"weight: K = {weight.shape[0]} codes, at most 2^31 − 1")
-    return D, weight.shape[0], H
+    if K >= 2**31:
+        raise ValueError(f"weight: K = {K} codes, at most 2^31 − 1")
+    return D, K, H
 
 
 def head_draw(hidden: torch.Tensor, weight: torch.Tensor, *, uncond_hidden: torch.Tensor | None = None,
