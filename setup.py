@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -89,4 +89,11 @@ class CMakeBuild(build_ext):
         return outputs
 
 
-setup(ext_modules=[CMakeExtension(f"{PACKAGE}._native_cpu")], cmdclass={"build_ext": CMakeBuild})
+# `triton_kernels/` and `benchmarks/` stay at the repository root but install as
+# `ursa_engine.triton_kernels` / `ursa_engine.benchmarks`: registry packages (and inference stacks)
+# install top-level `triton_kernels` / `benchmarks` of their own, and neither may shadow the other.
+MAPPED = {f"{PACKAGE}.triton_kernels": "triton_kernels", f"{PACKAGE}.benchmarks": "benchmarks"}
+PACKAGES = find_packages(include=[PACKAGE, f"{PACKAGE}.*"]) + sorted(MAPPED)
+
+setup(packages=PACKAGES, package_dir=MAPPED,
+      ext_modules=[CMakeExtension(f"{PACKAGE}._native_cpu")], cmdclass={"build_ext": CMakeBuild})

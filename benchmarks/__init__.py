@@ -1,15 +1,15 @@
 """Latency, memory and roofline benchmarks of ursa-engine (DESIGN §6).
 
 Every performance figure of the project is produced here, by one harness
-(:mod:`benchmarks.harness`), and reproduced with one command::
+(:mod:`ursa_engine.benchmarks.harness`), and reproduced with one command::
 
     ursa-engine bench run --mode smoke            # CPU, small shapes, seconds (CI)
     ursa-engine bench run --mode cpu              # native CPU vs the dense reference
     ursa-engine bench run --mode gpu              # real shapes on a CUDA device
-    python -m benchmarks.gpu_suite --out "$OUT"   # GPU tests + every benchmark, < 10 min
+    python -m ursa_engine.benchmarks.gpu_suite --out "$OUT"   # GPU tests + every benchmark, < 10 min
 
-Each ``bench_<op>.py`` module exposes ``NAME`` and ``run(ctx)``; :mod:`benchmarks.run` runs
-them and writes one JSON per run; :mod:`benchmarks.report` turns JSON into a markdown table,
+Each ``bench_<op>.py`` module exposes ``NAME`` and ``run(ctx)``; :mod:`ursa_engine.benchmarks.run` runs
+them and writes one JSON per run; :mod:`ursa_engine.benchmarks.report` turns JSON into a markdown table,
 a PNG plot and the comparison with the paper's latencies.
 """
 
@@ -22,7 +22,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``ursa-engine bench run`` / ``python -m benchmarks.run`` (no torch import)."""
+    """Arguments of ``ursa-engine bench run`` / ``python -m ursa_engine.benchmarks.run`` (no torch import)."""
     p.add_argument("names", nargs="*", metavar="SUITE", help=f"suites to run (default: all of {BENCHES})")
     p.add_argument("--mode", choices=MODES, default="smoke",
                    help="smoke: CPU, small shapes, seconds; cpu: native vs dense at D=1,024, K=64,000; "

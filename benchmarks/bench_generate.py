@@ -12,7 +12,7 @@ Every record says which it is (``shape["method"]``):
   tokens to pixels and text encoding are not included.
 
 The paper's latencies (appendix J: 1.7B, 70 s for 19K tokens, 180 s for 34K tokens per video,
-hardware unstated) are compared in :mod:`benchmarks.report`.
+hardware unstated) are compared in :mod:`ursa_engine.benchmarks.report`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ metric-path sampler step, tokens written back; timed by the engine's per-step CU
 short generation (steps 2 .. N−2: no compilation, no capture, no eager last step); per attention
 backend. Reported: latency, peak memory (weights included), MFU, ratio to the FLOP floor
 (measured matmul rate), and the graph's speedup over eager at the same shape. FLOP counting:
-:mod:`benchmarks.model_common`.
+:mod:`ursa_engine.benchmarks.model_common`.
 
 Targets (runtime issue): 1.7B at 33,601 × 2 ≥ 55% MFU with peak ≤ 16 GB; CUDA graphs make the
 0.6B 1,345-token step ≥ 1.5× faster than eager.

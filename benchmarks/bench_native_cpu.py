@@ -15,7 +15,7 @@ Providers (``--providers``, all by default):
 
 ::
 
-    OMP_NUM_THREADS=2 python -m benchmarks.bench_native_cpu [--threads 2] [--dtype bfloat16] \
+    OMP_NUM_THREADS=2 python -m ursa_engine.benchmarks.bench_native_cpu [--threads 2] [--dtype bfloat16] \
         [--providers native,dense,validate] [--rounds 9] [--out DIR]
 
 The harness suite ``metric_step --mode cpu`` times the same case (dense on a token subset,

@@ -1,8 +1,8 @@
 """Tuning sweep of the Triton sampler kernels at the real sizes of DESIGN §6 (GPU only).
 
-The per-op benchmarks (``bench_metric_step`` & co., run by :mod:`benchmarks.gpu_suite`) time the
+The per-op benchmarks (``bench_metric_step`` & co., run by :mod:`ursa_engine.benchmarks.gpu_suite`) time the
 default configuration against the dense reference. This script times *candidate tilings* of the
-Triton kernels, each against its floor, so the defaults in :mod:`triton_kernels.sampler` can be
+Triton kernels, each against its floor, so the defaults in :mod:`ursa_engine.triton_kernels.sampler` can be
 set from measurements::
 
     PYTHONUNBUFFERED=1 python3 -m benchmarks.bench_triton_sampler --out "$OUT" [--budget 420]
@@ -83,7 +83,8 @@ def _fsq_step_inputs(device, gen, D, K, late=False):
 
 def run(out_dir: Path, budget_s: float, quick: bool, smoke: bool = False) -> dict:
     """``smoke``: tiny sizes on the CPU under TRITON_INTERPRET=1, to check the script itself."""
-    from triton_kernels import sampler as tks
+    from ursa_engine.triton_kernels import sampler as tks
+
     from ursa_engine.codebook import Codebook
     from ursa_engine.reference.rng import seeds_per_row
 

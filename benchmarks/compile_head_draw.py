@@ -1,4 +1,4 @@
-"""Compile report of the fused lm_head + x̂1 draw kernels (:mod:`triton_kernels.head_draw`) for sm_90a.
+"""Compile report of the fused lm_head + x̂1 draw kernels (:mod:`ursa_engine.triton_kernels.head_draw`) for sm_90a.
 
 No GPU needed: Triton's compiler lowers each kernel at the production configuration (bf16, H = 2,048,
 K = 64,000, D = 33,280 tokens: the 1.7B video step, :func:`triton_kernels.head_draw.head_config`) for
@@ -88,8 +88,7 @@ def report(*, uncond: bool = True, dtype: str = "bf16", argmax: bool = False,
     os.environ["TRITON_INTERPRET"] = "0"
     sys.path.insert(0, str(ROOT))
     import torch
-
-    from triton_kernels import head_draw as hd
+    from ursa_engine.triton_kernels import head_draw as hd
 
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     c = hd.head_config(D, K, H, torch.device("cuda"), tdt, **(overrides or {}))

@@ -133,7 +133,7 @@ class Suite:
                 self.stages.append({"stage": f"bench {name}", "rc": None, "skipped": "time budget"})
                 continue
             soft = time.time() + share
-            self.sh(f"bench {name}", [sys.executable, "-m", "benchmarks.run", name, "--mode", mode,
+            self.sh(f"bench {name}", [sys.executable, "-m", "ursa_engine.benchmarks.run", name, "--mode", mode,
                                       "--out", str(self.work), "--deadline", f"{soft:.0f}"],
                     timeout=share + 45)
 
@@ -199,7 +199,7 @@ def tail_summary(out: Path, limit: int = 5000) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_suite", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ursa_engine.benchmarks.gpu_suite", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_suite_out")))
     p.add_argument("--budget", type=float, default=540.0, help="seconds for everything (device limit: 600)")

@@ -9,7 +9,7 @@ Method (``/work/.library/device/METHOD.md``, DESIGN §6):
 * the two ceilings (device copy bandwidth, bf16 matmul rate) measured in the same process;
   every figure carries its floor ``max(bytes / copy_bw, flops / matmul_rate, exps / exp_rate)``,
   its ratio to that floor and, when the case has one, its ratio to the dense reference
-  (records: :mod:`benchmarks.records`).
+  (records: :mod:`ursa_engine.benchmarks.records`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Markdown summary, PNG plot and the paper comparison, generated from result JSON only.
 
-``python -m benchmarks.report RESULTS... [--out DIR]`` (files or folders of ``*.json``) writes
+``python -m ursa_engine.benchmarks.report RESULTS... [--out DIR]`` (files or folders of ``*.json``) writes
 ``DIR/summary.md`` and ``DIR/latency.png`` (latency vs tokens per backend).
 """
 

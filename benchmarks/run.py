@@ -1,4 +1,4 @@
-"""Run benchmark suites and write one JSON per suite run (``python -m benchmarks.run``).
+"""Run benchmark suites and write one JSON per suite run (``python -m ursa_engine.benchmarks.run``).
 
 Modes: ``smoke`` (CPU, small shapes, seconds: CI), ``cpu`` (the native CPU backend against the
 dense reference at D = 1,024, K = 64,000), ``gpu`` (DESIGN §6 real shapes and smaller ones).
@@ -66,7 +66,7 @@ def run_suite(name: str, *, mode: str, out_dir: Path, device: torch.device | Non
               f"{ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s", flush=True)
     t0 = time.time()
     try:
-        module = importlib.import_module(f"benchmarks.bench_{name}")
+        module = importlib.import_module(f"ursa_engine.benchmarks.bench_{name}")
         module.run(ctx, **(options or {}))
     except Exception as err:  # noqa: BLE001 - recorded, and the caller goes on
         if not quiet:

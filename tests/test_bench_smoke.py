@@ -11,11 +11,10 @@ import tarfile
 
 import pytest
 import torch
-
-from benchmarks import BENCHES, report
-from benchmarks.harness import Deadline, Work, measure
-from benchmarks.records import BenchContext, ResultWriter, check_targets, classify_failure
-from benchmarks.run import run_suite
+from ursa_engine.benchmarks import BENCHES, report
+from ursa_engine.benchmarks.harness import Deadline, Work, measure
+from ursa_engine.benchmarks.records import BenchContext, ResultWriter, check_targets, classify_failure
+from ursa_engine.benchmarks.run import run_suite
 
 CPU = torch.device("cpu")
 # every record carries these (issue 6: device, driver, commit, versions, shape, provider, timings,
@@ -102,7 +101,7 @@ def test_measure_counts_reps_and_rotates_inputs():
 
 
 def test_floor_is_the_binding_roofline_term():
-    from benchmarks.harness import Ceilings
+    from ursa_engine.benchmarks.harness import Ceilings
 
     c = Ceilings(copy_bytes_per_s=1e12, matmul_flops_per_s=1e15, matmul_dtype="bf16", copy_bytes=0,
                  matmul_n=0, exp_per_s=2e12, datasheet_bf16_flops=None)
@@ -138,7 +137,7 @@ def test_a_failing_case_becomes_a_record_and_the_run_goes_on(tmp_path):
 
 
 def test_gpu_suite_rehearsal_packs_at_most_eight_files(tmp_path):
-    from benchmarks import gpu_suite
+    from ursa_engine.benchmarks import gpu_suite
 
     out = tmp_path / "out"
     gpu_suite.main(["--out", str(out), "--mode", "smoke", "--skip-install", "--tests", "none",
@@ -183,6 +182,6 @@ def test_smoke_vae_plans_real_sizes_and_the_plan_equals_the_tracked_real_call(sm
 
 
 def test_gpu_suite_gives_every_suite_a_share():
-    from benchmarks import gpu_suite
+    from ursa_engine.benchmarks import gpu_suite
 
     assert set(gpu_suite.WEIGHTS) == set(BENCHES)

@@ -454,7 +454,7 @@ def _fused_or_skip():
 @pytest.mark.parametrize("path", ["metric-fsq", "metric-table", "mixture"])
 @pytest.mark.parametrize("graph", [False, True])
 def test_fused_head_gives_the_tokens_of_the_chunked_head(model, monkeypatch, path, graph):
-    """``head="fused"``: x̂1 drawn inside the lm_head GEMM (triton_kernels.head_draw; the interpreter
+    """``head="fused"``: x̂1 drawn inside the lm_head GEMM (ursa_engine.triton_kernels.head_draw; the interpreter
     here), the step fed ``x1=``: the same law and uniforms, so the same tokens (float ties aside, none
     at this size), by token range too."""
     _fused_or_skip()

@@ -2,7 +2,7 @@
 
 Two implementations of one op, ``head_draw(hidden, weight, *, uncond_hidden, ...)``:
 :mod:`ursa_engine.reference.head_draw` (row chunks of the dense sampler reference) and
-:mod:`triton_kernels.head_draw` (the GEMM with the draw in its epilogue; on the CPU under
+:mod:`ursa_engine.triton_kernels.head_draw` (the GEMM with the draw in its epilogue; on the CPU under
 ``TRITON_INTERPRET=1`` at small sizes, tilings forced small so that several chunks, multi-tile
 chunks, padded code / hidden tails and many finish tiles all run). Checks:
 
@@ -44,7 +44,7 @@ N_REP = 3000  # replicas per state in the law tests
 def _triton():
     """The Triton module, or skip with the reason it cannot run here."""
     pytest.importorskip("triton")
-    from triton_kernels import head_draw as tk
+    from ursa_engine.triton_kernels import head_draw as tk
 
     reason = tk.unavailable(DEVICE)
     if reason is not None:

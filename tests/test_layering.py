@@ -1,5 +1,5 @@
 """Import layering of ``ursa_engine`` (STYLE, "The house"): no import cycle among its modules and
-no import of ``benchmarks`` (benchmarks depend on the engine, never the reverse).
+no import of ``ursa_engine.benchmarks`` (benchmarks depend on the engine, never the reverse).
 
 Static: every module is parsed with :mod:`ast`, nothing is imported. Imports inside functions
 (lazy imports) are edges like the top-level ones: a cycle that closes only at call time is still a
@@ -20,7 +20,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "ursa_engine"
-FORBIDDEN = ("benchmarks",)  # top-level packages ursa_engine must not import
+FORBIDDEN = ("ursa_engine.benchmarks", "benchmarks")  # packages ursa_engine must not import
+# Installed as ``ursa_engine.<name>`` (setup.py): a bare ``import <name>`` would find whatever
+# unrelated package of that name the user has installed.
+UNQUALIFIED = ("triton_kernels", "benchmarks")
+# their repository folders sit beside the package, not in it: imports of them leave the graph
+MAPPED = tuple(f"{PACKAGE}.{name}" for name in UNQUALIFIED)
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ def imports(name: str, path: Path, known: dict[str, Path], root: Path = ROOT) ->
     edges: list[Edge] = []
 
     def add(target: str, node: ast.AST, lazy: bool) -> None:
-        target = _resolve(target, known) if target.split(".")[0] == PACKAGE else target
+        if target.split(".")[0] == PACKAGE and not target.startswith(MAPPED):
+            target = _resolve(target, known)
         edge = Edge(name, target, node.lineno, lazy, file)
         if target != name and edge not in edges:  # one edge per statement (from .x import a, b)
             edges.append(edge)
@@ -181,9 +187,24 @@ def test_ursa_engine_has_no_import_cycle():
 BENCH_FRONT_DOOR = "ursa_engine.cli"
 
 
+def _forbidden(target: str) -> bool:
+    return any(target == f or target.startswith(f + ".") for f in FORBIDDEN)
+
+
+def test_no_unqualified_import_of_our_mapped_packages():
+    """``triton_kernels`` and ``benchmarks`` are imported as ``ursa_engine.triton_kernels`` /
+    ``ursa_engine.benchmarks`` everywhere (their own modules use relative imports)."""
+    bad = []
+    for folder in (PACKAGE, *UNQUALIFIED, "tests"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for e in imports(path.stem, path, {}):
+                if e.target.split(".")[0] in UNQUALIFIED:
+                    bad.append(f"  {path.relative_to(ROOT)}:{e.line} imports {e.target}")
+    assert not bad, "unqualified imports (use ursa_engine.<name>):\n" + "\n".join(bad)
+
+
 def test_ursa_engine_does_not_import_benchmarks():
-    bad = [e for e in import_graph() if e.target.split(".")[0] in FORBIDDEN
-           and not (e.source == BENCH_FRONT_DOOR and e.lazy)]
+    bad = [e for e in import_graph() if _forbidden(e.target) and not (e.source == BENCH_FRONT_DOOR and e.lazy)]
     assert not bad, "ursa_engine imports benchmarks (they must depend on it, not the reverse):\n" + "\n".join(
         f"  {e}" for e in bad)
 
@@ -198,5 +219,5 @@ if __name__ == "__main__":
     for c in cycles(internal):
         print(f"CYCLE {' <-> '.join(c)}:\n{_describe(c, internal)}")
     for e in all_edges:
-        if e.target.split(".")[0] in FORBIDDEN:
+        if _forbidden(e.target):
             print(f"FORBIDDEN {e}")

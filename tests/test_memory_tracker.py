@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
+from ursa_engine.benchmarks.bench_vae import COSMOS_TINY, IBQ_TINY
 
-from benchmarks.bench_vae import COSMOS_TINY, IBQ_TINY
 from ursa_engine.memory import CUDA_GRANULARITY, LiveBytes, plan_decode, plan_encode
 from ursa_engine.memory.plan import CUSTOM_FLOPS
 from ursa_engine.vae import CosmosFSQTokenizer, IBQTokenizer

@@ -10,9 +10,10 @@ if not torch.cuda.is_available():  # must be set before any @triton.jit is decor
 
 pytest.importorskip("triton")
 
-from triton_kernels import qk_norm_rope as k_rope
-from triton_kernels import rmsnorm as k_norm
-from triton_kernels import swiglu as k_swiglu
+from ursa_engine.triton_kernels import qk_norm_rope as k_rope
+from ursa_engine.triton_kernels import rmsnorm as k_norm
+from ursa_engine.triton_kernels import swiglu as k_swiglu
+
 from ursa_engine.reference import rmsnorm as ref_norm
 from ursa_engine.reference import rope as ref_rope
 from ursa_engine.reference import swiglu as ref_swiglu

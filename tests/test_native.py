@@ -425,7 +425,7 @@ def test_native_cpu_module_does_not_link_torch():
 # ----------------------------------------------------------------------------- GPU (lent device only)
 @pytest.mark.gpu
 def test_cuda_metric_step_agrees_with_triton_at_a_real_size():
-    triton_sampler = pytest.importorskip("triton_kernels.sampler")
+    triton_sampler = pytest.importorskip("ursa_engine.triton_kernels.sampler")
     if nat.unavailable("cuda") is not None:
         pytest.skip(nat.unavailable("cuda"))
     cb = ue.Codebook.fsq((8, 8, 8, 5, 5, 5))

@@ -28,9 +28,9 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from law_stats import assert_follows
+from ursa_engine.triton_kernels import philox  # noqa: E402
+from ursa_engine.triton_kernels import sampler as tks  # noqa: E402
 
-from triton_kernels import philox  # noqa: E402
-from triton_kernels import sampler as tks  # noqa: E402
 from ursa_engine import _dispatch  # noqa: E402
 from ursa_engine.codebook import Codebook  # noqa: E402
 from ursa_engine.ops_library import sampler_op  # noqa: E402

@@ -27,9 +27,9 @@ pytest.importorskip("triton")
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
+from ursa_engine.triton_kernels import errors  # noqa: E402
+from ursa_engine.triton_kernels import sampler as tks  # noqa: E402
 
-from triton_kernels import errors  # noqa: E402
-from triton_kernels import sampler as tks  # noqa: E402
 from ursa_engine.codebook import Codebook  # noqa: E402
 from ursa_engine.reference import rng  # noqa: E402
 from ursa_engine.reference import sampler as ref  # noqa: E402

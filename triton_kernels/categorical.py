@@ -89,7 +89,7 @@ def load_z(cond_ptr, uncond_ptr, stride_c, stride_u, rows, mask, cols, gs, exclu
 def check_rows(cond_ptr, uncond_ptr, stride_c, stride_u, rows, active, K,
                HAS_UNCOND: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, SPAN: tl.constexpr):
     """Error bits (int32 (ROWS,)) of the raw logits of the ``active`` rows: NaN, +inf, a row all
-    −inf, cond and uncond apart (:mod:`triton_kernels.errors`). Reads those rows once, BLOCK
+    −inf, cond and uncond apart (:mod:`ursa_engine.triton_kernels.errors`). Reads those rows once, BLOCK
     codes at a time (a narrow tile: this path is rare and must not raise the kernel's registers),
     over SPAN ≥ K codes (a constexpr bound: the interpreter's loops need one)."""
     cols = tl.arange(0, BLOCK)[None, :]

@@ -7,7 +7,7 @@ DESIGN §2.4, §2.5, §3. For token ``i`` (a row of ``hidden``)::
 
 Oracle: :mod:`ursa_engine.reference.head_draw` (the same signature, row chunks of the dense sampler
 reference). RNG (§2.5): Philox key ``seeds[i // row_len]``, counter ``(index, step, TAG_STEP)`` with
-``index = (i % row_len) + index_offset``, lane 0 uniform (:mod:`triton_kernels.philox`).
+``index = (i % row_len) + index_offset``, lane 0 uniform (:mod:`ursa_engine.triton_kernels.philox`).
 
 Three kernels and one sort, nothing of size D×K:
 

@@ -2,11 +2,11 @@
 
 ``x_t ~ softmax_x(−β_i·d(x, x1_i))`` with a β (a time) per token. Since d(x1, x1) = 0 the
 weights ``exp(−β d) ≤ 1`` need no max subtraction. Per program, ROWS tokens stream over the
-implicit codebook (:mod:`triton_kernels.fsq`) keeping only per-tile sums in registers, then
+implicit codebook (:mod:`ursa_engine.triton_kernels.fsq`) keeping only per-tile sums in registers, then
 the crossing tile is recomputed: nothing of size D×K exists, the extra memory is zero.
 ``β = ∞`` returns x1; ``β = 0`` is uniform. RNG (§2.5): TAG_PATH, step 0, lane 0, index
 ``i % row_len + index_offset``.
-Explicit tables go through :mod:`triton_kernels.table` instead.
+Explicit tables go through :mod:`ursa_engine.triton_kernels.table` instead.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Per program, ROWS tokens:
 1. x̂1 ~ softmax(z), ``z = (u + s·(c − u))/T``: one streaming pass over the logits
    (:func:`triton_kernels.categorical.draw_rows`), cond and uncond read once.
 2. Tokens with x̂1 ≠ x (the only ones that can move) make one pass over the implicit FSQ
-   codebook (:mod:`triton_kernels.fsq`): ``Z = Σ exp(−β d)``, per-chunk ``Σ w`` with
+   codebook (:mod:`ursa_engine.triton_kernels.fsq`): ``Z = Σ exp(−β d)``, per-chunk ``Σ w`` with
    ``w = exp(−β d)·max(d0 − d, 0)``; ``λ = β̇·Σw/Z``; jump iff ``u1 < 1 − exp(−h λ)``.
    A program whose tokens all have x̂1 = x skips the pass.
 3. Jumping tokens: the crossing chunk from the chunk sums, then the code inside that chunk.
@@ -21,7 +21,7 @@ lane 1 jump, lane 2 destination.
 
 HAS_X1: x̂1 is read from ``x1`` (drawn elsewhere, e.g. by a fused lm_head + draw): no logits
 are read, lane 0 is unused, the rest of the step is unchanged (ids clamped to [0, K) for the
-arithmetic). HAS_ERROR: ORs into ``error`` the bits of :mod:`triton_kernels.errors` for what
+arithmetic). HAS_ERROR: ORs into ``error`` the bits of :mod:`ursa_engine.triton_kernels.errors` for what
 it reads: the logits of every token (the draw reads them all; checked as
 :func:`triton_kernels.categorical.draw_rows_checked` says), x and the given x1.
 """

@@ -12,7 +12,7 @@ A program none of whose tokens changes reads no logits at all. RNG (§2.5): step
 uniform code of the mixture path); token ``i`` has index ``i % row_len + index_offset``.
 
 Steps: HAS_X1 reads x̂1 from ``x1`` (drawn elsewhere) and no logits at all. HAS_ERROR ORs the
-bits of :mod:`triton_kernels.errors` into ``error`` for what the kernel reads: the logits of
+bits of :mod:`ursa_engine.triton_kernels.errors` into ``error`` for what the kernel reads: the logits of
 the tokens that change only (the others are never read, so never checked), x and a given x1
 (every token; ids outside [0, K) are only compared, never used as addresses).
 """

@@ -1,7 +1,7 @@
 """Triton backend of the sampler ops (``backend="triton"``), DESIGN §2.3–§2.5.
 
 Every op has the signature of :mod:`ursa_engine.reference.sampler` (the dense oracle) and the
-same RNG contract (Philox keyed by seed, step, token index, lane: :mod:`triton_kernels.philox`),
+same RNG contract (Philox keyed by seed, step, token index, lane: :mod:`ursa_engine.triton_kernels.philox`),
 so one seed gives the same tokens on both backends up to float ties. Kernels:
 
 * ``metric_step``, FSQ codebook (``levels``): one fused kernel (:mod:`.metric_step`): streaming
@@ -131,7 +131,7 @@ def draw_config(K: int, D: int, device: torch.device, rows: int | None = None, c
 
 def fsq_config(levels, device: torch.device, ch_max: int | None = None, w: int | None = None) -> dict:
     """Split of the FSQ levels: the high group (at most ``ch_max`` codes) indexes the chunks,
-    the low group (P_LO codes) is walked in slices of FW (:mod:`triton_kernels.fsq`)."""
+    the low group (P_LO codes) is walked in slices of FW (:mod:`ursa_engine.triton_kernels.fsq`)."""
     levels = tuple(int(v) for v in levels)
     # GPU: ~1000 chunks × one low code per iteration keeps the per-iteration work (the low
     # code's features) small against the ROWS × chunks elements it serves (Cosmos: 1000 × 64).
@@ -433,7 +433,7 @@ def metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidanc
     """One metric-path Euler step (§2.4). RNG: TAG_STEP; lanes 0 x̂1, 1 jump, 2 destination.
 
     ``x1`` (D,) int64: x̂1 drawn elsewhere (no logits read; ``cond`` may be None). ``error``
-    int32 (1,): the kernels OR in the bits of :mod:`triton_kernels.errors` for the logits, x and
+    int32 (1,): the kernels OR in the bits of :mod:`ursa_engine.triton_kernels.errors` for the logits, x and
     x1 they read (every token's logits: the draw reads them all). ``index_offset``: RNG index of
     token ``i`` is ``i % row_len + index_offset``.
     """

@@ -27,7 +27,7 @@ OPS = ("metric_sample", "mixture_sample", "mask_sample", "metric_step", "mixture
 
 _MODULES = {
     "torch": "ursa_engine.reference.sampler",
-    "triton": "triton_kernels.sampler",
+    "triton": "ursa_engine.triton_kernels.sampler",
     "native": "ursa_engine._native",
 }
 

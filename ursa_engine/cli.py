@@ -29,7 +29,7 @@ def _add_bench(subparsers) -> None:
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     run = sub.add_parser("run", help="run benchmark suites, one JSON per suite run")
-    from benchmarks import add_arguments
+    from ursa_engine.benchmarks import add_arguments
 
     add_arguments(run)
     run.set_defaults(handler=_bench_run)
@@ -39,26 +39,26 @@ def _add_bench(subparsers) -> None:
     rep.add_argument("--out", default=None, help="output folder (default: the first folder given)")
     rep.set_defaults(handler=_bench_report)
 
-    suite = sub.add_parser("suite", help="the whole GPU suite in one call (python -m benchmarks.gpu_suite)")
+    suite = sub.add_parser("suite", help="the whole GPU suite in one call (python -m ursa_engine.benchmarks.gpu_suite)")
     suite.add_argument("args", nargs=argparse.REMAINDER, help="arguments of benchmarks.gpu_suite")
     suite.set_defaults(handler=_bench_suite)
 
 
 def _bench_run(args) -> int:
-    from benchmarks.run import run_from_args
+    from ursa_engine.benchmarks.run import run_from_args
 
     return run_from_args(args)
 
 
 def _bench_report(args) -> int:
-    from benchmarks import report
+    from ursa_engine.benchmarks import report
 
     argv = list(args.results) + (["--out", args.out] if args.out else [])
     return report.main(argv)
 
 
 def _bench_suite(args) -> int:
-    from benchmarks import gpu_suite
+    from ursa_engine.benchmarks import gpu_suite
 
     return gpu_suite.main(args.args)
 

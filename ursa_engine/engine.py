@@ -18,7 +18,7 @@ The last step (k = N − 1) runs eagerly (the scheduler takes it as a python int
 Memory (issue 11): the (rows, n, K) logits never exist at once. The head and the sampler run in
 token ranges whose logits fit ``logits_budget`` (tokens equal to the unchunked step: every draw is
 keyed by token, §2.5); on a GPU ``head="auto"`` draws x̂1 inside the ``lm_head`` GEMM (the fused
-head, ``triton_kernels.head_draw``) and never writes logits; the transformer runs its MLP in
+head, ``ursa_engine.triton_kernels.head_draw``) and never writes logits; the transformer runs its MLP in
 sequence chunks (``URSATransformer.activation_budget``). :func:`ursa_engine.memory.plan_generation`
 computes the resulting peak on the CPU.
 
@@ -76,7 +76,7 @@ class Engine:
     vae : a :class:`ursa_engine.vae.Tokenizer` (pixels <-> codes), optional: needed for ``image=`` /
         ``video=`` conditioning and for decoded ``frames``; its K must equal the scheduler's
     head : how x̂1 is drawn from the hidden states: ``"chunked"`` (``lm_head`` on one token range at a
-        time, then the sampler reads that range's logits), ``"fused"`` (``triton_kernels.head_draw``:
+        time, then the sampler reads that range's logits), ``"fused"`` (``ursa_engine.triton_kernels.head_draw``:
         the draw inside the ``lm_head`` GEMM, logits never written; the metric and mixture paths
         without top-k / top-p) or ``"auto"`` (fused where it can run on a CUDA device and the
         sampler backend is ``"auto"`` / ``"triton"``, else chunked). Tokens are the same either way

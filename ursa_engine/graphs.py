@@ -9,7 +9,7 @@ of the latent-predicting positions, then for each range ``[s, e)`` of tokens (ev
 and uncond rows together) ``lm_head`` on that range and :meth:`Scheduler.step` with
 ``token_offset=s``. Every draw is keyed by (seed, step, token index, lane) (§2.5), so the tokens
 are those of the unchunked step; the (rows, n, K) logits never exist, only one range's (the
-engine's ``logits_budget``). With the fused head (``triton_kernels.head_draw``) the logits are
+engine's ``logits_budget``). With the fused head (``ursa_engine.triton_kernels.head_draw``) the logits are
 not written at all: x̂1 comes from the head kernel and the step gets ``x1=``. The MaskGIT
 confidence sampler ranks a sample's tokens against each other: it runs unchunked (whole logits).
 

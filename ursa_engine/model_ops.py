@@ -1,5 +1,5 @@
 """The transformer's fused ops with a ``backend`` switch: ``"torch"`` (the oracle in
-:mod:`ursa_engine.reference`) or ``"triton"`` (:mod:`triton_kernels`); ``"auto"`` picks Triton on
+:mod:`ursa_engine.reference`) or ``"triton"`` (:mod:`ursa_engine.triton_kernels`); ``"auto"`` picks Triton on
 CUDA tensors when it is importable, except when autograd is recording (the kernels are forward
 only; the torch twins differentiate). On the CPU ``"triton"`` needs ``TRITON_INTERPRET=1`` (tests).
 The Triton kernels run as ``torch.library`` custom ops (:mod:`ursa_engine.ops_library`): opaque

@@ -17,7 +17,7 @@ Ops (namespace ``ursa``):
   :func:`ursa_engine._dispatch.resolve` hands out;
 * the transformer's Triton kernels: ``rms_norm``, ``add_rms_norm``, ``qk_norm_rope``, ``swiglu``
   (:mod:`ursa_engine.model_ops`);
-* ``head_draw``: the fused ``lm_head`` + x̂1 draw (``triton_kernels.head_draw``): :func:`head_draw`.
+* ``head_draw``: the fused ``lm_head`` + x̂1 draw (``ursa_engine.triton_kernels.head_draw``): :func:`head_draw`.
 
 The reference backend is plain torch and is not wrapped: dynamo traces it as it is.
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-_MODULES = {"triton": "triton_kernels.sampler", "native": "ursa_engine._native"}
+_MODULES = {"triton": "ursa_engine.triton_kernels.sampler", "native": "ursa_engine._native"}
 _AS_GPU = contextvars.ContextVar("ursa_engine_as_gpu", default=False)
 
 
@@ -219,7 +219,7 @@ def sampler_op(op: str, backend: str):
 
 # ----------------------------------------------------------------------------- transformer ops (Triton)
 def _triton(name: str):
-    return importlib.import_module(f"triton_kernels.{name}")
+    return importlib.import_module(f"ursa_engine.triton_kernels.{name}")
 
 
 def _empty(t: Tensor) -> Tensor:
@@ -274,9 +274,9 @@ def head_draw_unavailable(device) -> str | None:
     if gpu_planning():
         return None
     try:
-        module = importlib.import_module("triton_kernels.head_draw")
+        module = importlib.import_module("ursa_engine.triton_kernels.head_draw")
     except ImportError as err:
-        return f"triton_kernels.head_draw is not importable ({err})"
+        return f"ursa_engine.triton_kernels.head_draw is not importable ({err})"
     return module.unavailable(torch.device(device))
 
 
@@ -284,7 +284,7 @@ def head_draw_unavailable(device) -> str | None:
 def _head_draw(hidden: Tensor, weight: Tensor, uncond_hidden: Tensor | None, guidance_scale: float,
                temperature: float, seeds: Tensor, row_len: int, step: Tensor, index_offset: int, argmax: bool,
                out: Tensor) -> None:
-    importlib.import_module("triton_kernels.head_draw").head_draw(
+    importlib.import_module("ursa_engine.triton_kernels.head_draw").head_draw(
         hidden, weight, uncond_hidden=uncond_hidden, guidance_scale=guidance_scale, temperature=temperature,
         seeds=seeds, row_len=row_len, step=step, index_offset=index_offset, argmax=argmax, out=out)
 
@@ -299,7 +299,7 @@ def head_draw(hidden: Tensor, weight: Tensor, *, uncond_hidden: Tensor | None = 
               temperature: float = 1.0, seeds: Tensor, row_len: int, step: Tensor, index_offset: int = 0,
               argmax: bool = False, out: Tensor | None = None) -> Tensor:
     """x̂1 (D,) int64 drawn from ``softmax(guided(hidden @ weightᵀ) / T)`` without writing the logits
-    (``triton_kernels.head_draw``; same law and uniforms as the unfused path, §2.4-§2.5).
+    (``ursa_engine.triton_kernels.head_draw``; same law and uniforms as the unfused path, §2.4-§2.5).
 
     hidden, uncond_hidden : (D, hidden) final hidden states of the tokens (cond / uncond rows)
     weight : (K, hidden) ``lm_head`` weight; seeds / row_len / step / index_offset: the RNG keys
@@ -313,7 +313,7 @@ def head_draw(hidden: Tensor, weight: Tensor, *, uncond_hidden: Tensor | None = 
 
 # ----------------------------------------------------------------------------- scratch memory
 _TABLE_BN = 64  # codes a table-pass tile covers (triton_kernels.sampler.table_config): one fp32 partial each
-HEAD_CHUNK = 128  # codes a head-draw chunk covers on a GPU (triton_kernels.head_draw.head_config)
+HEAD_CHUNK = 128  # codes a head-draw chunk covers on a GPU (ursa_engine.triton_kernels.head_draw.head_config)
 
 
 def head_draw_scratch(D: int, K: int) -> int:

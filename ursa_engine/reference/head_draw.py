@@ -1,4 +1,4 @@
-"""lm_head + guided x̂1 draw in row chunks: the dense torch twin of :mod:`triton_kernels.head_draw`.
+"""lm_head + guided x̂1 draw in row chunks: the dense torch twin of :mod:`ursa_engine.triton_kernels.head_draw`.
 
 DESIGN §2.4 (guidance, temperature, x̂1 ~ softmax(z)), §2.5 (randomness), §3 (``lm_head``: hidden → K,
 no bias), issue 11 (the logits never exist in full).

@@ -1,6 +1,6 @@
 """Dense torch sampler ops: the oracle every backend is tested against (DESIGN §2.3, §2.4).
 
-These are the *kernel-level* ops. Every backend (``triton_kernels.sampler``,
+These are the *kernel-level* ops. Every backend (``ursa_engine.triton_kernels.sampler``,
 ``ursa_engine._native``) implements the same functions with the same arguments; the public
 API (:class:`ursa_engine.Scheduler`, the paths) validates and flattens inputs, then calls one.
 
