@@ -5,12 +5,13 @@ default configuration against the dense reference. This script times *candidate 
 Triton kernels, each against its floor, so the defaults in :mod:`ursa_engine.triton_kernels.sampler` can be
 set from measurements::
 
-    PYTHONUNBUFFERED=1 python3 -m benchmarks.bench_triton_sampler --out "$OUT" [--budget 420]
+    PYTHONUNBUFFERED=1 python3 -m ursa_engine.benchmarks.bench_triton_sampler --out "$OUT" [--budget 420]
 
 Cases: FSQ video step (2 × 33,280 tokens' bf16 logits, K = 64,000, guidance 7), the same step
 late in sampling (x̂1 = x for 90% of tokens: the codebook pass is skipped), IBQ image step
-(2 × 4,096 × 131,072 bf16 logits, m = 256; float32 table = tf32 dot, bfloat16 table = bf16
-dot), the training sampler (33,280 × 64,000). Each row: median ms, floor ms and ratio
+(2 × 4,096 × 131,072 bf16 logits, m = 256; float32 table = bf16x3 dot, three bf16 products,
+~1e-5 distance error; bfloat16 table = bf16 dot), the training sampler (33,280 × 64,000). Each
+row: median ms, floor ms and ratio
 (floor = bytes / measured copy bandwidth, max'ed with FLOPs / measured bf16 matmul rate),
 extra peak memory. Output: ``sweep.json`` and ``sweep.md`` under ``--out``.
 """
@@ -152,7 +153,7 @@ def run(out_dir: Path, budget_s: float, quick: bool, smoke: bool = False) -> dic
                                        floor_fsq, 0.15 if late else 0.35)
         del cond, uncond, x, out
 
-    # ---- IBQ image step (float32 table: tf32 dot; bfloat16 table: bf16 dot)
+    # ---- IBQ image step (float32 table: bf16x3 dot; bfloat16 table: bf16 dot)
     K, D, m = sizes["ibq_K"], sizes["ibq_D"], sizes["ibq_m"]
     emb = torch.randn(K, m, generator=gen, device=device)
     table32 = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-5)

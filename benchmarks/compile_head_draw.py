@@ -60,8 +60,10 @@ def _ptxas_report(ptx: str, capability: int = 90) -> dict:
                 ptxas_log=log.strip())
 
 
-def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int, capability: int = 90) -> dict:
-    """Lower ``fn`` for ``cuda:capability`` and report its resources. ``args``: name -> (type, sample value)."""
+def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int, capability: int = 90,
+                   maxnreg: int | None = None) -> dict:
+    """Lower ``fn`` for ``cuda:capability`` and report its resources. ``args``: name -> (type, sample value);
+    ``maxnreg``: the register cap a launch passes (Triton's ``maxnreg`` option, PTX ``.maxnreg``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -72,7 +74,10 @@ def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
     signature = {name: signature[name] for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_attrs(fn, args))
     backend = make_backend(target)
-    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        opts["maxnreg"] = maxnreg
+    options = backend.parse_options(opts)
     kernel = triton.compile(src, target=target, options=options.__dict__)
     report = _ptxas_report(kernel.asm["ptx"], capability)
     report.update(kernel=fn.__name__, num_warps=num_warps, num_stages=num_stages,

@@ -264,6 +264,7 @@ def draw_kernel(cond_ptr, uncond_ptr, x_ptr, out_ptr, x1_ptr, list_ptr, count_pt
     are appended to ``list`` (``count`` += their number; order across programs is arbitrary
     and harmless: every later result depends only on the token, never on its slot).
     Tokens ``row0 .. D−1`` (a group of the launcher's pipeline; ids in ``list`` are global).
+    Occupancy claim (compile report): ≥ 2 blocks of 8 warps an SM (a pure logits stream).
     HAS_X1: x̂1 is read from ``x1`` (drawn elsewhere): no logits are read and ``x1`` is not
     written. Reads the logits of every token (without HAS_X1); HAS_ERROR checks them, x and x1.
     """

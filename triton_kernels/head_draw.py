@@ -62,6 +62,8 @@ finish, argmax              same                                 128        0 B 
 
 Pass one lowers to ``wgmma`` fed by a 3-stage ``cp.async`` pipeline, one 256-thread CTA per SM
 (registers and shared memory both allow one); finish uses ``mma.sync`` (32-row tiles).
+Occupancy claims (checked by :mod:`ursa_engine.benchmarks.compile_report`): stats and finish 1
+block an SM, select 4.
 fp16 is identical to bf16; fp32 inputs (tests) use an exact "ieee" dot on CUDA cores with
 BLOCK_M 64 × BLOCK_H 32: 220 registers, no spills.
 

@@ -7,6 +7,11 @@ the crossing tile is recomputed: nothing of size D×K exists, the extra memory i
 ``β = ∞`` returns x1; ``β = 0`` is uniform. RNG (§2.5): TAG_PATH, step 0, lane 0, index
 ``i % row_len + index_offset``.
 Explicit tables go through :mod:`ursa_engine.triton_kernels.table` instead.
+
+On the GPU: ROWS = 4 tokens a program, 4 warps capped at 128 registers (``maxnreg``,
+:data:`triton_kernels.tiles.LAUNCH`): no spills, 4 blocks = 16 warps an SM (the claim
+:mod:`ursa_engine.benchmarks.compile_report` checks for sm_90a). Uncapped at 8 warps it took
+145 registers, 1 block an SM; capped at 8 warps it spilled 20 B (issue 12).
 """
 
 from __future__ import annotations

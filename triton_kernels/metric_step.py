@@ -10,9 +10,13 @@ Per program, ROWS tokens:
    A program whose tokens all have x̂1 = x skips the pass.
 3. Jumping tokens: the crossing chunk from the chunk sums, then the code inside that chunk.
 
-On the GPU, ROWS = 4 tokens share the codebook pass (its rsqrt per code) while the logits
-stream one row at a time (DRAW_ROWS = 1: fewer registers, more programs per SM); programs in
-their memory-bound phase overlap with programs in their arithmetic phase.
+On the GPU, ROWS = 4 tokens (2 without guidance) share the codebook pass (its rsqrt per code)
+while the logits stream one row at a time (DRAW_ROWS = 1: fewer registers, more programs per
+SM); programs in their memory-bound phase overlap with programs in their arithmetic phase.
+Occupancy (the claim :mod:`ursa_engine.benchmarks.compile_report` checks for sm_90a): 8 warps
+capped at 128 registers (``maxnreg``, :data:`triton_kernels.tiles.LAUNCH`), no spills, so
+2 blocks = 16 warps an SM. Uncapped, the guided kernel took 175 registers (1 block an SM: no
+overlap) and the unguided one spilled at ROWS = 4 (issue 12).
 
 The new token is written to ``out`` (may be ``x``). Reads ``params`` (h, β, β̇) and the RNG
 step from device memory, so a captured CUDA graph replays every step.

@@ -7,7 +7,8 @@ Steps decide first who changes (lane 1), then read logits only for those tokens:
 * mask: a masked token unmasks to x̂1 with probability ``min(1, h·κ̇/(1−κ))`` (every masked
   token on the last step); x̂1 never is the mask id; unmasked tokens stay.
 
-A program none of whose tokens changes reads no logits at all. RNG (§2.5): steps TAG_STEP
+A program none of whose tokens changes reads no logits at all. Occupancy claims (compile
+report, sm_90a): steps ≥ 2 blocks of 8 warps an SM; path sample ≥ 4 blocks. RNG (§2.5): steps TAG_STEP
 (lane 0 x̂1, lane 1 jump / unmask); path sampling TAG_PATH, step 0 (lane 1 keep, lane 2 the
 uniform code of the mixture path); token ``i`` has index ``i % row_len + index_offset``.
 

@@ -5,6 +5,7 @@ and rotates pairs ``(j, j + D/2)`` by the token's cos / sin table row:
 ``n = w · round(x / rms(x))``; ``o₁ = n₁ cos − n₂ sin``, ``o₂ = n₂ cos + n₁ sin`` (fp32, rounded once).
 q and k may be strided views of one fused qkv projection; outputs are (B, L, H, D) contiguous.
 Oracle: :func:`ursa_engine.reference.rope.qk_norm_rope`. No randomness.
+Occupancy claim (compile report, sm_90a): ≥ 4 blocks an SM, no spills.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, cos_ptr, 
                          n_kv_heads, sk_h, sko_h, eps, HALF, BLOCK_HKV, BLOCK_D)
 
 
+def qk_norm_rope_config(n_q_heads: int, n_kv_heads: int, head_dim: int) -> dict:
+    """Constexprs and num_warps of a launch: all heads of one token in one tile."""
+    half = head_dim // 2
+    return dict(HALF=half, BLOCK_HQ=triton.next_power_of_2(n_q_heads), BLOCK_HKV=triton.next_power_of_2(n_kv_heads),
+                BLOCK_D=triton.next_power_of_2(half), num_warps=4)
+
+
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6, *,
                  q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None):
@@ -83,15 +91,12 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device) if q_out is None else q_out
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device) if k_out is None else k_out
     sc_b = cos.stride(0) if cos.dim() == 3 else 0
-    half = D // 2
     _qk_norm_rope_kernel[(B * L, 2)](
         q_ptr=q, k_ptr=k, qo_ptr=qo, ko_ptr=ko, wq_ptr=q_weight, wk_ptr=k_weight, cos_ptr=cos, sin_ptr=sin,
         seq_len=L, n_q_heads=Hq, n_kv_heads=Hkv,
         sq_b=q.stride(0), sq_l=q.stride(1), sq_h=q.stride(2), sk_b=k.stride(0), sk_l=k.stride(1), sk_h=k.stride(2),
         sqo_b=qo.stride(0), sqo_l=qo.stride(1), sqo_h=qo.stride(2),
         sko_b=ko.stride(0), sko_l=ko.stride(1), sko_h=ko.stride(2),
-        sc_b=sc_b, sc_l=cos.stride(-2), eps=eps, HALF=half,
-        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
-        BLOCK_D=triton.next_power_of_2(half), num_warps=4,
+        sc_b=sc_b, sc_l=cos.stride(-2), eps=eps, **qk_norm_rope_config(Hq, Hkv, D),
     )
     return qo, ko

@@ -12,7 +12,7 @@ so one seed gives the same tokens on both backends up to float ties. Kernels:
   overlaps the pass of the previous one. Extra memory: one (⌈D/G⌉, K/BN) float32 tile-sum
   buffer reused by every group (BN = 64, G = 4: 136 MB at D = 66,560, K = 131,072; 8 MB for
   the IBQ image step) and ‖ê_c‖² (K,), computed once per table (:func:`_sq_norms`). A float32
-  table runs the dot in tf32, a bfloat16 table in bf16.
+  table runs the dot in bf16x3 (tf32x3 / tf32 on request: :func:`table_config`), a bfloat16 table in bf16.
 * ``metric_sample``: FSQ: one kernel (:mod:`.metric_sample`), no extra memory; table: pass +
   finish.
 * ``mixture_step``, ``mask_step``: one kernel; only tokens that change read their logits
@@ -40,6 +40,23 @@ import os
 import weakref
 
 import torch
+
+from .tiles import (  # noqa: F401 - re-exported (tests, benchmarks, head_draw)
+    _INTERP_TILE,
+    LAUNCH,
+    _interp_rows,
+    _launch_opts,
+    _num_sms,
+    _pow2,
+    draw_config,
+    fsq_config,
+    fsq_sample_tiles,
+    fsq_step_tiles,
+    launch_options,
+    path_block,
+    table_config,
+    table_groups,
+)
 
 P_H, P_BETA, P_BETA_DOT, P_RATE = 0, 1, 2, 3
 NUM_PARAMS = 4
@@ -79,104 +96,6 @@ def unsupported(op: str, **options) -> str | None:
     if options.get("top_p", 1.0) < 1.0:
         return "top-p filtering is not fused in the Triton sampler (the reference applies it)"
     return None
-
-
-# ----------------------------------------------------------------------------- configuration
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
-# Under the interpreter a program costs ~0.3 s of Python whatever its size: run few, wide
-# programs (at most ~2^21 elements per tile so numpy stays within memory).
-_INTERP_TILE = 1 << 21
-
-
-def _interp_rows(D: int, per_row: int) -> int:
-    return max(1, min(_pow2(D), _pow2(_INTERP_TILE // max(per_row, 1) + 1) // 2))
-
-
-def draw_config(K: int, D: int, device: torch.device, rows: int | None = None, chunks: int | None = None,
-                w: int | None = None, per_row: int = 0, draw_rows: int | None = None,
-                stages: int | None = None) -> dict:
-    """Tile of the streaming x̂1 draw (:func:`triton_kernels.categorical.draw_rows`).
-
-    ROWS tokens a program, DRAW_ROWS (ROWS or 1) streamed at a time; a row is CHUNKS chunks
-    of NW·W codes, W codes of every chunk per iteration. ``per_row``: elements a token also
-    holds in a later phase of the same kernel (FSQ tile), to size interpreter programs.
-    """
-    if device.type == "cuda":
-        chunks = chunks or min(256, _pow2(math.ceil(K / 16)))
-        w = w or 16
-    else:
-        chunks = chunks or min(16, _pow2(math.ceil(K / 8)))
-        w = w or 8
-    nw = math.ceil(math.ceil(K / chunks) / w)
-    cw_p2 = _pow2(nw * w)
-    if rows is None:
-        rows = (4 if per_row else 1) if device.type == "cuda" else _interp_rows(D, max(chunks * w, cw_p2, per_row))
-    if draw_rows is None:
-        draw_rows = 1 if device.type == "cuda" else rows
-    if draw_rows not in (1, rows):
-        raise ValueError(f"DRAW_ROWS: expected 1 or ROWS={rows}, got {draw_rows}")
-    if stages is None:
-        stages = 3 if device.type == "cuda" else 1
-    return dict(ROWS=rows, DRAW_ROWS=draw_rows, CHUNKS=chunks, W=w, NW=nw, CW_P2=cw_p2, STAGES=stages)
-
-
-def fsq_config(levels, device: torch.device, ch_max: int | None = None, w: int | None = None) -> dict:
-    """Split of the FSQ levels: the high group (at most ``ch_max`` codes) indexes the chunks,
-    the low group (P_LO codes) is walked in slices of FW (:mod:`ursa_engine.triton_kernels.fsq`)."""
-    levels = tuple(int(v) for v in levels)
-    # GPU: ~1000 chunks × one low code per iteration keeps the per-iteration work (the low
-    # code's features) small against the ROWS × chunks elements it serves (Cosmos: 1000 × 64).
-    ch_max = ch_max or (1024 if device.type == "cuda" else 256)
-    nlo = 0
-    while math.prod(levels[nlo:]) > ch_max:
-        nlo += 1
-    p_lo, p_hi = math.prod(levels[:nlo]), math.prod(levels[nlo:])
-    fw = min(w or (1 if device.type == "cuda" else 64), _pow2(p_lo))
-    return dict(LEVELS=levels, NLO=nlo, P_LO=p_lo, LO_P2=_pow2(p_lo), P_HI=p_hi, CH_P2=_pow2(p_hi), FW=fw)
-
-
-def table_config(D: int, K: int, m: int, device: torch.device, table_dtype, bm=None, bn=None, r=None,
-                 splits=None) -> dict:
-    """Tiles of the table pass (BM tokens × BN codes, m in BKM chunks) and of the finish (R tokens)."""
-    m_p2 = max(16, _pow2(m))
-    bkm = min(64, m_p2)
-    if device.type == "cuda":
-        bm, bn, r = bm or 128, bn or 64, r or 1
-    else:
-        bn = bn or 16
-        bm = bm or max(16, min(_pow2(D), 4096))
-        r = r or _interp_rows(D, bn * bkm + _pow2(math.ceil(K / bn)))
-    bn = max(bn, _pow2(math.ceil(K / 8192)))  # the finish keeps all tile sums of a token in registers
-    nt = math.ceil(K / bn)
-    blocks = math.ceil(max(D, 1) / bm)
-    want = 2 * _num_sms(device) if device.type == "cuda" else 1
-    splits = max(1, min(nt, splits or math.ceil(want / blocks)))
-    tps = math.ceil(nt / splits)
-    splits = math.ceil(nt / tps)
-    precision = "tf32" if table_dtype == torch.float32 else "ieee"
-    return dict(BM=bm, BN=bn, R=r, M_P2=m_p2, BKM=bkm, NT=nt, TPS=tps, SPLITS=splits, DOT_PRECISION=precision)
-
-
-def _launch_opts(device: torch.device, cfg: dict, kernel: str, num_warps: int, num_stages: int | None = None):
-    """num_warps / num_stages of one kernel launch; ``cfg`` may override them per kernel
-    (``{"draw": {"num_warps": 4}}``). Ignored by the interpreter."""
-    if device.type != "cuda":
-        return {}
-    over = cfg.get(kernel, {})
-    opts = {"num_warps": over.get("num_warps", num_warps)}
-    stages = over.get("num_stages", num_stages)
-    if stages is not None:
-        opts["num_stages"] = stages
-    return opts
 
 
 # ----------------------------------------------------------------------------- validation
@@ -371,26 +290,24 @@ def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, index
         return out
     cfg = dict(cfg or {})
     if levels is not None:
-        c = fsq_config(levels, device, ch_max=cfg.get("CH_MAX"), w=cfg.get("FW"))
-        rows = cfg.get("ROWS") or (4 if device.type == "cuda" else
-                                   _interp_rows(D, c["CH_P2"] * c["FW"] + c["LO_P2"]))
-        kern.metric_sample_fsq_kernel[(math.ceil(D / rows),)](
-            x1, beta, out, seeds, row_len, index_offset, D, POWER=power, ROWS=rows, **c,
-            **_launch_opts(device, cfg, "sample", 8))
+        c = fsq_sample_tiles(levels, D, device, cfg)
+        kern.metric_sample_fsq_kernel[(math.ceil(D / c["ROWS"]),)](
+            x1, beta, out, seeds, row_len, index_offset, D, POWER=power, **c,
+            **_launch_opts(device, cfg, "metric_sample_fsq"))
         return out
     m = table.shape[1]
     table = table.contiguous()
     c = table_config(D, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
-                     splits=cfg.get("SPLITS"))
+                     splits=cfg.get("SPLITS"), precision=cfg.get("DOT_PRECISION"))
     ts = torch.empty((D, c["NT"]), dtype=torch.float32, device=device)
     table_pass_kernel[(math.ceil(D / c["BM"]), c["SPLITS"])](
         table, _sq_norms(table), x1, x1, x1, x1, beta, beta, ts, ts, D, K, m, c["NT"], c["SPLITS"], TPS=c["TPS"],
         RATES=False, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
-        DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "pass", 8, 3))
+        DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "table_pass"))
     table_finish_kernel[(math.ceil(D / c["R"]),)](
         table, x1, x1, out, x1, x1, beta, beta, x1, seeds, ts, ts, row_len, index_offset, D, K, m, c["NT"],
         c["SPLITS"], RATES=False, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]), SP_P2=_pow2(c["SPLITS"]), BN=c["BN"],
-        M_P2=c["M_P2"], BKM=c["BKM"], **_launch_opts(device, cfg, "finish", 4))
+        M_P2=c["M_P2"], BKM=c["BKM"], **_launch_opts(device, cfg, "table_finish"))
     return out
 
 
@@ -406,9 +323,10 @@ def _uniform_sample(x1, keep, *, K, mask_id, seeds, row_len, out, mask, index_of
     out = _out(out, x1)
     if D == 0:
         return out
-    block = 1024 if device.type == "cuda" else _interp_rows(D, 1)
+    block = path_block(D, device)
     uniform_path_sample_kernel[(math.ceil(D / block),)](x1, keep, out, seeds, row_len, index_offset, D, K, mask_id,
-                                                          MASK=mask, BLOCK=block, **_launch_opts(device, {}, "", 4))
+                                                          MASK=mask, BLOCK=block,
+                                                          **_launch_opts(device, {}, "uniform_path_sample"))
     return out
 
 
@@ -463,13 +381,11 @@ def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidan
     err = error if error is not None else x  # never dereferenced without HAS_ERROR
     argmax = bool(last and argmax_last)
     if levels is not None:
-        c = fsq_config(levels, device, ch_max=cfg.get("CH_MAX"), w=cfg.get("FW"))
-        dc = draw_config(K, D, device, rows=cfg.get("ROWS"), chunks=cfg.get("CHUNKS"), w=cfg.get("W"),
-                         per_row=c["CH_P2"] * c["FW"] + c["LO_P2"], draw_rows=cfg.get("DRAW_ROWS"),
-                         stages=cfg.get("STAGES"))
-        metric_step_fsq_kernel[(math.ceil(D / dc["ROWS"]),)](
+        tiles = fsq_step_tiles(levels, K, D, device, cfg, guided=has_uncond)
+        metric_step_fsq_kernel[(math.ceil(D / tiles["ROWS"]),)](
             cptr, uptr, x, x1_in, out, params, step, seeds, err, row_len, index_offset, D, K, sc, su, gs, zs,
-            POWER=power, LAST=bool(last), ARGMAX=argmax, **flags, **dc, **c, **_launch_opts(device, cfg, "step", 8))
+            POWER=power, LAST=bool(last), ARGMAX=argmax, **flags, **tiles,
+            **_launch_opts(device, cfg, "metric_step_fsq"))
         return out
     # explicit table: x̂1 draw (and the list of tokens with x̂1 ≠ x), tensor-core pass, finish
     dc = draw_config(K, D, device, rows=cfg.get("ROWS"), chunks=cfg.get("CHUNKS"), w=cfg.get("W"),
@@ -484,11 +400,11 @@ def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidan
     m = table.shape[1]
     # Token groups: the draw of group g+1 (memory-bound) runs while the tensor-core pass of
     # group g (compute-bound) runs on a side stream. A captured CUDA graph keeps the fork/join.
-    groups = max(1, min(cfg.get("GROUPS") or (4 if device.type == "cuda" and D >= 4096 else 1), D))
-    bounds = [D * g // groups for g in range(groups + 1)]
+    bounds = table_groups(D, device, cfg)
+    groups = len(bounds) - 1
     n_max = max(bounds[g + 1] - bounds[g] for g in range(groups))
     c = table_config(n_max, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
-                     splits=cfg.get("SPLITS"))
+                     splits=cfg.get("SPLITS"), precision=cfg.get("DOT_PRECISION"))
     side = torch.cuda.Stream(device) if device.type == "cuda" and groups > 1 else None
     main = torch.cuda.current_stream(device) if side is not None else None
     # Scratch of the whole step, allocated once: the rates of one group at a time run on one
@@ -530,7 +446,7 @@ def _table_draw(a, b, x1, lst, count, *, last, cond, uncond, x, out, step, seeds
 
     draw_kernel[(math.ceil((b - a) / dc["ROWS"]),)](
         cond, uncond, x, out, x1, lst if not last else x, count, step, seeds, error, row_len, index_offset, a, b, K,
-        *strides, gs, zs, LAST=last, ARGMAX=argmax, **flags, **dc, **_launch_opts(x.device, cfg, "draw", 8))
+        *strides, gs, zs, LAST=last, ARGMAX=argmax, **flags, **dc, **_launch_opts(x.device, cfg, "draw"))
 
 
 def _table_rates(n, lst, count, *, table, sqc, x, x1, out, params, step, seeds, ts, zp, row_len, index_offset, K, m,
@@ -542,11 +458,11 @@ def _table_rates(n, lst, count, *, table, sqc, x, x1, out, params, step, seeds, 
     table_pass_kernel[(math.ceil(n / c["BM"]), c["SPLITS"])](
         table, sqc, x1, x, lst, count, params, params, ts, zp, n, K, m, c["NT"], c["SPLITS"], TPS=c["TPS"],
         RATES=True, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
-        DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "pass", 8, 3))
+        DOT_PRECISION=c["DOT_PRECISION"], **_launch_opts(device, cfg, "table_pass"))
     table_finish_kernel[(math.ceil(n / c["R"]),)](
         table, x, x1, out, lst, count, params, params, step, seeds, ts, zp, row_len, index_offset, n, K, m, c["NT"],
         c["SPLITS"], RATES=True, POWER=power, R=c["R"], NT_P2=_pow2(c["NT"]), SP_P2=_pow2(c["SPLITS"]), BN=c["BN"],
-        M_P2=c["M_P2"], BKM=c["BKM"], **_launch_opts(device, cfg, "finish", 4))
+        M_P2=c["M_P2"], BKM=c["BKM"], **_launch_opts(device, cfg, "table_finish"))
 
 
 def _uniform_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, guidance_scale, temperature, top_k,
@@ -576,7 +492,7 @@ def _uniform_step(cond, uncond, x, params, step, *, mask_id, seeds, row_len, gui
         cptr, uptr, x, x1 if x1 is not None else x, out, params, step, seeds, error if error is not None else x,
         row_len, index_offset, D, k_ids, sc, su, gs, zs, int(mask_id), MASK=mask, HAS_UNCOND=has_uncond,
         HAS_X1=x1 is not None, HAS_ERROR=error is not None, LAST=bool(last), ARGMAX=bool(last and argmax_last),
-        **dc, **_launch_opts(device, cfg, "step", 8))
+        **dc, **_launch_opts(device, cfg, "uniform_step"))
     return out
 
 

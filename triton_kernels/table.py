@@ -1,6 +1,7 @@
 """Explicit codebook tables (IBQ: K = 131,072, m = 256): metric weights with ``tl.dot`` (DESIGN §2.1).
 
-Two kernels after the x̂1 draw, shared by the metric step and metric path sampling:
+Two kernels after the x̂1 draw, shared by the metric step and metric path sampling (occupancy
+claims the compile report checks for sm_90a: pass 1 block of 8 warps an SM, finish ≥ 2):
 
 * :func:`table_pass_kernel` — a GEMM ``ŷ (tokens × m) @ Êᵀ (m × codes)`` on tensor cores with
   the metric weights fused in its epilogue. Grid = (token blocks, K splits): when D is small
@@ -11,9 +12,23 @@ Two kernels after the x̂1 draw, shared by the metric step and metric path sampl
   the crossing tile from the tile sums, then the destination inside that one tile, recomputed
   in float32 on CUDA cores (BN × m multiply-adds per moving token).
 
-Distances ``max(‖ê_c‖² + ‖ŷ‖² − 2 ê_c·ŷ, 0)``, ``d(y, y) = 0`` exactly. DOT_PRECISION "tf32"
-(default on GPU for float32 tables) perturbs d by ~1e-4 in the tile sums only; a bfloat16
-table runs the dot in bf16.
+Distances ``max(‖ê_c‖² + ‖ŷ‖² − 2 ê_c·ŷ, 0)``, ``d(y, y) = 0`` exactly in the finish. In the
+pass (tile sums, Z, hence λ and the tile drawn) the dot's precision decides the error
+(issue 12, finding 4; ``tests/test_table_precision.py`` emulates each mode and checks its bound):
+
+* ``"bf16x3"`` (CUDA default for float32 tables): each operand split into a bf16 high part and a
+  bf16 low part, three bf16 dots (high·high + high·low + low·high): |Δd| ≤
+  :data:`BF16X3_DIST_ERROR`·‖ê_c‖·‖ŷ‖ (8.6e-6 measured on unit rows), jump-rate error ~1e-5.
+  12 wgmma a code tile against tf32's 8 (1.5× its tensor-core time at twice the rate per op),
+  248 registers, 112 KB shared, 1 block an SM (``benchmarks/compile_report.py``).
+* ``"tf32x3"`` (the interpreter's default; on request on CUDA): |Δd| ≤
+  :data:`TF32X3_DIST_ERROR`·‖ê_c‖·‖ŷ‖ (1.2e-6 measured), 24 wgmma a code tile (3× tf32), 247 registers.
+* ``"tf32"`` (opt-in, ``cfg={"DOT_PRECISION": "tf32"}``): wgmma reads float32 shared memory as
+  tf32 by truncation (10 mantissa bits), while ‖ê_c‖², ‖ŷ‖² are float32: |Δd| ≤
+  :data:`TF32_DIST_ERROR`·‖ê_c‖·‖ŷ‖; d(y, y) ≈ 1.4e-3 instead of 0, and jump rates off by up to
+  2.3% at β = 5 (the audit's measurement; 0.3% on random unit rows in the test).
+* a bfloat16 table: bf16 products are exact in float32 and ‖ê_c‖² is taken of the bf16 values, so
+  d is the exact distance of the stored (rounded) rows up to float32 accumulation.
 """
 
 from __future__ import annotations
@@ -23,6 +38,14 @@ import triton.language as tl
 
 from .categorical import LOG2E, crossing, neg_expm1
 from .philox import TAG_PATH, TAG_STEP, to_uniform, token_words
+
+# Bounds on |Δd| / (‖ê_c‖·‖ŷ‖) in the table pass (module docstring): tf32 truncates each operand by
+# < 2^-10 relatively, so |Δ(ê_c·ŷ)| < 2·2^-10·Σ|ê_c,i·ŷ_i| and |Δd| = 2|Δ(ê_c·ŷ)| < 2^-8·‖ê_c‖‖ŷ‖;
+# tf32x3 leaves O(2^-20) terms plus float32 accumulation over m ≤ 256 (≤ 256·2^-24 = 2^-16);
+# bf16x3 (bf16 rounding: 2^-9 a part) leaves ~3·2^-18 relative terms plus the same accumulation.
+TF32_DIST_ERROR = 2.0 ** -8
+TF32X3_DIST_ERROR = 2.0 ** -15
+BF16X3_DIST_ERROR = 2.0 ** -14
 
 
 @triton.jit

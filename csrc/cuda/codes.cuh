@@ -19,6 +19,14 @@ struct FsqSplit {
 };
 
 // ----------------------------------------------------------------------------- codebooks
+// Known cost (issue 12, finding 6; not fixed, needs a GPU to tune): the table mode runs one block a
+// token and this functor reads row y of the table for every code, so every moving token streams the
+// whole (K, m) float32 table: 128 MiB at K = 131,072, m = 256, i.e. ~550 GB a step for 4,096 moving
+// tokens (~0.18 s from DRAM, the table exceeding the 50 MB L2; ~0.1 s if L2 serves the blocks that
+// sweep it in step), and each lane reads its own row (uncoalesced). The fix is the Triton design
+// (triton_kernels/table.py): draw x̂1 first, then a tiled pass where a block of moving tokens shares
+// every code tile it loads (shared memory / tensor cores). Until then `auto` never picks this mode
+// (the Triton step is predicted at ~1.7 ms: benchmarks/predicted.py) and _dispatch.tune times it once.
 struct TableDist {  // d(j, y) from the normalized (K, m) table
   const float* table;
   const float* ej;

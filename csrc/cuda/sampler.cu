@@ -107,8 +107,14 @@ __device__ int64_t block_x1(const StepArgs& a, int64_t i, float u, const Shared&
 }
 
 // ----------------------------------------------------------------------------- kernels
+// The per-token kernels are built for kMinBlocks resident blocks an SM (<= 128 registers a thread):
+// with __launch_bounds__(kThreads) alone ptxas chose 64 registers and spilled (16-68 B stores + loads) in the table
+// and FSQ metric steps (issue 12, finding 7); at 2 no kernel spills (nvcc -Xptxas -v -arch=sm_90a,
+// checked by tests/test_compile_report.py).
+constexpr int kMinBlocks = 2;
+
 template <int DT, int MODE>
-__global__ void __launch_bounds__(kThreads) metric_step_kernel(StepArgs a, FsqSplit f) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) metric_step_kernel(StepArgs a, FsqSplit f) {
   const Shared sh = shared_layout(a.K, a.codes.m);
   const int64_t step = a.rng.step ? *a.rng.step : 0;
   const float beta = a.params[P_BETA];
@@ -135,7 +141,7 @@ __host__ __device__ inline int64_t drawn_codes(const StepArgs& a) { return a.x1 
 
 // mode 0: mixture step, 1: mask step.
 template <int DT, int MODE>
-__global__ void __launch_bounds__(kThreads) token_step_kernel(StepArgs a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) token_step_kernel(StepArgs a) {
   const Shared sh = shared_layout(drawn_codes(a), 0);
   const int64_t step = a.rng.step ? *a.rng.step : 0;
   const double hr = static_cast<double>(a.params[P_H]) * static_cast<double>(a.params[P_RATE]);
@@ -156,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) token_step_kernel(StepArgs a) {
 }
 
 template <int MODE>
-__global__ void __launch_bounds__(kThreads) metric_sample_kernel(PathArgs a, FsqSplit f) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) metric_sample_kernel(PathArgs a, FsqSplit f) {
   const Shared sh = shared_layout(a.K, a.codes.m);
   for (int64_t i = blockIdx.x; i < a.D; i += gridDim.x) {
     const int64_t x1 = a.x1[i];
