@@ -5,7 +5,9 @@ Metadata lives in pyproject.toml; this file only drives CMakeLists.txt, which wr
 
 Environment: ``URSA_CUDA`` = AUTO (default: build the CUDA module iff a CUDA compiler is found)
 | ON (fail without one) | OFF; ``CMAKE_CUDA_ARCHITECTURES`` (default "80-real;90");
-``URSA_BUILD_JOBS`` (parallel compile jobs, default: CPU count).
+``URSA_BUILD_JOBS`` (parallel compile jobs, default: CPU count); ``CUDACXX`` (the nvcc to use:
+the CUDA module links that toolkit's shared runtime ``libcudart.so.<major>``, so pick the nvcc of
+torch's CUDA major, or install the matching ``nvidia-cuda-runtime`` wheel; see ``_cudart.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, find_namespace_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
@@ -93,7 +95,8 @@ class CMakeBuild(build_ext):
 # `ursa_engine.triton_kernels` / `ursa_engine.benchmarks`: registry packages (and inference stacks)
 # install top-level `triton_kernels` / `benchmarks` of their own, and neither may shadow the other.
 MAPPED = {f"{PACKAGE}.triton_kernels": "triton_kernels", f"{PACKAGE}.benchmarks": "benchmarks"}
-PACKAGES = find_packages(include=[PACKAGE, f"{PACKAGE}.*"]) + sorted(MAPPED)
+# namespace discovery, as pyproject's packages.find did: the digits assets folders are packages of data
+PACKAGES = find_namespace_packages(include=[PACKAGE, f"{PACKAGE}.*"], exclude=["*.__pycache__"]) + sorted(MAPPED)
 
 setup(packages=PACKAGES, package_dir=MAPPED,
       ext_modules=[CMakeExtension(f"{PACKAGE}._native_cpu")], cmdclass={"build_ext": CMakeBuild})

@@ -185,3 +185,117 @@ def test_gpu_suite_gives_every_suite_a_share():
     from ursa_engine.benchmarks import gpu_suite
 
     assert set(gpu_suite.WEIGHTS) == set(BENCHES)
+
+
+# ----------------------------------------------------------------------------- bring-up (issue 12)
+def test_gpu_suite_output_starts_with_what_to_fix(tmp_path, monkeypatch, capsys):
+    """A failed stage: the first lines of stdout, suite.log and summary.md are the ACTION list with
+    the stage, its first error line and the file to look at; a clean run says ``ACTION: none``."""
+    import sys
+
+    from ursa_engine.benchmarks import gpu_suite
+
+    def failing_bench(self, names, mode):
+        code = "print('warming up'); raise ValueError('logits: bad shape')"
+        self.sh("bench metric_step", [sys.executable, "-c", code], 60)
+
+    monkeypatch.setattr(gpu_suite.Suite, "benches", failing_bench)
+    monkeypatch.setattr(gpu_suite, "predicted_rows", lambda records: {"rows": []})  # tested on its own below
+    out = tmp_path / "out"
+    gpu_suite.main(["--out", str(out), "--mode", "smoke", "--skip-install", "--tests", "none", "--budget", "120"])
+    stdout = capsys.readouterr().out
+    first = "ACTION: 1 thing(s) to fix"
+    for text in (stdout, (out / "suite.log").read_text(), (out / "summary.md").read_text()):
+        lines = text.splitlines()
+        assert lines[0] == first, lines[:3]
+        assert lines[1].startswith("  1. [bench metric_step] rc=1: ValueError: logits: bad shape")
+        assert lines[1].endswith("-- look at: benchmarks/bench_metric_step.py")
+    assert json.loads((out / "suite.json").read_text())["actions"][0].startswith("[bench metric_step] rc=1")
+    monkeypatch.setattr(gpu_suite.Suite, "benches", lambda self, names, mode: None)
+    gpu_suite.main(["--out", str(tmp_path / "ok"), "--mode", "smoke", "--skip-install", "--tests", "none"])
+    assert capsys.readouterr().out.startswith("ACTION: none")
+    assert (tmp_path / "ok" / "summary.md").read_text().startswith("ACTION: none")
+
+
+def test_action_list_first_error_line_and_file():
+    from ursa_engine.benchmarks import gpu_suite
+
+    repo = gpu_suite.ROOT
+    pytest_out = ["....F", "FAILED tests/test_native.py::test_cuda_step - AssertionError: 0.91 < 0.99", "1 failed"]
+    install_out = ["-- Configuring done", "/x/csrc/cuda/sampler.cu(12): error: identifier \"foo\" is undefined",
+                   "ninja: build stopped"]
+    crash = ["Traceback (most recent call last):", f'  File "{repo}/ursa_engine/engine.py", line 400, in generate',
+             f'  File "{repo}/triton_kernels/sampler.py", line 77, in metric_step',
+             "RuntimeError: CUDA error: an illegal memory access was encountered"]
+    stages = [{"stage": "install", "rc": 1}, {"stage": "tests", "rc": 1, "failures": 1},
+              {"stage": "bench generate", "rc": -9, "timed_out": True, "seconds": 80.0},
+              {"stage": "devices", "rc": 0, "devices": {"problems": [{"what": "engine on cuda:1: tokens differ",
+                                                                       "file": "ursa_engine/ops_library.py"}]}},
+              {"stage": "bench vae", "rc": 0}]
+    docs = [{"records": [{"suite": "metric_step", "case": "fsq", "provider": "native", "status": "error",
+                          "reason": "boom"}, {"suite": "vae", "status": "ok"}]}]
+    items = gpu_suite.actions(stages, {"install": install_out, "tests": pytest_out, "bench generate": crash}, docs,
+                              {"rows": [], "error": "predicted module missing", "missing": True})
+    assert items == [
+        '[install] rc=1: /x/csrc/cuda/sampler.cu(12): error: identifier "foo" is undefined -- look at: '
+        'csrc/cuda/sampler.cu',
+        "[tests] rc=1: FAILED tests/test_native.py::test_cuda_step - AssertionError: 0.91 < 0.99 -- look at: "
+        "tests/test_native.py::test_cuda_step",
+        "[bench generate] timed out after 80.0 s; last line: RuntimeError: CUDA error: an illegal memory access was "
+        "encountered -- look at: triton_kernels/sampler.py:77",
+        "[devices] engine on cuda:1: tokens differ -- look at: ursa_engine/ops_library.py",
+        "[bench metric_step] fsq / native: boom -- look at: benchmarks/bench_metric_step.py"]
+    block = gpu_suite.action_block(items).splitlines()
+    assert block[0] == "ACTION: 5 thing(s) to fix" and block[1].startswith("  1. [install]")
+    assert gpu_suite.actions([{"stage": "tests", "rc": 0}], {}, [], {"rows": [], "error": "compare() failed: x"}) == [
+        "[predicted] compare() failed: x -- look at: benchmarks/predicted.py"]
+
+
+def test_predicted_vs_measured_comes_from_the_predicted_module(monkeypatch):
+    import sys
+    import types
+
+    from ursa_engine.benchmarks import gpu_suite
+
+    fake = types.ModuleType("ursa_engine.benchmarks.predicted")
+    fake.compare = lambda records: [{"kernel": "metric_step_fsq", "case": r["case"], "measured_s": 2e-3,
+                                     "predicted_s": 1e-3, "ratio": 2.0} for r in records if r["status"] == "ok"]
+    monkeypatch.setitem(sys.modules, "ursa_engine.benchmarks.predicted", fake)
+    rows = gpu_suite.predicted_rows([{"case": "fsq-d4096", "status": "ok"}, {"case": "x", "status": "skipped"}])
+    assert rows == {"rows": [{"kernel": "metric_step_fsq", "case": "fsq-d4096", "measured_s": 2e-3,
+                              "predicted_s": 1e-3, "ratio": 2.0}]}
+    assert "| metric_step_fsq | fsq-d4096 | 2 | 1 | 2.00 |" in gpu_suite.predicted_markdown(rows)
+    fake.compare = lambda records: 1 / 0
+    assert gpu_suite.predicted_rows([])["error"].startswith("compare() failed: ZeroDivisionError")
+    monkeypatch.setitem(sys.modules, "ursa_engine.benchmarks.predicted", None)  # not importable
+    missing = gpu_suite.predicted_rows([])
+    assert missing["missing"] and "not importable" in gpu_suite.predicted_markdown(missing)
+
+
+def test_second_device_check_is_skipped_with_a_reason_on_one_device(monkeypatch):
+    """One GPU (simulated here): no second-device run, the reason recorded; the native CUDA module's
+    report is there, and its unavailability on a GPU host is a problem for the ACTION list."""
+    from ursa_engine.benchmarks import gpu_suite
+
+    result = gpu_suite.device_check()
+    assert result["status"] == "skipped" and result["reason"].startswith("0 CUDA device(s)")
+    assert result["runs"] == [] and result["problems"] == [] and "loaded" in result["native_cuda"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    result = gpu_suite.device_check()
+    assert result["status"] == "skipped" and result["reason"].startswith("1 CUDA device(s)")
+    if result["native_cuda"]["unavailable"] is not None:  # no GPU really here: the native module says why
+        assert result["problems"][0]["what"].startswith("native CUDA backend: ")
+
+
+def test_devices_stage_runs_in_its_own_process_and_records_the_skip(tmp_path):
+    from ursa_engine.benchmarks import gpu_suite
+
+    suite = gpu_suite.Suite(tmp_path, budget=300)
+    stage = suite.devices(120, mode="gpu")
+    suite.log_file.close()
+    assert stage["rc"] == 0 and stage["devices"]["status"] == "skipped" and stage["skipped"].startswith("0 CUDA")
+    assert not (tmp_path / "devices.json").exists()  # folded into suite.json: 8 files come back at most
+    assert gpu_suite.actions([stage], suite.outputs, [], {}) == []
+    smoke = gpu_suite.Suite(tmp_path / "s", budget=60).devices(60, mode="smoke")
+    assert smoke["rc"] is None and "smoke" in smoke["skipped"]

@@ -30,6 +30,13 @@ What the kernels do (csrc/cpu/kernels.h, csrc/cuda/sampler.cu):
   finite max; only such a row is rescanned to classify its values. The argmax last step
   rescans every row it reads. A bad id is flagged and never used as an address.
 
+Loading (issue 12): the CUDA module links the shared CUDA runtime (``libcudart.so.<major>``). It
+resolves the copy torch already loaded (same soname), else the pip wheel's or the toolkit's
+through its RUNPATH; for an editable install :func:`_load` preloads the wheel's copy found on
+``sys.path`` (:mod:`ursa_engine._cudart`). When it cannot load or sees no device,
+:func:`unavailable` says why (missing runtime, no driver, a driver older than the runtime, an old
+static build) and what to do; :func:`cuda_report` gives the facts.
+
 Randomness: the §2.5 contract through ``csrc/include/ursa/philox.h`` (same lanes and tags as
 the reference), so a seed gives the same tokens as the torch reference up to float ties.
 ``index_offset`` is added to every token's index inside its row (64-bit).
@@ -44,6 +51,7 @@ import weakref
 
 import torch
 
+from . import _cudart
 from .reference import sampler as ref
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -52,7 +60,9 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # ----------------------------------------------------------------------------- loading
 @functools.cache
 def _load(kind: str):
-    """The compiled module for ``kind`` ("cpu" / "cuda"), or the ImportError text."""
+    """The compiled module for ``kind`` ("cpu" / "cuda"), or why it cannot be imported."""
+    if kind == "cuda":  # preloads the shared CUDA runtime if needed; says why not
+        return _cudart.import_module("ursa_engine._native_cuda")
     try:
         return importlib.import_module(f"ursa_engine._native_{kind}"), None
     except ImportError as err:
@@ -72,6 +82,15 @@ def build_info() -> dict:
     return dict(mod.build_info)
 
 
+def cuda_report() -> dict:
+    """What the native CUDA module and its runtime see (bring-up reports): ``loaded``, ``error``
+    and the keys of :func:`ursa_engine._cudart.runtime_report`."""
+    mod, err = _load("cuda")
+    report = dict(loaded=mod is not None, error=err, **_cudart.runtime_report(mod))
+    report["devices"] = _cuda_device_count() if mod is not None else 0
+    return report
+
+
 def unavailable(device) -> str | None:
     """Why the native backend cannot run on ``device`` (None: it can)."""
     device = torch.device(device)
@@ -83,9 +102,11 @@ def unavailable(device) -> str | None:
         if mod is None:
             cpu, _ = _load("cpu")
             note = cpu.build_info["cuda_note"] if cpu is not None else err
+            if err is not None and "No module named" not in err:  # built, but it cannot load here
+                return f"native CUDA module cannot load: {err}"
             return f"native CUDA module not built ({note})"
         if _cuda_device_count() == 0:
-            return "the native CUDA module sees no CUDA device"
+            return _cudart.no_device_reason(cuda_report())
         return None
     return f"native backend runs on cpu and cuda, not {device.type}"
 

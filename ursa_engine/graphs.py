@@ -16,7 +16,8 @@ confidence sampler ranks a sample's tokens against each other: it runs unchunked
 Eager mode calls :meth:`LoopState.body` with a python step index; graph mode captures the same
 body once per batch layout (2B rows with guidance, B without) with the step index in a device
 tensor, so one graph serves every step and the sampler reads t, h, β, β̇ and the RNG step from
-device memory (:class:`GraphRunner`). Replays produce the eager tokens.
+device memory (:class:`GraphRunner`). Replays produce the eager tokens. Capture, its streams and
+replays happen on the engine's device, whichever device is current (issue 12).
 """
 
 from __future__ import annotations
@@ -104,18 +105,26 @@ class LoopState:
         return self.sched.step_values(self.x.device)[1][k : k + 1]
 
 
-def cuda_graph_capture(fn, pool):
+def cuda_graph_capture(fn, pool, device=None):
     """Warm ``fn`` up on a side stream (Triton compilation, cuDNN plans), capture it into a CUDA
-    graph drawing on ``pool``; return the replay callable."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
+    graph drawing on ``pool``; return the replay callable.
+
+    Everything happens on ``device`` (default: the current one): the side stream and the capture
+    stream are made there, explicitly (``torch.cuda.graph``'s default capture stream is created
+    once per process on whichever device was current then), and ``fn`` runs with it current.
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    with ops_library.on_device(device):
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=device)):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        fn()
     return graph.replay
 
 
@@ -128,6 +137,7 @@ class GraphRunner:
 
     def __init__(self, state: LoopState):
         self.state = state
+        self.device = state.x.device  # the engine's: capture, pool and replays happen there
         self.k = torch.zeros((), dtype=torch.int64, device=state.x.device)
         self.pool = torch.cuda.graph_pool_handle() if state.x.is_cuda else None
         self.graphs: dict[int, object] = {}
@@ -150,7 +160,8 @@ class GraphRunner:
         s = self.state  # its sampler backend was resolved (tuned) before the loop, as in eager mode
         saved = (s.ids.clone(), s.x.clone())
         self.k.fill_(0)
-        replay = cuda_graph_capture(lambda: s.body(self.k, rows), self.pool)
+        with ops_library.on_device(self.device):  # cuda_graph_capture captures on the current device
+            replay = cuda_graph_capture(lambda: s.body(self.k, rows), self.pool)
         s.ids.copy_(saved[0])  # the warm-up steps changed the state; capture itself ran nothing
         s.x.copy_(saved[1])
         return replay
@@ -160,4 +171,5 @@ class GraphRunner:
         if replay is None:
             replay = self.graphs[rows] = self._capture(rows)
         self.k.fill_(k)  # per-step values are read from device memory by the captured sampler
-        replay()
+        with ops_library.on_device(self.device):  # launched on the engine's device's current stream
+            replay()

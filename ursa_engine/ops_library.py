@@ -19,6 +19,12 @@ Ops (namespace ``ursa``):
   (:mod:`ursa_engine.model_ops`);
 * ``head_draw``: the fused ``lm_head`` + x̂1 draw (``ursa_engine.triton_kernels.head_draw``): :func:`head_draw`.
 
+Device discipline (issue 12): Triton launches on ``torch.cuda.current_device()`` and the native
+module on the stream it is given, not on the tensors' device. Every op body here (the one place
+a Triton or native CUDA kernel is launched from the package) runs under :func:`on_device` of its
+tensors (decorator :func:`launches`, registry :data:`LAUNCHERS`): a no-op when that device is
+already current, so graph capture on the engine's device is unchanged.
+
 The reference backend is plain torch and is not wrapped: dynamo traces it as it is.
 
 :func:`as_gpu` makes every backend choice inside its block as on a CUDA device (fused kernels,
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import math
 from collections.abc import Iterator, Sequence
@@ -60,6 +67,62 @@ def gpu_planning() -> bool:
     return _AS_GPU.get()
 
 
+# ----------------------------------------------------------------------------- device discipline
+_SAME_DEVICE = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+def _cuda_index(obj) -> int | None:
+    """The CUDA device index of a tensor (or ``torch.device``), None when it is not on a CUDA device."""
+    device = obj if isinstance(obj, torch.device) else getattr(obj, "device", None)
+    if getattr(device, "type", None) != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def on_device(*objs):
+    """Context making the device of the first CUDA tensor (or CUDA ``torch.device``) in ``objs``
+    current, so that kernels launch there and on that device's current stream.
+
+    Cheap and graph-safe: when that device is already current (always, inside a capture on it)
+    or nothing is on a CUDA device, it returns a shared no-op context and touches no CUDA state.
+    """
+    for obj in objs:
+        index = _cuda_index(obj)
+        if index is not None:
+            return _SAME_DEVICE if index == torch.cuda.current_device() else torch.cuda.device(index)
+    return _SAME_DEVICE
+
+
+LAUNCHERS: dict[str, object] = {}  # op name -> guarded body: every kernel launch of the package
+
+
+def launches(name: str):
+    """Decorator of a custom op body that launches kernels: run it under :func:`on_device` of its
+    tensor arguments (first CUDA one), and register it in :data:`LAUNCHERS`."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            with on_device(*args, *kwargs.values()):
+                return fn(*args, **kwargs)
+
+        LAUNCHERS[name] = guarded
+        return guarded
+
+    return wrap
+
+
+def on_own_device(method):
+    """Decorator of a method of an object with a ``device``: the whole call runs with that device
+    current (CUDA events, streams and graph captures made inside it land there too)."""
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with on_device(self.device):
+            return method(self, *args, **kwargs)
+
+    guarded.__ursa_on_own_device__ = True
+    return guarded
+
+
 def _fn(backend: str, op: str):
     return getattr(importlib.import_module(_MODULES[backend]), op)
 
@@ -73,6 +136,7 @@ def _extra(**kwargs) -> dict:
 
 # ----------------------------------------------------------------------------- sampler steps
 @custom_op("ursa::metric_step", mutates_args=("out", "error"))
+@launches("metric_step")
 def _metric_step(backend: str, cond: Tensor | None, uncond: Tensor | None, x: Tensor, table: Tensor, params: Tensor,
                  step: Tensor, seeds: Tensor, row_len: int, guidance_scale: float, temperature: float, top_k: int,
                  top_p: float, power: int, levels: Sequence[int] | None, last: bool, argmax_last: bool,
@@ -91,6 +155,7 @@ def _(backend, cond, uncond, x, table, params, step, seeds, row_len, guidance_sc
 
 
 @custom_op("ursa::mixture_step", mutates_args=("out", "error"))
+@launches("mixture_step")
 def _mixture_step(backend: str, cond: Tensor | None, uncond: Tensor | None, x: Tensor, params: Tensor, step: Tensor,
                   seeds: Tensor, row_len: int, guidance_scale: float, temperature: float, top_k: int, top_p: float,
                   last: bool, argmax_last: bool, index_offset: int, x1: Tensor | None, K: int | None, out: Tensor,
@@ -108,6 +173,7 @@ def _(backend, cond, uncond, x, params, step, seeds, row_len, guidance_scale, te
 
 
 @custom_op("ursa::mask_step", mutates_args=("out", "error"))
+@launches("mask_step")
 def _mask_step(backend: str, cond: Tensor | None, uncond: Tensor | None, x: Tensor, params: Tensor, step: Tensor,
                mask_id: int, seeds: Tensor, row_len: int, guidance_scale: float, temperature: float, top_k: int,
                top_p: float, last: bool, argmax_last: bool, index_offset: int, x1: Tensor | None, K: int | None,
@@ -126,6 +192,7 @@ def _(backend, cond, uncond, x, params, step, mask_id, seeds, row_len, guidance_
 
 # ----------------------------------------------------------------------------- path samples
 @custom_op("ursa::metric_sample", mutates_args=("out",))
+@launches("metric_sample")
 def _metric_sample(backend: str, x1: Tensor, beta: Tensor, table: Tensor, power: int, levels: Sequence[int] | None,
                    seeds: Tensor, row_len: int, index_offset: int, out: Tensor) -> None:
     _fn(backend, "metric_sample")(x1, beta, table, power=power, levels=None if levels is None else tuple(levels),
@@ -138,6 +205,7 @@ def _(backend, x1, beta, table, power, levels, seeds, row_len, index_offset, out
 
 
 @custom_op("ursa::uniform_sample", mutates_args=("out",))
+@launches("uniform_sample")
 def _uniform_sample(backend: str, op: str, x1: Tensor, keep: Tensor, value: int, seeds: Tensor, row_len: int,
                     index_offset: int, out: Tensor) -> None:
     """``mixture_sample`` (value = K) and ``mask_sample`` (value = the mask id)."""
@@ -219,6 +287,7 @@ def sampler_op(op: str, backend: str):
 
 # ----------------------------------------------------------------------------- transformer ops (Triton)
 def _triton(name: str):
+    """A Triton launcher module of ``ursa_engine.triton_kernels`` (imported on first use)."""
     return importlib.import_module(f"ursa_engine.triton_kernels.{name}")
 
 
@@ -227,6 +296,7 @@ def _empty(t: Tensor) -> Tensor:
 
 
 @custom_op("ursa::rms_norm", mutates_args=())
+@launches("rms_norm")
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _triton("rmsnorm").rms_norm(x, weight, eps)
 
@@ -237,6 +307,7 @@ def _(x, weight, eps):
 
 
 @custom_op("ursa::add_rms_norm", mutates_args=())
+@launches("add_rms_norm")
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return _triton("rmsnorm").rms_norm(x, weight, eps, residual=residual)
 
@@ -247,6 +318,7 @@ def _(x, residual, weight, eps):
 
 
 @custom_op("ursa::qk_norm_rope", mutates_args=())
+@launches("qk_norm_rope")
 def qk_norm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
                  eps: float) -> tuple[Tensor, Tensor]:
     return _triton("qk_norm_rope").qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
@@ -258,6 +330,7 @@ def _(q, k, q_weight, k_weight, cos, sin, eps):
 
 
 @custom_op("ursa::swiglu", mutates_args=())
+@launches("swiglu")
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return _triton("swiglu").swiglu(gate, up)
 
@@ -281,10 +354,11 @@ def head_draw_unavailable(device) -> str | None:
 
 
 @custom_op("ursa::head_draw", mutates_args=("out",))
+@launches("head_draw")
 def _head_draw(hidden: Tensor, weight: Tensor, uncond_hidden: Tensor | None, guidance_scale: float,
                temperature: float, seeds: Tensor, row_len: int, step: Tensor, index_offset: int, argmax: bool,
                out: Tensor) -> None:
-    importlib.import_module("ursa_engine.triton_kernels.head_draw").head_draw(
+    _triton("head_draw").head_draw(
         hidden, weight, uncond_hidden=uncond_hidden, guidance_scale=guidance_scale, temperature=temperature,
         seeds=seeds, row_len=row_len, step=step, index_offset=index_offset, argmax=argmax, out=out)
 
