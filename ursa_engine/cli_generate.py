@@ -57,7 +57,7 @@ FLAGS = {
     "negative_prompt_ids": "--negative-prompt", "cond_noise_scale": "--cond-noise-scale",
     "num_cond_frames": "--cond-frames", "image": "--image", "video": "--video", "fps": "--fps",
     "out": "--out", "attn_backend": "--attn", "mode": "--mode", "prompt_length": "--prompt-length",
-    "freeze_cond": "--freeze-cond",
+    "freeze_cond": "--freeze-cond", "mesh": "--parallel", "parallel": "--parallel",
 }
 _NAMED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): ")
 
@@ -187,6 +187,27 @@ def _need_vae(args, kind: str, pixel_flags: list[str], why: str) -> None:
             raise UsageError(f"{flag}: {what} needs the tokenizer in ROOT/vae/ to encode it, {why}")
 
 
+def _check_parallel(args) -> None:
+    """``--parallel``: a valid layout, launched by torchrun with as many processes (issue 13)."""
+    if args.parallel is None:
+        return
+    from .distributed.mesh import check_layout, parse_layout, world_from_env
+
+    with user_errors(ValueError, TypeError):
+        layout = parse_layout(args.parallel)
+    env = world_from_env()
+    if env is None:
+        raise UsageError(f"--parallel: {layout} runs {layout.size} processes: launch with torchrun --nproc-per-node "
+                         f"{layout.size} -m ursa_engine generate ... (RANK / WORLD_SIZE are not set)")
+    with user_errors(ValueError):
+        check_layout(layout, world_size=env[2])
+
+
+def _is_writer(engine) -> bool:
+    """Only global rank 0 writes outputs under --parallel."""
+    return engine.parallel is None or engine.parallel.rank == 0
+
+
 def _check_mode(args) -> None:
     import torch
 
@@ -276,6 +297,9 @@ def run(args) -> int:
     _check_args(args, kind, has_vae)
     check_device(args.device)
     _check_mode(args)
+    parallel = getattr(args, "parallel", None)
+    if parallel is not None:
+        _check_parallel(args)
 
     cond, fps = None, args.fps
     if args.image:
@@ -300,7 +324,8 @@ def run(args) -> int:
     with user_errors(FileNotFoundError, ValueError, flag="ROOT"):
         engine = Engine.from_pretrained(root, dtype=getattr(torch, args.dtype) if args.dtype else None,
                                         device=args.device, shift=args.shift, mode=args.mode,
-                                        attn_backend=args.attn, prompt_length=args.prompt_length, load_vae=load_vae)
+                                        attn_backend=args.attn, prompt_length=args.prompt_length, load_vae=load_vae,
+                                        mesh=parallel)
     load_s = time.perf_counter() - t0
     vae = engine.vae  # None exactly when not load_vae (a vae/ that does not load raised above)
     if args.latents_shape is not None or vae is None:
@@ -330,6 +355,8 @@ def run(args) -> int:
         result = engine.generate(args.prompt, [negative], shape, guidance_scale=args.guidance,
                                  guidance_trunc=args.guidance_trunc, num_steps=args.steps, motion=args.motion,
                                  seed=args.seed, progress=not args.no_progress, decode=kind != "tokens", **options)
+    if not _is_writer(engine):  # the whole batch is gathered on rank 0, which decodes and writes
+        return 0
 
     frames = None
     if kind == "tokens":

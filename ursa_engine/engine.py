@@ -28,7 +28,6 @@ long videos), :mod:`ursa_engine.results` (:class:`GenerationResult`, step and de
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -40,9 +39,10 @@ from tqdm import tqdm
 from . import _dispatch, _validate, conditioning, ops_library
 from .attention import ATTENTION_BACKENDS, resolve_attention
 from .graphs import GraphRunner, LoopState
+from .inputs import prepare_inputs
 from .model import URSATransformer, latent_positions, sequence_ids
 from .model_ops import MODEL_OP_BACKENDS
-from .paths import MaskPath, MetricPath
+from .paths import MaskPath
 from .reference.rng import TAG_INIT, random_words, to_below
 from .results import GenerationResult, StepTimer, timed_decode
 from .scheduler import Scheduler
@@ -83,13 +83,16 @@ class Engine:
         up to the float ties of §2.5
     logits_budget : bytes of one token range's logits (all rows); None: one range (the whole
         (rows, n, K) logits, as before issue 11)
+    mesh : several processes (issue 13): a ``"dp=2,cfg=2,sp=2"`` layout (under torchrun), a
+        ``DeviceMesh`` with dims dp / cfg / sp, or ``ursa_engine.distributed.Groups``; ``generate``
+        then runs :mod:`ursa_engine.distributed.generate` (same tokens as one process)
     """
 
     def __init__(self, model: URSATransformer, scheduler: Scheduler, *, tokenizer: PromptTokenizer | None = None,
                  mode: str = "auto", attn_backend: str | None = None, ops_backend: str | None = None,
                  sampler_backend: str = "auto", prompt_length: int = PROMPT_LENGTH,
                  default_steps: int | str | None = None, validate_steps: bool = False, vae=None,
-                 head: str = "auto", logits_budget: int | None = LOGITS_BUDGET):
+                 head: str = "auto", logits_budget: int | None = LOGITS_BUDGET, mesh=None):
         if not isinstance(model, URSATransformer):
             raise TypeError(f"model: expected an URSATransformer, got {type(model).__name__}")
         if not isinstance(scheduler, Scheduler):
@@ -129,6 +132,11 @@ class Engine:
             model.ops_backend = ops_backend
         self._graphs: dict = {}
         self._tuned: dict[tuple, str] = {}  # layout -> the sampler backend "auto" resolved to
+        self.parallel = None  # ursa_engine.distributed.Groups of a mesh of several processes (issue 13)
+        if mesh is not None:
+            from .distributed import groups_for
+
+            self.parallel = groups_for(mesh, model.config)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -149,6 +157,10 @@ class Engine:
             if not (root / sub).is_dir():
                 raise FileNotFoundError(f"root: {root} has no {sub}/ folder (expected transformer/, scheduler/, "
                                         "optionally tokenizer/ and vae/)")
+        if options.get("mesh") is not None:  # checked and set up before any weight is read (issue 13)
+            from .distributed import setup_mesh
+
+            options["mesh"], device = setup_mesh(options["mesh"], config_folder=root / "transformer", device=device)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype is None and torch.device(device).type == "cuda":
@@ -289,6 +301,7 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
+    @ops_library.on_own_device  # kernels, CUDA events, tuning and graph capture on the engine's device (issue 12)
     def generate(self, prompt_ids, negative_prompt_ids=None, latents_shape=(1, 40, 64), *,
                  guidance_scale: float = 7.0, guidance_trunc: float = 0.9, num_steps: int | None = None,
                  shift: float | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -341,66 +354,28 @@ class Engine:
         and the tokens (and the graphs' memory pool with ``keep_graphs=True``): the loop's logits and
         activations are freed before decoding, so the decode does not set the generation's peak.
         """
+        if self.parallel is not None:  # a mesh of several processes: ursa_engine.distributed (issue 13)
+            args = {k: v for k, v in locals().items() if k != "self"}
+            from .distributed.generate import generate as parallel_generate
+
+            return parallel_generate(self, self.parallel, **args)
         t_start = time.perf_counter()
         cfg, device = self.model.config, self.device
-        _validate.positive("temperature", temperature)  # before anything runs (the sampler checks too late)
-        _validate.filtering(top_k, top_p, self.scheduler.path.size)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        shape = _validate.latents_shape(latents_shape)
-        n = math.prod(shape)
-        cond = self.encode_prompts(prompt_ids, motion=motion, length=prompt_length)
-        B = cond.shape[0]
-        guidance_scale, guidance_trunc = float(guidance_scale), float(guidance_trunc)
-        if not math.isfinite(guidance_scale) or not math.isfinite(guidance_trunc):
-            raise ValueError(f"guidance_scale / guidance_trunc: must be finite, got {guidance_scale}, {guidance_trunc}")
-        sched = self.scheduler_for(num_steps, shift, shape[0])
-        N = sched.num_steps
-        guided = [guidance_scale != 1.0 and float(sched.times[k]) < guidance_trunc for k in range(N)]
-        skip_first = isinstance(sched.path, MetricPath) and N > 1
-        if skip_first:
-            guided[0] = False
-        use_cfg = any(guided)
-        ids_rows = [cond]
-        if use_cfg:
-            neg = negative_prompt_ids if negative_prompt_ids is not None else [[]]
-            neg = self.encode_prompts(neg, name="negative_prompt_ids", length=cond.shape[1])
-            if neg.shape[0] not in (1, B):
-                raise ValueError(f"negative_prompt_ids: expected 1 or {B} prompts, got {neg.shape[0]}")
-            ids_rows.append(neg.expand(B, -1))
-        seeds = self.sample_seeds(seed, B)
-        if latents is None:
-            x = self.initial_tokens(B, shape, seed)
-        else:
-            x = torch.as_tensor(latents, device=device)
-            if tuple(x.shape) != (B, *shape) or x.is_floating_point():
-                raise ValueError(f"latents: expected integer tokens of shape {(B, *shape)}, got {tuple(x.shape)}")
-            if x.min() < 0 or x.max() >= sched.path.size:
-                raise ValueError(f"latents: tokens must lie in [0, {sched.path.size})")
-            x = x.long().clone()
-        if image is not None or video is not None:
-            if cond_latents is not None:
-                raise ValueError("cond_latents: give conditioning as tokens (cond_latents) or as pixels (image= / "
-                                 "video=), not both")
-            cond_latents = self.encode_condition(image=image, video=video, latents_shape=shape,
-                                                 num_cond_frames=num_cond_frames, batch=B)
-        elif num_cond_frames is not None:
-            raise ValueError("num_cond_frames: applies to video= only")
-        freeze = None
-        if cond_latents is not None:
-            mask, values = conditioning.condition_frames(cond_latents, cond_indices, B, shape, self.scheduler.path,
-                                                         float(cond_noise_scale), seeds)
-            x = torch.where(mask[None, :, None, None], values, x)
-            if freeze_cond:
-                freeze = (mask[:, None, None].expand(shape).reshape(1, n), values.reshape(B, n))
-        elif cond_indices is not None:
-            raise ValueError("cond_indices: given without cond_latents")
-        x = x.reshape(B, n).contiguous()
+        inp = prepare_inputs(
+            self, prompt_ids, negative_prompt_ids, latents_shape, guidance_scale=guidance_scale,
+            guidance_trunc=guidance_trunc, num_steps=num_steps, shift=shift, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, motion=motion, cond_latents=cond_latents, cond_indices=cond_indices,
+            cond_noise_scale=cond_noise_scale, freeze_cond=freeze_cond, latents=latents, image=image, video=video,
+            num_cond_frames=num_cond_frames, prompt_length=prompt_length)
+        sched, guided, skip_first, shape, n, B = inp.sched, inp.guided, inp.skip_first, inp.shape, inp.n, inp.B
+        N, cond, x, seeds, freeze, opts = sched.num_steps, inp.cond, inp.x, inp.seeds, inp.freeze, inp.opts
+        use_cfg = inp.use_cfg
+        ids_rows = [cond] if inp.neg is None else [cond, inp.neg]
         P = cond.shape[1]
         ids = sequence_ids(torch.cat(ids_rows), x.repeat(len(ids_rows), 1), cfg)  # (B or 2B, P + 1 + n)
         rope = self.model.rope_tables(latent_positions(P, shape, device=device))
-        opts = {"guidance_scale": guidance_scale, "guidance_trunc": guidance_trunc, "temperature": temperature,
-                    "top_k": top_k, "top_p": top_p}
         mode = self._resolve_mode(mode or self.mode, sched)
         state = LoopState(self, sched, ids, x, rope, seeds, freeze, opts, argmax_last, n, B)
         self.configure(state, 2 * B if use_cfg else B)

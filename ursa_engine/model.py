@@ -95,6 +95,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_q * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        # optional replacement of attention(q, k, v, backend=) (Ulysses sequence parallel,
+        # ursa_engine.distributed.ulysses); None: plain attention
+        self.attend = None
 
     def project(self, x, cos, sin, *, ops_backend="auto"):
         """q (B, L, Hq, D), k and v (B, L, Hkv, D): projection, QK-norm and RoPE of x (B, L, hidden)."""
@@ -119,7 +122,7 @@ class Attention(nn.Module):
                 parts = self.project(x[:, s:e], cos[..., s:e, :], sin[..., s:e, :], ops_backend=ops_backend)
                 for whole, part in zip((q, k, v), parts, strict=True):
                     whole[:, s:e] = part
-        o = attention(q, k, v, backend=attn_backend)  # (B, L, Hq, D)
+        o = (self.attend or attention)(q, k, v, backend=attn_backend)  # (B, L, Hq, D)
         return self.o_proj(o.flatten(2))
 
 

@@ -1,0 +1,427 @@
+"""Many processes on torch.distributed (issue 13): the same tokens as one process, on the CPU with gloo.
+
+Workers are spawned from the tests (``torch.multiprocessing``, a free port on 127.0.0.1, torchrun's
+environment variables), run a tiny fp32 checkpoint root (tests/roots.py) and save what rank 0
+saw; the one-process reference runs here. One spawn of 2 processes covers dp, cfg, sp, FSDP2 and
+sequence-parallel training; one of 4 the combinations; the CLI runs under
+``python -m torch.distributed.run``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from roots import tiny_model_config, write_tiny_root
+
+import ursa_engine as ue
+from ursa_engine import cli
+from ursa_engine import distributed as udist
+from ursa_engine.distributed import generate as pgen
+from ursa_engine.distributed import training as ptrain
+from ursa_engine.inputs import prepare_inputs
+
+PROMPT_LEN = 6
+SHAPE = (2, 3, 4)  # 24 latent tokens: L = 6 + 1 + 24 = 31 does not divide by 2 or 4
+PROMPTS = [[3, 4], [5, 6, 7], [8]]  # B = 3: uneven over dp = 2
+# shift 1: t_k = k / 6; guided while t_k < 0.6 (steps 1..3; step 0 is skipped), then unguided
+# frame 0 given and kept (image-to-video as tokens): the frozen frame must survive every layout's gather
+GEN = dict(latents_shape=SHAPE, guidance_scale=3.0, guidance_trunc=0.6, num_steps=6, seed=7,
+           cond_latents=[[[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]]], freeze_cond=True)
+LAYOUTS_2 = ("dp=2", "cfg=2", "sp=2")
+LAYOUTS_4 = ("cfg=2,sp=2", "dp=2,cfg=2")
+GRAPH_2 = ("cfg=2", "sp=2")  # graph mode: the captured step body, collectives included
+GRAPH_4 = ("cfg=2,sp=2", "dp=2,cfg=2")
+GRAPH_CALLS = ({"seed": 7}, {"seed": 8, "argmax_last": True})  # the second reuses the graphs, new inputs
+TRAIN_B = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, name: str, args: tuple, gpu: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if not gpu:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:  # on GPUs the engine initializes NCCL itself from the environment, as under torchrun
+        globals()[name](rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(world: int, name: str, *args, gpu: bool = False) -> None:
+    mp.start_processes(_entry, args=(world, _free_port(), name, args, gpu), nprocs=world, start_method="spawn")
+
+
+def _engine(root, device="cpu", **options) -> ue.Engine:
+    return ue.Engine.from_pretrained(root, device=device, dtype=torch.float32, prompt_length=PROMPT_LEN,
+                                     load_vae=False, **options)
+
+
+def _layouts_worker(rank: int, root: str, out: str, layouts: tuple, device: str = "cpu", train: bool = False,
+                    graph_layouts: tuple = ()) -> None:
+    saved = _training(rank) if train else {}
+    for layout in layouts:
+        engine = _engine(root, device, mesh=layout, mode="eager")
+        tokens = engine.generate(PROMPTS, decode=False, **GEN).tokens
+        prep = prepare_inputs(engine, PROMPTS, **GEN)
+        loop = pgen.ParallelLoop(engine, engine.parallel, prep, argmax_last=False)
+        logits = {}
+        for guided in (True, False):
+            c, u = loop.logits(guided)
+            logits[guided] = [pgen.gather_samples(engine.parallel, t, prep.B) for t in (c, u) if t is not None]
+        saved[layout] = {"tokens": tokens, "logits": logits}
+    if graph_layouts:
+        saved["graph"] = _graph_runs(root, graph_layouts, device)
+    if rank == 0:
+        torch.save(saved, out)
+
+
+def _graph_runs(root: str, layouts: tuple, device: str) -> dict:
+    """Graph mode on each layout, one call per options of GRAPH_CALLS. On the CPU the capture is faked
+    as in tests/test_engine.py (the warm-up steps run the body, a "replay" calls it: tensor step
+    index, static buffers, state restored after warm-up, cached runner reloaded); on GPUs it is real
+    (NCCL collectives captured). Records what ran: captures, steps with a tensor / python index."""
+    import ursa_engine.graphs as graphs
+
+    captures, steps = [], []
+    real_capture, real_step = graphs.cuda_graph_capture, pgen.ParallelLoop.step
+
+    def capture(fn, pool):
+        captures.append(1)
+        if device != "cpu":
+            return real_capture(fn, pool)
+        fn()  # the warm-up runs mutate the state, as on the GPU
+        fn()
+        return fn
+
+    def step(self, k, guided):
+        steps.append(isinstance(k, torch.Tensor))
+        return real_step(self, k, guided)
+
+    graphs.cuda_graph_capture, pgen.ParallelLoop.step = capture, step
+    runs = {}
+    try:
+        for layout in layouts:
+            engine = _engine(root, device, mesh=layout, mode="graph")
+            if device == "cpu":
+                engine._resolve_mode = lambda mode, sched: "graph"  # CUDA graphs need CUDA: capture faked
+            runs[layout] = []
+            for call in GRAPH_CALLS:
+                captures.clear()
+                steps.clear()
+                result = engine.generate(PROMPTS, decode=False, **{**GEN, **call})
+                (runner,) = engine._graphs.values()
+                runs[layout].append({"tokens": result.tokens.cpu(), "mode": result.mode, "captures": len(captures),
+                                     "tensor_steps": sum(steps), "int_steps": len(steps) - sum(steps),
+                                     "layouts": sorted(runner.graphs), "runner": id(runner)})
+            engine.release_graphs()  # graphs with captured NCCL operations hold their communicators
+    finally:
+        graphs.cuda_graph_capture, pgen.ParallelLoop.step = real_capture, real_step
+    return runs
+
+
+def _train_data():
+    gen = torch.Generator().manual_seed(3)
+    K = 64
+    x1 = torch.randint(0, K, (TRAIN_B, *SHAPE), generator=gen)
+    prompts = torch.randint(0, 512, (TRAIN_B, PROMPT_LEN), generator=gen)
+    path = ue.MetricPath(ue.Codebook.fsq([4, 4, 4]), alpha=1.0, c=3.0)
+    return path, prompts, x1, torch.tensor([0.3, 0.7]), torch.tensor([11, 12])
+
+
+def _tiny_model():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        return ue.URSATransformer(tiny_model_config(64), init_std=0.2)
+
+
+def _grads(module) -> dict:
+    out = {}
+    for name, p in module.named_parameters():
+        g = p.grad
+        out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
+    return out
+
+
+def _training(rank: int) -> dict:
+    path, prompts, x1, t, seeds = _train_data()
+    x_t = ue.training.add_noise(path, x1, t, seed=seeds)
+    # FSDP2: rank r trains on sample r
+    loss = ptrain.shard_loss(ue.training.LatentLoss(_tiny_model()))
+    value = loss(prompts[rank : rank + 1], x_t[rank : rank + 1], x1[rank : rank + 1])
+    value.backward()
+    mean = value.detach().clone()
+    dist.all_reduce(mean)
+    fsdp = {"loss": mean / dist.get_world_size(), "grads": _grads(loss)}
+    # sequence parallel: rank r owns targets [a, b) of every sample, noise drawn by global index
+    n = x1[0].numel()
+    a, b = ptrain.target_ranges(n, dist.get_world_size())[rank]
+    flat1 = x1.reshape(TRAIN_B, n)
+    local_t = ptrain.add_noise(path, flat1[:, a:b].contiguous(), t, seed=seeds, token_offset=a)
+    spl = ptrain.SequenceParallelLoss(_tiny_model())
+    value = spl(prompts, local_t, flat1[:, a:b].contiguous(), SHAPE)
+    value.backward()
+    ptrain.sync_gradients(spl)
+    same_noise = torch.equal(local_t, x_t.reshape(TRAIN_B, n)[:, a:b])
+    sp = {"loss": value.detach(), "grads": _grads(spl), "noise_equal": same_noise}
+    return {"fsdp": fsdp, "sp": sp}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(write_tiny_root(tmp_path_factory.mktemp("dist") / "root", with_vae=False))
+
+
+def _reference(root, device="cpu"):
+    engine = _engine(root, device)
+    tokens = engine.generate(PROMPTS, decode=False, **GEN).tokens
+    prep = prepare_inputs(engine, PROMPTS, **GEN)
+    model = engine.model
+    rope = model.rope_tables(ue.latent_positions(PROMPT_LEN, SHAPE))
+    ids = [ue.model.sequence_ids(p, prep.x, model.config) for p in (prep.cond, prep.neg)]
+    with torch.no_grad():
+        logits = [model(i, rope=rope, latent_tokens=prep.n).cpu() for i in ids]
+    return {"tokens": tokens.cpu(), "logits": {True: logits, False: logits[:1]}}
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """One process: tokens and (cond, uncond) latent logits of the first guided / unguided step."""
+    return _reference(root)
+
+
+@pytest.fixture(scope="module")
+def graph_reference(root):
+    """One process, eager: the tokens of each call of GRAPH_CALLS."""
+    engine = _engine(root)
+    return [engine.generate(PROMPTS, decode=False, **{**GEN, **call}).tokens for call in GRAPH_CALLS]
+
+
+@pytest.fixture(scope="module")
+def two(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "two.pt"
+    _spawn(2, "_layouts_worker", root, str(out), LAYOUTS_2, "cpu", True, GRAPH_2)
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def four(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("four") / "gen.pt"
+    _spawn(4, "_layouts_worker", root, str(out), LAYOUTS_4, "cpu", False, GRAPH_4)
+    return torch.load(out)
+
+
+def _check_layout(got, reference):
+    assert torch.equal(got["tokens"].cpu(), reference["tokens"])
+    for guided in (True, False):
+        assert len(got["logits"][guided]) == len(reference["logits"][guided])
+        for a, b in zip(got["logits"][guided], reference["logits"][guided], strict=True):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_2)
+def test_two_processes_same_tokens_as_one(two, reference, layout):
+    _check_layout(two[layout], reference)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_4)
+def test_four_processes_same_tokens_as_one(four, reference, layout):
+    _check_layout(four[layout], reference)
+
+
+def _check_graph_runs(runs, graph_reference, gpu=False):
+    """Two calls per layout: the eager one-process tokens; graphs captured once per layout (guided,
+    unguided) in the first call and reused by the second (new seed, argmax on the eager last step).
+    Steps 1-4 of 6 are captured (step 0 is skipped, the last runs eagerly); on the CPU each capture
+    runs 2 warm-up steps and each replay the body, with a tensor step index."""
+    first, second = runs
+    for run, expected in zip(runs, graph_reference, strict=True):
+        assert run["mode"] == "graph" and run["layouts"] == [False, True]
+        assert torch.equal(run["tokens"], expected)
+        assert run["int_steps"] == 1  # the last step, eager
+    assert first["captures"] == 2 and second["captures"] == 0 and second["runner"] == first["runner"]
+    if not gpu:
+        assert first["tensor_steps"] == 2 * 2 + 4 and second["tensor_steps"] == 4
+
+
+@pytest.mark.parametrize("layout", GRAPH_2)
+def test_two_processes_graph_step_body_same_tokens_as_one(two, graph_reference, layout):
+    _check_graph_runs(two["graph"][layout], graph_reference)
+
+
+@pytest.mark.parametrize("layout", GRAPH_4)
+def test_four_processes_graph_step_body_same_tokens_as_one(four, graph_reference, layout):
+    _check_graph_runs(four["graph"][layout], graph_reference)
+
+
+def test_graph_mode_on_a_mesh_keeps_the_one_process_errors(root, monkeypatch):
+    """Graph mode needs CUDA and a tensor-step sampler, as in one process; the confidence sampler
+    also needs its samples' tokens on one rank (a layout error, named first)."""
+    engine = _engine(root, mode="graph")
+    groups = SimpleNamespace(wide_size=1, layout=udist.Layout(dp=2))
+    prep = prepare_inputs(engine, PROMPTS, **GEN)
+    with pytest.raises(RuntimeError, match="mode='graph' needs a CUDA device"):
+        pgen._checks(engine, groups, prep, None)
+    assert pgen._checks(engine, groups, prep, "eager") == "eager"
+    conf = SimpleNamespace(mask_sampler="confidence")
+    with pytest.raises(RuntimeError, match="mode='graph' needs"):
+        pgen._checks(engine, groups, SimpleNamespace(sched=conf), None)
+    with pytest.raises(ValueError, match="mesh: the confidence sampler .* dp=1,cfg=1,sp=2 splits them"):
+        pgen._checks(engine, SimpleNamespace(wide_size=2, layout=udist.Layout(sp=2)), SimpleNamespace(sched=conf),
+                     None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_nccl_layouts_same_tokens_as_one_gpu(root, tmp_path):
+    """NCCL on 2 GPUs (fp32): eager, then CUDA graphs with the collectives captured (cfg=2, sp=2),
+    the tokens of one GPU (eager); the GPU suite runs it where it has them."""
+    out = tmp_path / "gen.pt"
+    _spawn(2, "_layouts_worker", root, str(out), LAYOUTS_2, "cuda", False, GRAPH_2, gpu=True)
+    got, ref = torch.load(out, map_location="cpu"), _reference(root, "cuda:0")
+    for layout in LAYOUTS_2:
+        _check_layout(got[layout], ref)
+    engine = _engine(root, "cuda:0", mode="eager")
+    eager = [engine.generate(PROMPTS, decode=False, **{**GEN, **call}).tokens.cpu() for call in GRAPH_CALLS]
+    for layout in GRAPH_2:
+        _check_graph_runs(got["graph"][layout], eager, gpu=True)
+
+
+def _one_process_training():
+    path, prompts, x1, t, seeds = _train_data()
+    x_t = ue.training.add_noise(path, x1, t, seed=seeds)
+    loss = ue.training.LatentLoss(_tiny_model())
+    value = loss(prompts, x_t, x1)
+    value.backward()
+    return value.detach(), _grads(loss)
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "sp"])
+def test_training_loss_and_grads_equal_one_process(two, kind):
+    loss, grads = _one_process_training()
+    got = two[kind]
+    torch.testing.assert_close(got["loss"], loss, rtol=0, atol=1e-5)
+    assert set(got["grads"]) == set(grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=0, atol=1e-5, msg=name)
+    if kind == "sp":
+        assert got["noise_equal"]
+
+
+def test_sequence_parallel_noise_is_the_global_draw():
+    path, _, x1, t, seeds = _train_data()
+    flat = x1.reshape(TRAIN_B, -1)
+    whole = ue.training.add_noise(path, flat, t, seed=seeds)
+    part = ptrain.add_noise(path, flat[:, 5:17].contiguous(), t, seed=seeds, token_offset=5)
+    assert torch.equal(part, whole[:, 5:17])
+    mix = ue.MixturePath(64)
+    whole = ue.training.add_noise(mix, flat, t, seed=seeds)
+    assert torch.equal(ptrain.add_noise(mix, flat[:, 7:].contiguous(), t, seed=seeds, token_offset=7), whole[:, 7:])
+
+
+# ------------------------------------------------------------------------------ layout errors
+@pytest.mark.parametrize("text, match", [
+    ("dp=2,tp=2", "parallel: unknown dim 'tp'"),
+    ("cfg=3", "parallel: cfg=3"),
+    ("dp=0", "parallel: dp must be a positive int"),
+    ("dp2", "parallel: expected dims like"),
+    ("dp=2,dp=2", "given twice"),
+])
+def test_parse_layout_names_the_argument(text, match):
+    with pytest.raises(ValueError, match=match):
+        udist.parse_layout(text)
+
+
+def test_layout_parses():
+    assert udist.parse_layout("sp=4, dp=2") == udist.Layout(dp=2, sp=4)
+    assert str(udist.parse_layout("cfg=2")) == "dp=1,cfg=2,sp=1"
+
+
+@pytest.mark.parametrize("layout, world, match", [
+    ("dp=2,sp=2", "2", r"mesh: dp=2,cfg=1,sp=2 needs 4 processes .* the world has 2"),
+    ("sp=4", "4", r"mesh: sp=4 does not divide the model's 2 key-value heads .* use sp in \[1, 2\]"),
+])
+def test_impossible_layout_fails_before_loading(root, monkeypatch, layout, world, match):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", world)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before the layout was checked")
+
+    monkeypatch.setattr(ue.URSATransformer, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match=match):
+        _engine(root, mesh=layout)
+    assert not dist.is_initialized()
+
+
+def test_layout_outside_torchrun_says_how_to_launch(root, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="mesh: dp=2,cfg=1,sp=1 needs torch.distributed: launch with torchrun"):
+        _engine(root, mesh="dp=2")
+
+
+# ------------------------------------------------------------------------------ the command line
+def test_torchrun_cli_writes_the_one_process_output(root, tmp_path):
+    common = ["generate", root, "--prompt", "a cat", "--prompt", "a bear walking", "--latents-shape", "2", "3", "4",
+              "--steps", "4", "--guidance", "3", "--guidance-trunc", "0.6", "--device", "cpu", "--no-progress",
+              "--prompt-length", str(PROMPT_LEN)]
+    assert cli.main([*common, "--out", str(tmp_path / "one.pt")]) == 0  # one process: this one
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "ursa_engine",
+                           *common, "--parallel", "cfg=2", "--out", str(tmp_path / "many.pt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert many.returncode == 0, many.stderr
+    assert many.stdout.count('"out"') == 1  # only rank 0 writes and reports
+    assert torch.equal(torch.load(tmp_path / "many.pt"), torch.load(tmp_path / "one.pt"))
+
+
+@pytest.mark.parametrize("parallel, env, match", [
+    ("dp=2,tp=2", None, "--parallel: unknown dim 'tp'"),
+    ("dp=2", None, "--parallel: dp=2,cfg=1,sp=1 runs 2 processes: launch with torchrun --nproc-per-node 2"),
+    ("dp=2", "3", "--parallel: dp=2,cfg=1,sp=1 needs 2 processes .* the world has 3"),
+])
+def test_cli_parallel_errors_name_the_flag(root, tmp_path, monkeypatch, capsys, parallel, env, match):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if env is not None:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", env)
+    code = cli.main(["generate", root, "--prompt", "a cat", "--latents-shape", "2", "3", "4", "--device", "cpu",
+                     "--out", str(tmp_path / "x.pt"), "--parallel", parallel])
+    assert code == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_bytes_per_step_at_1_7b():
+    """The counts of bench_parallel at 1.7B, 13 x 40 x 64 (L = 33,601), bf16, one sample."""
+    from ursa_engine.distributed.cost import step_bytes
+
+    cfg = ue.ModelConfig.preset("ursa-1.7b")
+    n, L = 33_280, 33_601
+    cfg2 = step_bytes(cfg, (13, 40, 64), "cfg=2")
+    assert cfg2["cfg_exchange"] == n // 2 * 2048 * 2  # half the latents' hidden states
+    assert cfg2["cfg_logits_instead"] == n // 2 * 64_000 * 2  # 31x more
+    assert cfg2["ulysses"] == 0 and cfg2["tokens"] == n // 2 * 8
+    sp8 = step_bytes(cfg, (13, 40, 64), "sp=8")  # 2 rows, 4,201 positions a rank, q k v o of 16 + 8 + 8 + 16 heads
+    assert sp8["ulysses"] == 28 * 2 * -(-L // 8) * (2 * 16 + 2 * 8) * 128 * 2 * 7 // 8
+    assert step_bytes(cfg, (13, 40, 64), "dp=8")["total"] == 0
+    past = step_bytes(cfg, (13, 40, 64), "cfg=2,sp=4", guided=False)  # 8 | 8 kv heads: all 8 ranks share it
+    assert past["sequence_group"] == 8 and past["forward_ranks"] == 8
