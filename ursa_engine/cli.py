@@ -3,6 +3,8 @@
 ``ursa-engine generate ROOT --prompt ... --out out.png|out.mp4|out.pt``: images, videos or tokens
 (see :mod:`ursa_engine.cli_generate`);
 ``ursa-engine demo``: the bundled digits model on the CPU;
+``ursa-engine serve [ROOT] --host 127.0.0.1 --port 8000``: the HTTP API with step-level continuous
+batching (:mod:`ursa_engine.serve`);
 ``ursa-engine bench run [SUITE...] --mode smoke|cpu|gpu``: benchmarks, one JSON per suite run;
 ``ursa-engine bench report RESULTS...``: markdown summary + PNG plot from result JSON;
 ``ursa-engine bench suite --out DIR``: the whole GPU suite (build, GPU tests, benchmarks);
@@ -136,6 +138,8 @@ video; 25 steps for one frame of a video tokenizer; --image / --video keep their
     run.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     run.add_argument("--prompt-length", type=int, default=320)
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--parallel", default=None, metavar="dp=N,cfg=N,sp=N",
+                     help="several processes under torchrun (README, Many GPUs); rank 0 writes --out")
     _add_debug(gen)
     gen.set_defaults(handler=_generate)
 
@@ -163,6 +167,47 @@ def _demo(args) -> int:
     from .demo import main_from_args
 
     return main_from_args(args)
+
+
+def _add_serve(subparsers) -> None:
+    srv = subparsers.add_parser(
+        "serve", help="HTTP API with step-level continuous batching (POST /v1/images/generations)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a checkpoint over HTTP (FastAPI + uvicorn): requests join the running batch at the next "
+                    "step boundary and leave when done (ursa_engine.serve). Endpoints: POST /v1/images/generations, "
+                    "GET|DELETE /v1/requests/{id}, GET /v1/requests/{id}/events (SSE), /health, /metrics.",
+        epilog="""\
+example:
+  ursa-engine serve --port 8000 &        (the bundled digits model on the CPU)
+  curl -s localhost:8000/v1/images/generations -H 'content-type: application/json' \\
+       -d '{"prompt": "7", "response_format": "png", "seed": 1}' -o seven.png""")
+    srv.add_argument("root", metavar="ROOT", nargs="?", default=None,
+                     help="checkpoint root (default: the bundled digits model)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-rows", type=int, default=16, help="rows of one forward pass, cond + uncond (default 16)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
+    srv.add_argument("--policy", default="continuous", choices=["continuous", "static", "sequential"],
+                     help="batching policy (default: continuous)")
+    srv.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
+    srv.add_argument("--log-level", default="info")
+    _add_debug(srv)
+    srv.set_defaults(handler=_serve)
+
+
+def _serve(args) -> int:
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port: expected 0..65535, got {args.port}")
+    for name in ("max_rows", "max_queue"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
+    try:
+        from .serve.app import serve
+    except ImportError as err:
+        raise UsageError(f"serve: needs FastAPI and uvicorn (pip install 'ursa-engine[serve]'): {err}") from None
+    serve(args.root, host=args.host, port=args.port, max_rows=args.max_rows, max_queue=args.max_queue,
+          policy=args.policy, device=args.device, log_level=args.log_level)
+    return 0
 
 
 def _add_plan(subparsers) -> None:
@@ -252,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_generate(subparsers)
     _add_plan(subparsers)
+    _add_serve(subparsers)
     return parser
 
 

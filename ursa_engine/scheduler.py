@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from . import _dispatch, _validate
+from . import _dispatch, _validate, rowwise
 from ._dispatch import resolve
 from .paths import MaskPath, MetricPath, MixturePath
 from .reference import laws
@@ -71,6 +71,7 @@ class Scheduler:
         self._params = self._params64.to(torch.float32)  # what the kernels read
         self._device_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._error_cache: dict[str, torch.Tensor] = {}
+        self._time_cache: dict[str, torch.Tensor] = {}
 
     def _step_table(self) -> torch.Tensor:
         """Per-step values (N, NUM_PARAMS) float64: h, β, β̇ and κ̇/(1−κ) at t_k."""
@@ -91,6 +92,13 @@ class Scheduler:
             self._device_cache[key] = (self._params.to(device),
                                        torch.arange(self.num_steps, dtype=torch.int64, device=device))
         return self._device_cache[key]
+
+    def time_values(self, device) -> torch.Tensor:
+        """The grid ``t_0..t_N`` (float64) on ``device`` (cached): per-row guidance decisions."""
+        key = str(torch.device(device))
+        if key not in self._time_cache:
+            self._time_cache[key] = self.times.to(device)
+        return self._time_cache[key]
 
     # ------------------------------------------------------------------ step
     def _check_k(self, k, validate: bool) -> int | torch.Tensor:
@@ -155,17 +163,21 @@ class Scheduler:
     def step(self, logits, k, x, *, uncond_logits=None, guidance_scale: float = 1.0,
              guidance_trunc: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              argmax_last: bool = False, seed=0, token_offset: int = 0, x1: torch.Tensor | None = None,
-             backend: str = "auto", validate: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+             backend: str = "auto", validate: bool = True, out: torch.Tensor | None = None,
+             guided=None, last=None) -> torch.Tensor:
         """One sampling step from ``x = x_{t_k}`` (DESIGN §2.4).
 
         Parameters
         ----------
         logits : Tensor S + (K,), or None when ``x1`` is given
             Conditional logits for every token (bf16 / fp16 / fp32).
-        k : int or 0-dim int64 device tensor
+        k : int, 0-dim int64 device tensor, or (B,) int64 device tensor (per-row steps)
             Step index in [0, N). A tensor index reads t, h, β, β̇ from device memory (for CUDA
             graphs): guidance then applies iff ``uncond_logits`` is given, and the last step
-            (k = N − 1) must be a python int.
+            (k = N − 1) must be a python int. A (B,) tensor (B = S[0] > 1, or B = 1 with a seed
+            tensor) gives every sample its own step: see :func:`ursa_engine.rowwise.step_rows`
+            (per-row ``guidance_scale`` / ``guidance_trunc`` / ``temperature``, ``guided``,
+            ``last``; per-sample seeds required; continuous batching, issue 14).
         x : LongTensor S
             Current tokens.
         uncond_logits : Tensor S + (K,), optional
@@ -193,16 +205,25 @@ class Scheduler:
             over the logits; one host sync either way). False: nothing checked (CUDA graphs).
         out : LongTensor S, optional
             Written in place (may be ``x`` itself).
+        guided, last : per-row steps only (see :func:`ursa_engine.rowwise.step_rows`)
 
         Returns
         -------
         LongTensor S: x_{t_{k+1}}.
         """
+        if isinstance(k, torch.Tensor) and rowwise.is_per_row(k, x, seed):
+            return rowwise.step_rows(
+                self, logits, k, x, uncond_logits=uncond_logits, guided=guided, last=last,
+                guidance_scale=guidance_scale, guidance_trunc=guidance_trunc, temperature=temperature, top_k=top_k,
+                top_p=top_p, argmax_last=argmax_last, seed=seed, token_offset=token_offset, x1=x1, backend=backend,
+                validate=validate, out=out)
+        if guided is not None or last is not None:
+            raise ValueError("guided / last: apply to per-row steps only (k a (B,) int64 tensor)")
         k = self._check_k(k, validate)
         token_offset = _validate.index_offset("token_offset", token_offset)
         logits, uncond, given_uncond, x, x1, opts = self._options(
             logits, uncond_logits, k, x, x1, guidance_scale, guidance_trunc, temperature, top_k, top_p)
-        shape, K, device = tuple(x.shape), self.path.size, x.device
+        shape, device = tuple(x.shape), x.device
         if out is None:
             out = torch.empty(shape, dtype=torch.int64, device=device)
         elif out.shape != x.shape or out.dtype != torch.int64 or out.device != device or not out.is_contiguous():
@@ -213,10 +234,9 @@ class Scheduler:
             if k.device != device:
                 raise ValueError(f"k: on {k.device}, but the tokens are on {device}")
             kk = k.reshape(1)
-            params, step, last = params_all.index_select(0, kk).view(-1), kk, False
+            params, step, is_last = params_all.index_select(0, kk).view(-1), kk, False
         else:
-            params, step, last = params_all[k], counters[k:k + 1], k == self.num_steps - 1
-        flat_x = x.reshape(-1).contiguous()
+            params, step, is_last = params_all[k], counters[k:k + 1], k == self.num_steps - 1
         if self.mask_sampler == "confidence":
             if backend not in ("auto", "torch"):
                 raise RuntimeError(f"backend={backend!r} cannot run the confidence sampler: its top-n "
@@ -225,9 +245,20 @@ class Scheduler:
                 raise ValueError("x1: the confidence sampler ranks tokens by log p(x̂1): it needs the logits")
             if validate:
                 self._check_values(x, None, logits, given_uncond)
+            K = self.path.size
             flat = dict(cond=logits.reshape(-1, K).contiguous(),
-                        uncond=None if uncond is None else uncond.reshape(-1, K).contiguous(), x=flat_x)
+                        uncond=None if uncond is None else uncond.reshape(-1, K).contiguous(),
+                        x=x.reshape(-1).contiguous())
             return self._confidence_step(flat, k, shape, seeds, row_len, step, opts, argmax_last, out, token_offset)
+        return self._apply(logits, uncond, given_uncond, x, x1, opts, params, step, is_last, argmax_last, seeds,
+                           row_len, token_offset, backend, validate, out)
+
+    def _apply(self, logits, uncond, given_uncond, x, x1, opts, params, step, last, argmax_last, seeds, row_len,
+               token_offset, backend, validate, out):
+        """The checked step of :meth:`step` (not the confidence sampler) with the step's ``params``
+        (NUM_PARAMS,) and RNG ``step`` counter (1,) on the device: one backend op writes ``out``."""
+        K, device = self.path.size, x.device
+        flat_x = x.reshape(-1).contiguous()
         op = {MetricPath: "metric_step", MixturePath: "mixture_step", MaskPath: "mask_step"}[type(self.path)]
         extra = {}
         if token_offset:  # only non-default keywords: backends that predate them keep working

@@ -1,0 +1,271 @@
+"""The HTTP API of ``ursa-engine serve`` (FastAPI + uvicorn; issue 14).
+
+Endpoints
+---------
+``POST /v1/images/generations``
+    Shaped like the OpenAI images API: ``prompt``, ``negative_prompt``, ``size`` ("WxH" pixels),
+    ``frames``, ``n``, ``seed``, ``steps``, ``guidance``, ``guidance_trunc``, ``temperature``,
+    ``top_k``, ``top_p``, ``response_format`` ("b64_json": PNG, or MP4 for frames > 1, base64 in
+    JSON; "png" / "mp4": the bytes, n = 1; "tokens": the latent tokens as JSON), ``stream``
+    (server-sent events: ``queued``, ``started``, ``step`` (in order), then ``result`` with the
+    JSON body, or ``cancelled`` / ``failed``), ``request_id`` (else one is made; always in the
+    ``X-Request-Id`` header).
+``GET /v1/requests/{id}`` (status), ``GET /v1/requests/{id}/events`` (SSE progress),
+``DELETE /v1/requests/{id}`` (cancel: its rows leave at the next step boundary; a client that
+disconnects cancels its request too), ``GET /health``, ``GET /metrics`` (Prometheus text).
+
+Errors use the OpenAI shape ``{"error": {"message", "type", "param"}}``: 400 for a bad field
+(named in ``param`` and the message), 404 for an unknown request, 409 for a cancelled one, 429
+when the queue is full, 500 when generation failed (the server keeps serving).
+
+The model runs in the :class:`~ursa_engine.serve.batcher.Batcher` worker thread; handlers only
+queue jobs, wait on futures and encode results in the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .batcher import Batcher, Cancelled, GenerationRequest, Job, QueueFull
+from .models import ServedModel
+
+TERMINAL = ("done", "cancelled", "failed")
+
+
+class ImageRequest(BaseModel):
+    """The body of ``POST /v1/images/generations``."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    negative_prompt: str | None = None
+    model: str | None = None  # accepted for OpenAI clients, ignored
+    size: str | None = None
+    frames: int = Field(1, ge=1, le=1024)
+    latents_shape: list[int] | None = Field(None, min_length=2, max_length=3)
+    n: int = Field(1, ge=1, le=64)
+    seed: int | None = Field(None, ge=0, lt=2**62)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=-100, le=100)
+    guidance_trunc: float = Field(0.9, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0, le=100)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    response_format: Literal["b64_json", "png", "mp4", "tokens"] = "b64_json"
+    stream: bool = False
+    request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+          headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status,
+                        headers=headers)
+
+
+def _param(message: str) -> str | None:
+    """The field a ``"field: ..."`` error message names."""
+    head = message.split(":", 1)[0]
+    return head if head.isidentifier() else None
+
+
+def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
+    """The FastAPI application over a started (or to be started) batcher."""
+    app = FastAPI(title="ursa-engine", version="0.1.0")
+    app.state.served, app.state.batcher = served, batcher
+    started = time.time()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(v) for v in first.get("loc", ()) if v != "body"]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        return error(400, f"{param}: {msg}" if param else msg, param)
+
+    def to_request(body: ImageRequest) -> GenerationRequest:
+        if body.latents_shape is not None:
+            if body.response_format != "tokens" and served.engine.vae is None:
+                raise ValueError("response_format: without vae/ only 'tokens' can be returned")
+            shape = tuple(body.latents_shape)
+            if len(shape) == 2:
+                shape = (1, *shape)
+            if min(shape) < 1:
+                raise ValueError(f"latents_shape: expected positive sizes, got {list(body.latents_shape)}")
+        else:
+            shape = served.latents_shape(body.size, body.frames)
+        if body.response_format in ("png", "mp4") and body.n != 1:
+            raise ValueError(f"n: response_format {body.response_format!r} returns one file: n must be 1")
+        if body.response_format == "png" and shape[0] != 1:
+            raise ValueError("response_format: 'png' is one image: use 'mp4' or 'b64_json' for frames > 1")
+        if body.response_format != "tokens" and served.engine.vae is None:
+            raise ValueError("response_format: this checkpoint has no vae/: only 'tokens' can be returned")
+        neg = body.negative_prompt if body.negative_prompt is not None else ""
+        return GenerationRequest(
+            prompt_ids=served.prompt_ids(body.prompt), negative_ids=served.prompt_ids(neg, field="negative_prompt"),
+            latents_shape=shape, n=body.n, num_steps=body.steps,
+            guidance_scale=served.default_guidance if body.guidance is None else body.guidance,
+            guidance_trunc=body.guidance_trunc, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+            seed=secrets.randbelow(2**31) if body.seed is None else body.seed)
+
+    def render(job: Job, tokens, fmt: str) -> dict | Response:
+        if fmt == "tokens":
+            data = [{"tokens": t.tolist(), "shape": list(t.shape)} for t in tokens.cpu()]
+        else:
+            frames = served.frames(tokens)
+            if fmt == "png":
+                return Response(served.png(frames[0, 0]), media_type="image/png", headers={"X-Request-Id": job.id})
+            if fmt == "mp4":
+                return Response(served.mp4(frames[0]), media_type="video/mp4", headers={"X-Request-Id": job.id})
+            data = []
+            for f in frames:
+                blob, mime = (served.png(f[0]), "image/png") if f.shape[0] == 1 else (served.mp4(f), "video/mp4")
+                data.append({"b64_json": base64.b64encode(blob).decode("ascii"), "mime_type": mime})
+        return {"id": job.id, "created": int(time.time()), "data": data, "seed": job.request.seed,
+                "steps": job.steps, "latents_shape": list(job.shape),
+                "timing": {"queued_s": round(job.t_start - job.t_submit, 4),
+                           "generate_s": round(job.t_done - job.t_start, 4)}}
+
+    async def start(body: ImageRequest) -> Job | JSONResponse:
+        try:
+            req = to_request(body)
+            job = await run_in_threadpool(batcher.prepare, req, body.request_id)
+            return batcher.submit(job)
+        except QueueFull as err:
+            return error(429, str(err), None, "rate_limit_error", {"Retry-After": "1"})
+        except ValueError as err:
+            msg = str(err)
+            return error(409 if "already in use" in msg else 400, msg, _param(msg))
+
+    @app.post("/v1/images/generations")
+    async def generations(body: ImageRequest, request: Request):
+        job = await start(body)
+        if isinstance(job, JSONResponse):
+            return job
+        if body.stream:
+            return StreamingResponse(events(job, body.response_format, cancel_on_close=True),
+                                     media_type="text/event-stream", headers={"X-Request-Id": job.id})
+        fut = asyncio.wrap_future(job.future)
+        while not fut.done():
+            await asyncio.wait([fut], timeout=0.25)
+            if not fut.done() and await request.is_disconnected():
+                batcher.cancel(job.id)  # the client went away: its rows leave at the next step
+                break
+        try:
+            tokens = await fut
+        except Cancelled as err:
+            return error(409, str(err), None, "cancelled")
+        except Exception as err:  # the batch failed: report, keep serving
+            return error(500, f"generation failed: {err}", None, "server_error")
+        out = await run_in_threadpool(render, job, tokens, body.response_format)
+        return out if isinstance(out, Response) else JSONResponse(out, headers={"X-Request-Id": job.id})
+
+    async def events(job: Job, fmt: str | None, *, cancel_on_close: bool):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def listener(ev):
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        past = batcher.subscribe(job, listener)
+        finished = False
+        try:
+            pending = list(past)
+            while True:
+                ev = pending.pop(0) if pending else await queue.get()
+                name = ev["event"]
+                if name == "done" and fmt is not None:
+                    out = await run_in_threadpool(render, job, job.future.result(),
+                                                  "b64_json" if fmt in ("png", "mp4") else fmt)
+                    yield f"event: done\ndata: {json.dumps(ev)}\n\n"
+                    yield f"event: result\ndata: {json.dumps(out)}\n\n"
+                else:
+                    yield f"event: {name}\ndata: {json.dumps(ev)}\n\n"
+                if name in TERMINAL:
+                    finished = True
+                    return
+        finally:
+            if listener in job.listeners:
+                job.listeners.remove(listener)
+            if cancel_on_close and not finished:
+                batcher.cancel(job.id)  # the client disconnected from its stream
+
+    @app.get("/v1/requests/{request_id}")
+    async def status(request_id: str):
+        job = batcher.get(request_id)
+        if job is None:
+            return error(404, f"request_id: no running or queued request {request_id!r}", "request_id")
+        return {"id": job.id, "status": job.status, "step": job.k, "steps": job.steps}
+
+    @app.get("/v1/requests/{request_id}/events")
+    async def request_events(request_id: str):
+        job = batcher.get(request_id)
+        if job is None:
+            return error(404, f"request_id: no running or queued request {request_id!r}", "request_id")
+        return StreamingResponse(events(job, None, cancel_on_close=False), media_type="text/event-stream")
+
+    @app.delete("/v1/requests/{request_id}")
+    async def cancel(request_id: str):
+        if not batcher.cancel(request_id):
+            return error(404, f"request_id: no running or queued request {request_id!r}", "request_id")
+        return {"id": request_id, "status": "cancelled"}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name, "device": str(served.engine.device),
+                "policy": batcher.policy, "max_rows": batcher.max_rows, "max_queue": batcher.max_queue,
+                "uptime_s": round(time.time() - started, 1), **batcher.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus(batcher, served.name), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def prometheus(batcher: Batcher, model: str) -> str:
+    """The batch loop's counters in the Prometheus text format."""
+    m, s = batcher.metrics, batcher.stats()
+    label = f'{{model="{model}"}}'
+    rows = [
+        ("ursa_queue_depth", "gauge", "requests waiting to start", s["queued"]),
+        ("ursa_running_requests", "gauge", "requests in the running batch", s["running"]),
+        ("ursa_active_rows", "gauge", "samples in the running batch", s["active_rows"]),
+        ("ursa_steps_total", "counter", "batch steps run", m.steps),
+        ("ursa_step_rows_total", "counter", "forward rows summed over steps (cond + uncond)", m.rows),
+        ("ursa_step_rows_last", "gauge", "forward rows of the last step", m.last_rows),
+        ("ursa_step_rows_mean", "gauge", "forward rows per step, mean", m.rows / m.steps if m.steps else 0.0),
+        ("ursa_step_seconds_total", "counter", "time in batch steps", m.step_seconds),
+        ("ursa_step_seconds_last", "gauge", "time of the last step", m.last_step_seconds),
+        ("ursa_requests_served_total", "counter", "requests completed", m.served),
+        ("ursa_requests_failed_total", "counter", "requests that failed", m.failed),
+        ("ursa_requests_cancelled_total", "counter", "requests cancelled", m.cancelled),
+        ("ursa_requests_rejected_total", "counter", "requests refused with 429 (queue full)", m.rejected),
+        ("ursa_max_rows", "gauge", "rows per step budget", batcher.max_rows),
+    ]
+    out = []
+    for name, kind, help_, value in rows:
+        out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{label} {value}"]
+    return "\n".join(out) + "\n"
+
+
+def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16, max_queue: int = 64,
+          policy: str = "continuous", device=None, log_level: str = "info") -> None:
+    """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted."""
+    import uvicorn
+
+    served = ServedModel.load(root, device=device)
+    batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, policy=policy).start()
+    try:
+        uvicorn.run(create_app(served, batcher), host=host, port=port, log_level=log_level)
+    finally:
+        batcher.stop()

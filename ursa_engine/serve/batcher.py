@@ -1,0 +1,462 @@
+"""Step-level continuous batching over an :class:`~ursa_engine.engine.Engine` (issue 14, DESIGN §8).
+
+The URSA transformer has no timestep input: a token sequence is a token sequence at any step, so
+requests at *different* steps share one forward pass. One worker thread owns the loop; every
+iteration is one step of the running batch of one latent shape:
+
+1. **Join / leave at step boundaries**: queued requests of that shape join while the rows fit the
+   budget (``max_rows``: rows of one forward pass, cond + uncond); finished or cancelled ones leave.
+2. **One forward pass**: the conditional rows of every request, plus the unconditional rows of the
+   requests still guided at their own step (``guidance_scale != 1`` and ``t_k < guidance_trunc``,
+   as :meth:`Engine.generate`): rows past ``guidance_trunc`` stop paying for the unconditional half.
+3. **Per-row sampler step**: :func:`ursa_engine.rowwise.step_rows` with each row's own ``k``,
+   guidance scale, temperature, last-step flag and seeds (``seed + b``, as the engine's).
+
+A request's tokens do not depend on its neighbours (DESIGN §2.5): every draw is keyed by (sample
+seed, its step, token index, lane), and the transformer treats rows independently; they equal
+:meth:`Engine.generate`'s for the same prompt, seed and options (up to the float ties of §2.5
+where a batched matmul rounds differently from another batch size).
+
+Policies (for the benchmark): ``"continuous"`` (above), ``"static"`` (a batch is admitted only
+when nothing runs, and runs to its end) and ``"sequential"`` (one request at a time).
+
+CUDA graphs (``graphs=True`` on a CUDA engine): see :mod:`ursa_engine.serve.graphs`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import _validate
+from ..model import latent_positions, sequence_ids, token_chunks
+from ..paths import MetricPath
+from ..rowwise import guided_steps
+
+POLICIES = ("continuous", "static", "sequential")
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue is full (HTTP 429)."""
+
+
+@dataclass
+class GenerationRequest:
+    """What one request asks for: ``n`` samples of one prompt (prompt ids already encoded).
+
+    ``prompt_ids`` (P,) int64 and ``negative_ids`` (P,) (the empty prompt when None); sample ``b``
+    uses seed ``seed + b`` (as :meth:`Engine.generate`).
+    """
+
+    prompt_ids: torch.Tensor
+    latents_shape: tuple[int, int, int]
+    negative_ids: torch.Tensor | None = None
+    n: int = 1
+    num_steps: int | None = None
+    shift: float | None = None
+    guidance_scale: float = 7.0
+    guidance_trunc: float = 0.9
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    argmax_last: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Job:
+    """A request inside the batcher: its rows (tokens, seeds, ids), its step, its events."""
+
+    id: str
+    request: GenerationRequest
+    sched: object
+    guided: list
+    x: torch.Tensor  # (n, tokens)
+    seeds: torch.Tensor  # (n,)
+    cond_ids: torch.Tensor  # (n, P)
+    neg_ids: torch.Tensor  # (n, P)
+    k: int = 0
+    status: str = "queued"  # queued, running, done, cancelled, failed
+    future: Future = field(default_factory=Future)
+    events: list = field(default_factory=list)
+    listeners: list = field(default_factory=list)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float | None = None
+    t_done: float | None = None
+    cancel_requested: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.request.latents_shape
+
+    @property
+    def steps(self) -> int:
+        return self.sched.num_steps
+
+    def _event(self, event: dict) -> None:
+        """Record an event and tell the listeners (called under the batcher's lock)."""
+        event = dict(event, id=self.id)
+        self.events.append(event)
+        for fn in list(self.listeners):
+            try:
+                fn(event)
+            except Exception:  # a listener (a closed HTTP stream) never breaks the loop
+                self.listeners.remove(fn)
+
+    def rows_now(self) -> int:
+        """Forward rows this job costs at its current step (cond, plus uncond while guided)."""
+        return self.request.n * (2 if self.guided[self.k] else 1)
+
+
+class Metrics:
+    """Counters of the batch loop (read by ``/metrics``)."""
+
+    def __init__(self):
+        self.steps = 0
+        self.rows = 0  # summed over steps
+        self.last_rows = 0
+        self.step_seconds = 0.0
+        self.last_step_seconds = 0.0
+        self.served = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.rejected = 0
+        self.max_rows_seen = 0
+
+
+class Batcher:
+    """The continuous batch loop of one engine, in one worker thread.
+
+    Parameters
+    ----------
+    engine : Engine (eager steps; ``graphs=True`` uses CUDA graphs per (rows, shape) bucket)
+    max_rows : rows of one forward pass (cond + uncond), the per-step budget
+    max_queue : requests waiting to start; more raise :class:`QueueFull`
+    policy : "continuous", "static" or "sequential"
+    backend : the sampler backend (default: the engine's)
+    graphs : CUDA graphs per (rows, shape) bucket (:mod:`.graphs`; CUDA engines only)
+    per_row_sampler : every sampler call through :func:`ursa_engine.rowwise.step_rows` (each row its
+        own k); default: jobs at the same step and options share one scalar-k call (same tokens)
+    """
+
+    def __init__(self, engine, *, max_rows: int = 16, max_queue: int = 64, policy: str = "continuous",
+                 backend: str | None = None, graphs: bool = False, per_row_sampler: bool = False):
+        if policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+        for name, v in (("max_rows", max_rows), ("max_queue", max_queue)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        self.engine, self.max_rows, self.max_queue, self.policy = engine, max_rows, max_queue, policy
+        self.backend = backend or engine.sampler_backend
+        self.per_row_sampler = per_row_sampler
+        self.metrics = Metrics()
+        self._queue: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._rope: dict = {}
+        self._turn = itertools.count()
+        self.graphs = None
+        if graphs:
+            from .graphs import GraphCache
+
+            self.graphs = GraphCache(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Batcher:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="ursa-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ------------------------------------------------------------------ requests
+    def prepare(self, request: GenerationRequest, job_id: str | None = None) -> Job:
+        """Check a request and build its job (initial tokens, seeds, ids); raises ValueError naming the field."""
+        e = self.engine
+        shape = _validate.latents_shape(request.latents_shape)
+        if isinstance(request.n, bool) or not isinstance(request.n, int) or request.n < 1:
+            raise ValueError(f"n: expected an int >= 1, got {request.n!r}")
+        sched = e.scheduler_for(request.num_steps, request.shift, shape[0])
+        if sched.mask_sampler == "confidence":
+            raise ValueError("sampler: the confidence sampler ranks whole samples; serve it with Engine.generate")
+        gs = _validate.finite("guidance_scale", request.guidance_scale)
+        gt = _validate.finite("guidance_trunc", request.guidance_trunc)
+        _validate.positive("temperature", request.temperature)
+        _validate.filtering(request.top_k, request.top_p, sched.path.size)
+        skip = isinstance(sched.path, MetricPath) and sched.num_steps > 1
+        guided = guided_steps(sched, gs, gt, skip_first=skip)
+        peak = request.n * (2 if any(guided) else 1)
+        if peak > self.max_rows:
+            raise ValueError(f"n: {request.n} samples need {peak} rows per step, over this server's budget of "
+                             f"{self.max_rows} (max_rows)")
+        n = request.n
+        cond = e.encode_prompts(request.prompt_ids[None])
+        neg = e.encode_prompts(request.negative_ids[None] if request.negative_ids is not None else [[]],
+                               name="negative_prompt_ids", length=cond.shape[1])
+        x = e.initial_tokens(n, shape, request.seed).reshape(n, -1)
+        job = Job(job_id or uuid.uuid4().hex, request, sched, guided, x, e.sample_seeds(request.seed, n),
+                  cond.expand(n, -1).contiguous(), neg.expand(n, -1).contiguous(), k=1 if skip else 0)
+        job._event({"event": "queued"})
+        return job
+
+    def submit(self, request: GenerationRequest | Job, job_id: str | None = None) -> Job:
+        """Queue a request (or a prepared job); raises :class:`QueueFull` over ``max_queue``."""
+        job = request if isinstance(request, Job) else self.prepare(request, job_id)
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                self.metrics.rejected += 1
+                raise QueueFull(f"queue full: {len(self._queue)} requests waiting (limit {self.max_queue}); "
+                                "retry later")
+            if job.id in self._jobs:
+                raise ValueError(f"request_id: {job.id!r} is already in use")
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._lock.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running request: its rows leave at the next step boundary."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status in ("done", "failed", "cancelled"):
+                return False
+            job.cancel_requested = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._finish(job, "cancelled")
+            self._lock.notify_all()
+            return True
+
+    def subscribe(self, job: Job, listener) -> list[dict]:
+        """Add ``listener(event)`` (called from the worker thread) to a job; return the events so far."""
+        with self._lock:
+            job.listeners.append(listener)
+            return list(job.events)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"queued": len(self._queue), "running": len(self._running),
+                    "active_rows": sum(j.request.n for j in self._running)}
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._queue and not self._running:
+                    self._lock.wait()
+                if self._stop:
+                    for job in list(self._queue) + self._running:
+                        self._finish(job, "cancelled", RuntimeError("the server is shutting down"))
+                    self._queue.clear()
+                    self._running.clear()
+                    return
+                self._drop_cancelled()
+                jobs = self._admit()
+            if jobs:
+                self.step(jobs)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._running if j.cancel_requested]:
+            self._running.remove(job)
+            self._finish(job, "cancelled")
+
+    def _admit(self) -> list[Job]:
+        """Move queued jobs into the running set (policy, budget); return the jobs of this step's shape."""
+        if self.policy == "continuous" or not self._running:
+            limit = 1 if self.policy == "sequential" else None
+            used: dict = {}
+            for j in self._running:
+                used[j.shape] = used.get(j.shape, 0) + j.rows_now()
+            for job in list(self._queue):
+                if limit is not None and len(self._running) >= limit:
+                    break
+                if self.policy != "continuous" and self._running and job.shape != self._running[0].shape:
+                    continue  # a static batch has one shape
+                if used.get(job.shape, 0) + job.rows_now() > self.max_rows:
+                    break  # first come, first served: nobody overtakes a request that does not fit yet
+                used[job.shape] = used.get(job.shape, 0) + job.rows_now()
+                self._queue.remove(job)
+                self._running.append(job)
+                job.status, job.t_start = "running", time.perf_counter()
+                job._event({"event": "started", "steps": job.steps})
+        if not self._running:
+            return []
+        shapes = list(dict.fromkeys(j.shape for j in self._running))  # round robin over latent shapes
+        shape = shapes[next(self._turn) % len(shapes)]
+        return [j for j in self._running if j.shape == shape]
+
+    def _finish(self, job: Job, status: str, error: BaseException | None = None) -> None:
+        job.status, job.t_done = status, time.perf_counter()
+        if status == "done":
+            self.metrics.served += 1
+            job.future.set_result(job.x.view(job.request.n, *job.shape).clone())
+            job._event({"event": "done"})
+        else:
+            if status == "cancelled":
+                self.metrics.cancelled += 1
+            else:
+                self.metrics.failed += 1
+            job._event({"event": status, "message": str(error) if error else status})
+            if not job.future.done():
+                job.future.set_exception(error or Cancelled(f"request {job.id} was cancelled"))
+        self._jobs.pop(job.id, None)
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def step(self, jobs: list[Job]) -> None:
+        """One step of ``jobs`` (one latent shape): one forward pass, per-row sampler steps."""
+        t0 = time.perf_counter()
+        try:
+            rows = self._forward_and_step(jobs)
+        except Exception as err:  # a failing step fails its requests, never the server
+            if len(jobs) > 1:  # nothing was written back: find the culprits by stepping each alone
+                for job in jobs:
+                    self.step([job])
+                return
+            with self._lock:
+                if jobs[0] in self._running:
+                    self._running.remove(jobs[0])
+                self._finish(jobs[0], "failed", err)
+            return
+        dt = time.perf_counter() - t0
+        m = self.metrics
+        m.steps, m.rows, m.last_rows, m.last_step_seconds = m.steps + 1, m.rows + rows, rows, dt
+        m.step_seconds += dt
+        m.max_rows_seen = max(m.max_rows_seen, rows)
+        with self._lock:
+            for job in jobs:
+                job.k += 1
+                job._event({"event": "step", "step": job.k, "steps": job.steps})
+                if job.k == job.steps:
+                    self._running.remove(job)
+                    self._finish(job, "done")
+
+    def _forward_and_step(self, jobs: list[Job]) -> int:
+        model = self.engine.model
+        # guided jobs first: their uncond rows R .. R + G align with cond rows 0 .. G
+        jobs = sorted(jobs, key=_group_key)
+        shape = jobs[0].shape
+        n = math.prod(shape)
+        x = torch.cat([j.x for j in jobs])  # (R, n)
+        R = x.shape[0]
+        guided_jobs = [j for j in jobs if j.guided[j.k]]
+        G = sum(j.request.n for j in guided_jobs)
+        ids = torch.cat([j.cond_ids for j in jobs] + [j.neg_ids for j in guided_jobs])
+        P = ids.shape[1]
+        latents = torch.cat([x, x[:G]]) if G else x
+        ids = sequence_ids(ids, latents, model.config)
+        rope = self._rope_for(P, shape)
+        if self.graphs is not None and self.graphs.usable(jobs):
+            x_next = self.graphs.run(jobs, ids, x, G, rope)
+        else:
+            x_next = self._eager_step(jobs, ids, x, G, rope, n)
+        r = 0
+        for j in jobs:
+            j.x = x_next[r : r + j.request.n]
+            r += j.request.n
+        return R + G
+
+    def _eager_step(self, jobs, ids, x, G, rope, n) -> torch.Tensor:
+        model = self.engine.model
+        R = x.shape[0]
+        hidden = model.hidden_states(ids, rope=rope, latent_tokens=n)  # (R + G, n, H)
+        x_next = torch.empty_like(x)
+        K, itemsize = model.config.lm_head_size, model.dtype.itemsize
+        groups = _row_groups(jobs, by_step=not self.per_row_sampler)
+        for s, e in token_chunks(n, (R + G) * K * itemsize, self.engine.logits_budget):
+            logits = model.lm_head(hidden[:, s:e])
+            xs = x[:, s:e].contiguous()
+            out = torch.empty_like(xs)
+            for a, b, group in groups:
+                self._sampler_step(group, logits, xs, out, a, b, R, s)
+            x_next[:, s:e] = out
+        return x_next
+
+    def _sampler_step(self, group, logits, xs, out, a, b, R, s) -> None:
+        """Rows [a, b): one scheduler, one filtering, all guided or none. With ``per_row_sampler``
+        the per-row step (each row's k, scale, temperature and last flag); else the jobs of the
+        group share all of them too and one scalar-k step runs them (fewer launches; the same
+        tokens, §2.5: tests/test_serve_batcher.py)."""
+        j0 = group[0]
+        rq = j0.request
+        guided = j0.guided[j0.k]
+        seeds = torch.cat([j.seeds for j in group])
+        common = dict(uncond_logits=logits[R + a : R + b] if guided else None, top_k=rq.top_k, top_p=rq.top_p,
+                      argmax_last=rq.argmax_last, seed=seeds, token_offset=s, backend=self.backend,
+                      validate=self.engine.validate_steps, out=out[a:b])
+        if not self.per_row_sampler:
+            j0.sched.step(logits[a:b], j0.k, xs[a:b], guidance_scale=rq.guidance_scale,
+                          guidance_trunc=rq.guidance_trunc, temperature=rq.temperature, **common)
+            return
+        reps = [j.request.n for j in group]
+        k = torch.tensor(_rep([j.k for j in group], reps), dtype=torch.int64, device=xs.device)
+        j0.sched.step(logits[a:b], k, xs[a:b], guided=[guided] * (b - a) if guided else None,
+                      last=_rep([j.k == j.steps - 1 for j in group], reps),
+                      guidance_scale=_rep([j.request.guidance_scale for j in group], reps),
+                      temperature=_rep([j.request.temperature for j in group], reps), **common)
+
+    def _rope_for(self, P: int, shape):
+        key = (P, shape)
+        if key not in self._rope:
+            self._rope[key] = self.engine.model.rope_tables(latent_positions(P, shape, device=self.engine.device))
+        return self._rope[key]
+
+
+class Cancelled(RuntimeError):
+    """The request was cancelled (DELETE, client disconnect or shutdown)."""
+
+
+def _rep(values: list, reps: list[int]) -> list:
+    return [v for v, r in zip(values, reps, strict=True) for _ in range(r)]
+
+
+def _group_key(job: Job) -> tuple:
+    """Guided jobs first, then jobs sharing a scheduler, a step and their options side by side."""
+    rq = job.request
+    return (not job.guided[job.k], id(job.sched), rq.top_k, rq.top_p, rq.argmax_last, job.k, rq.guidance_scale,
+            rq.guidance_trunc, rq.temperature)
+
+
+def _row_groups(jobs: list[Job], *, by_step: bool):
+    """(start, end, jobs) runs of consecutive jobs sharing guidance, scheduler and filtering options
+    (and, ``by_step``, their step, guidance and temperature: one scalar-k sampler call)."""
+    out, r = [], 0
+    width = None if by_step else 5
+    for job in jobs:
+        key = _group_key(job)[:width]
+        if out and out[-1][3] == key:
+            out[-1][1] += job.request.n
+            out[-1][2].append(job)
+        else:
+            out.append([r, r + job.request.n, [job], key])
+        r += job.request.n
+    return [(a, b, g) for a, b, g, _ in out]
