@@ -21,7 +21,6 @@ import torch
 
 import ursa_engine as ue
 from ursa_engine import _dispatch, _validate
-from ursa_engine import scheduler as scheduler_module
 from ursa_engine.memory import LiveBytes
 from ursa_engine.reference import rng
 from ursa_engine.reference import sampler as ref
@@ -398,7 +397,7 @@ def test_scheduler_torch_validation_names_the_argument(what, match, path):
     assert (out == -1).all(), "nothing may be written on error"
 
 
-def _fused_backend(monkeypatch, accepts_k: bool) -> list:
+def _fused_backend(monkeypatch) -> list:
     """Make every step run a 'fused' backend: the reference behind a wrapper, given ``error=``."""
     calls = []
 
@@ -412,23 +411,22 @@ def _fused_backend(monkeypatch, accepts_k: bool) -> list:
         raise AssertionError("the fused path must not run the torch logits check")
 
     monkeypatch.setattr(ue.Scheduler, "_backend_op", staticmethod(fake_backend_op))
-    monkeypatch.setattr(scheduler_module, "_op_accepts", lambda backend, op, name: accepts_k or name != "K")
     monkeypatch.setattr(_validate, "logit_values", no_torch_check)
     return calls
 
 
-@pytest.mark.parametrize("path, accepts_k", [("metric", False), ("mask", False), ("mask", True)])
+@pytest.mark.parametrize("path", ["metric", "mask"])
 @pytest.mark.parametrize("what, match", BAD_STEP_INPUTS)
-def test_scheduler_turns_a_fused_ops_error_bits_into_the_same_errors(monkeypatch, what, match, path, accepts_k):
+def test_scheduler_turns_a_fused_ops_error_bits_into_the_same_errors(monkeypatch, what, match, path):
     """A fused backend gets ``error=`` instead of the torch checks: the same messages, nothing written,
-    no torch pass over the logits; the mask step given only x1 checks ids by ``K=`` or by the scheduler."""
-    calls = _fused_backend(monkeypatch, accepts_k)
+    no torch pass over the logits; the mask step given only x1 checks ids by ``K=``."""
+    calls = _fused_backend(monkeypatch)
     tok, x1 = _scheduler_inputs(what)
     out = torch.full((2, 5), -1, dtype=torch.int64)
     with pytest.raises(ValueError, match=match):
         _step(SCHEDULERS[path](), tok, x1, out=out)
     assert (out == -1).all(), "nothing may be written on error"
-    assert "error" in calls[0] and ("K" in calls[0]) == (accepts_k and x1 is not None and path == "mask")
+    assert "error" in calls[0] and ("K" in calls[0]) == (x1 is not None and path == "mask")
 
 
 @pytest.mark.parametrize("given_x1", [False, True])
@@ -438,21 +436,9 @@ def test_scheduler_fused_check_gives_the_torch_tokens_on_good_values(monkeypatch
     tok, _ = _scheduler_inputs()
     x1 = torch.arange(10) % 8 if given_x1 else None
     want = _step(sched, tok, x1, seed=5, backend="torch")
-    calls = _fused_backend(monkeypatch, False)
+    calls = _fused_backend(monkeypatch)
     assert torch.equal(_step(sched, tok, x1, seed=5), want)
     assert "error" in calls[0]
-
-
-def test_auto_takes_a_backend_whose_op_accepts_the_new_keywords(monkeypatch):
-    """A fused op that predates a keyword: ``auto`` passes it by, a named backend says why."""
-    monkeypatch.setattr(scheduler_module, "_op_accepts", lambda backend, op, name: backend == "torch")
-    sched = ue.Scheduler(ue.MixturePath(9), 10)
-    z, x = torch.randn(2, 5, 9), torch.randint(0, 9, (2, 5))
-    got = sched.step(z, 3, x, token_offset=4, seed=1)
-    assert torch.equal(got, sched.step(z, 3, x, token_offset=4, seed=1, backend="torch"))
-    if _dispatch.why_not("native", "mixture_step", torch.device("cpu"), {}) is None:
-        with pytest.raises(RuntimeError, match="backend='native' cannot run mixture_step with token_offset"):
-            sched.step(z, 3, x, token_offset=4, backend="native")
 
 
 def test_torch_logit_checks_run_in_row_chunks(monkeypatch):

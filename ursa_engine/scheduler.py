@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 
 import torch
@@ -12,26 +10,9 @@ from . import _dispatch, _validate, rowwise
 from ._dispatch import resolve
 from .paths import MaskPath, MetricPath, MixturePath
 from .reference import laws
-from .reference import sampler as _reference
 from .reference.rng import seeds_per_row
 from .reference.sampler import NUM_PARAMS, P_BETA, P_BETA_DOT, P_H, P_RATE, mask_confidence_step
 from .schedules import shift_time
-
-
-@functools.cache
-def _op_accepts(backend: str, op: str, name: str) -> bool:
-    """Whether ``backend``'s own ``op`` takes the keyword ``name``: the ops gain the keywords of the
-    memory contract (``index_offset``, ``x1``, ``error``, ``K``) backend by backend. The backend
-    module is asked, not the custom-op wrapper :func:`._dispatch.resolve` may hand out (that one
-    accepts every keyword and forwards the non-default ones)."""
-    if backend == "torch":
-        return True
-    mod, _ = _dispatch._module(backend)
-    try:
-        params = inspect.signature(getattr(mod, op)).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class Scheduler:
@@ -271,7 +252,7 @@ class Scheduler:
             cond = logits.reshape(-1, K).contiguous()
             flat_uncond = None if uncond is None else uncond.reshape(-1, K).contiguous()
         name, fn = self._backend_op(op, backend, device, (x.numel(), K), opts, extra)
-        fused_check = validate and name != "torch" and _op_accepts(name, op, "error")
+        fused_check = validate and name != "torch"  # the fused ops check the values themselves (error=)
         if validate and not fused_check:
             self._check_values(x, x1, logits, given_uncond)
         flat_out = out.view(-1)
@@ -279,13 +260,9 @@ class Scheduler:
         if fused_check:
             # the op writes a scratch result: nothing reaches ``out`` unless the values were good
             target = torch.empty_like(flat_out)
-            error = extra["error"] = self._error_buffer(device)
+            extra["error"] = self._error_buffer(device)
             if x1 is not None and op != "metric_step":  # no logits: K tells the op the id range
-                if _op_accepts(name, op, "K"):
-                    extra["K"] = K
-                else:
-                    _reference.check_ids(error, flat_x, K, _reference.ERR_X_RANGE)
-                    _reference.check_ids(error, extra["x1"], K, _reference.ERR_X1_RANGE)
+                extra["K"] = K
         common = dict(seeds=seeds, row_len=row_len, last=last, argmax_last=argmax_last, out=target, **opts, **extra)
         if op == "metric_step":
             table = self.path.codebook.normalized_on(device)
@@ -302,19 +279,15 @@ class Scheduler:
 
     @staticmethod
     def _backend_op(op: str, backend: str, device, shape, opts: dict, extra: dict):
-        """(name, op) of the backend that runs this call: a named backend must take every keyword of
-        ``extra`` (else RuntimeError); ``auto`` takes the first of its order that does (torch always)."""
+        """(name, op) of the backend that runs this call (every backend's step ops take the keywords of
+        ``extra``: ``index_offset``, ``x1``, ``error``, ``K``); ``auto`` takes the first of its order
+        that supports the filtering options (torch always does)."""
         filt = dict(top_k=opts["top_k"], top_p=opts["top_p"])
         if backend == "auto":
             for name in _dispatch.auto_order(device, op, shape):
-                if _dispatch.why_not(name, op, device, filt) is None and all(_op_accepts(name, op, k) for k in extra):
+                if _dispatch.why_not(name, op, device, filt) is None:
                     return name, resolve(op, name, device, shape=shape, **filt)
-        fn = resolve(op, backend, device, shape=shape, **filt)
-        missing = [k for k in extra if not _op_accepts(backend, op, k)]
-        if missing:
-            names = ", ".join({"index_offset": "token_offset"}.get(k, k) for k in missing)
-            raise RuntimeError(f"backend={backend!r} cannot run {op} with {names}: its op does not accept it yet")
-        return backend, fn
+        return backend, resolve(op, backend, device, shape=shape, **filt)
 
     def _confidence_step(self, flat, k, shape, seeds, row_len, step, opts, argmax_last, out, token_offset=0):
         if isinstance(k, torch.Tensor):
