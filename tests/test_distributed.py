@@ -4,11 +4,12 @@ Workers are spawned from the tests (``torch.multiprocessing``, a free port on 12
 environment variables), run a tiny fp32 checkpoint root (tests/roots.py) and save what rank 0
 saw; the one-process reference runs here. One spawn of 2 processes covers dp, cfg, sp, FSDP2 and
 sequence-parallel training; one of 4 the combinations; the CLI runs under
-``python -m torch.distributed.run``.
+``python -m torch.distributed.run``. Every rank saves what it saw and every rank's tokens are checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from roots import tiny_model_config, write_tiny_root
 import ursa_engine as ue
 from ursa_engine import cli
 from ursa_engine import distributed as udist
+from ursa_engine.checkpoint import save_transformer
 from ursa_engine.distributed import generate as pgen
 from ursa_engine.distributed import training as ptrain
 from ursa_engine.inputs import prepare_inputs
@@ -37,7 +39,12 @@ PROMPTS = [[3, 4], [5, 6, 7], [8]]  # B = 3: uneven over dp = 2
 GEN = dict(latents_shape=SHAPE, guidance_scale=3.0, guidance_trunc=0.6, num_steps=6, seed=7,
            cond_latents=[[[[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]]], freeze_cond=True)
 LAYOUTS_2 = ("dp=2", "cfg=2", "sp=2")
-LAYOUTS_4 = ("cfg=2,sp=2", "dp=2,cfg=2")
+LAYOUTS_4 = ("cfg=2,sp=2", "dp=2,cfg=2", "dp=2,sp=2")
+# (key, layout, root, prompts): fewer prompts than dp ranks (a dp slice without samples), and a model of
+# 4 kv heads, where cfg=2,sp=2 shards the conditional rows over all 4 ranks past guidance_trunc
+EXTRA_2 = (("dp=2/1 prompt", "dp=2", "tiny", 1),)
+EXTRA_4 = (("dp=2,cfg=2/1 prompt", "dp=2,cfg=2", "tiny", 1), ("cfg=2,sp=2/4 kv heads", "cfg=2,sp=2", "kv4", 3))
+ERROR_LAYOUTS = ("sp=2", "dp=2")  # a bad step on rank 1 only: caught per step (sp) / at the end (dp)
 GRAPH_2 = ("cfg=2", "sp=2")  # graph mode: the captured step body, collectives included
 GRAPH_4 = ("cfg=2,sp=2", "dp=2,cfg=2")
 GRAPH_CALLS = ({"seed": 7}, {"seed": 8, "argmax_last": True})  # the second reuses the graphs, new inputs
@@ -72,23 +79,64 @@ def _engine(root, device="cpu", **options) -> ue.Engine:
                                      load_vae=False, **options)
 
 
-def _layouts_worker(rank: int, root: str, out: str, layouts: tuple, device: str = "cpu", train: bool = False,
-                    graph_layouts: tuple = ()) -> None:
+def _layouts_worker(rank: int, roots: dict, out: str, layouts: tuple, device: str = "cpu", train: bool = False,
+                    graph_layouts: tuple = (), extra: tuple = (), errors: tuple = ()) -> None:
     saved = _training(rank) if train else {}
-    for layout in layouts:
-        engine = _engine(root, device, mesh=layout, mode="eager")
-        tokens = engine.generate(PROMPTS, decode=False, **GEN).tokens
-        prep = prepare_inputs(engine, PROMPTS, **GEN)
+    root = roots["tiny"]
+    for key, layout, name, count in [(lay, lay, "tiny", len(PROMPTS)) for lay in layouts] + list(extra):
+        engine = _engine(roots[name], device, mesh=layout, mode="eager")
+        prompts = PROMPTS[:count]
+        tokens = engine.generate(prompts, decode=False, **GEN).tokens
+        saved[key] = {"tokens": tokens.cpu()}
+        if count < len(PROMPTS):  # a dp slice without samples: tokens only
+            continue
+        prep = prepare_inputs(engine, prompts, **GEN)
         loop = pgen.ParallelLoop(engine, engine.parallel, prep, argmax_last=False)
         logits = {}
         for guided in (True, False):
             c, u = loop.logits(guided)
-            logits[guided] = [pgen.gather_samples(engine.parallel, t, prep.B) for t in (c, u) if t is not None]
-        saved[layout] = {"tokens": tokens, "logits": logits}
+            logits[guided] = [pgen.gather_samples(engine.parallel, t, prep.B).cpu() for t in (c, u) if t is not None]
+        saved[key].update(logits=logits, wide=loop.wide_shard is not None)
     if graph_layouts:
         saved["graph"] = _graph_runs(root, graph_layouts, device)
-    if rank == 0:
-        torch.save(saved, out)
+    if errors:
+        saved["errors"] = _error_runs(rank, root, errors, device)
+    torch.save(saved, f"{out}.{rank}")
+
+
+def _error_runs(rank: int, root: str, layouts: tuple, device: str) -> dict:
+    """Validated steps with NaN logits on rank 1 only: every rank must raise (none left in a collective)."""
+    runs = {}
+    for layout in layouts:
+        engine = _engine(root, device, mesh=layout, mode="eager", validate_steps=True)
+        if rank == 1:
+            head = engine.model.lm_head
+            head.forward = lambda h, head=head: torch.full((*h.shape[:-1], head.out_features), float("nan"))
+        try:
+            engine.generate(PROMPTS, decode=False, **GEN)
+            runs[layout] = None
+        except Exception as err:  # noqa: BLE001 - what each rank raised is the result
+            runs[layout] = (type(err).__name__, str(err))
+    return runs
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    """A host sync inside a captured step breaks a real CUDA graph capture: make it fail on the CPU too."""
+    def refuse(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host sync in the captured step: Tensor.{name}")
+        return fail
+
+    names = ("item", "__bool__", "tolist", "cpu")
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    for n in names:
+        setattr(torch.Tensor, n, refuse(n))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
 
 
 def _graph_runs(root: str, layouts: tuple, device: str) -> dict:
@@ -105,9 +153,14 @@ def _graph_runs(root: str, layouts: tuple, device: str) -> dict:
         captures.append(1)
         if device != "cpu":
             return real_capture(fn, pool)
-        fn()  # the warm-up runs mutate the state, as on the GPU
-        fn()
-        return fn
+
+        def body():
+            with _no_host_sync():
+                fn()
+
+        body()  # the warm-up runs mutate the state, as on the GPU
+        body()
+        return body
 
     def step(self, k, guided):
         steps.append(isinstance(k, torch.Tensor))
@@ -187,10 +240,23 @@ def root(tmp_path_factory):
     return str(write_tiny_root(tmp_path_factory.mktemp("dist") / "root", with_vae=False))
 
 
-def _reference(root, device="cpu"):
+@pytest.fixture(scope="module")
+def roots(root, tmp_path_factory):
+    """The tiny root (2 kv heads) and the same with a transformer of 4 kv heads (kv4)."""
+    kv4 = write_tiny_root(tmp_path_factory.mktemp("dist") / "kv4", with_vae=False)
+    config = tiny_model_config(64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        model = ue.URSATransformer(ue.ModelConfig.preset("tiny", lm_head_size=64, vocab_size=config.vocab_size,
+                                                         num_key_value_heads=4), init_std=0.2)
+    save_transformer(model, kv4 / "transformer")
+    return {"tiny": root, "kv4": str(kv4)}
+
+
+def _reference(root, device="cpu", prompts=PROMPTS):
     engine = _engine(root, device)
-    tokens = engine.generate(PROMPTS, decode=False, **GEN).tokens
-    prep = prepare_inputs(engine, PROMPTS, **GEN)
+    tokens = engine.generate(prompts, decode=False, **GEN).tokens
+    prep = prepare_inputs(engine, prompts, **GEN)
     model = engine.model
     rope = model.rope_tables(ue.latent_positions(PROMPT_LEN, SHAPE))
     ids = [ue.model.sequence_ids(p, prep.x, model.config) for p in (prep.cond, prep.neg)]
@@ -200,9 +266,18 @@ def _reference(root, device="cpu"):
 
 
 @pytest.fixture(scope="module")
-def reference(root):
-    """One process: tokens and (cond, uncond) latent logits of the first guided / unguided step."""
-    return _reference(root)
+def reference(roots):
+    """One process: tokens and (cond, uncond) latent logits of the first guided / unguided step, for
+    each root and number of prompts of the layouts."""
+    refs = {("tiny", len(PROMPTS)): _reference(roots["tiny"])}
+    for _, _, name, count in EXTRA_2 + EXTRA_4:
+        if (name, count) not in refs:
+            refs[name, count] = _reference(roots[name], prompts=PROMPTS[:count])
+    return refs
+
+
+def _load_ranks(out, world: int) -> list:
+    return [torch.load(f"{out}.{r}", map_location="cpu") for r in range(world)]
 
 
 @pytest.fixture(scope="module")
@@ -213,35 +288,75 @@ def graph_reference(root):
 
 
 @pytest.fixture(scope="module")
-def two(root, tmp_path_factory):
+def two(roots, tmp_path_factory):
+    """What each of the 2 ranks saw (a list, by rank)."""
     out = tmp_path_factory.mktemp("two") / "two.pt"
-    _spawn(2, "_layouts_worker", root, str(out), LAYOUTS_2, "cpu", True, GRAPH_2)
-    return torch.load(out)
+    _spawn(2, "_layouts_worker", roots, str(out), LAYOUTS_2, "cpu", True, GRAPH_2, EXTRA_2, ERROR_LAYOUTS)
+    return _load_ranks(out, 2)
 
 
 @pytest.fixture(scope="module")
-def four(root, tmp_path_factory):
+def four(roots, tmp_path_factory):
     out = tmp_path_factory.mktemp("four") / "gen.pt"
-    _spawn(4, "_layouts_worker", root, str(out), LAYOUTS_4, "cpu", False, GRAPH_4)
-    return torch.load(out)
+    _spawn(4, "_layouts_worker", roots, str(out), LAYOUTS_4, "cpu", False, GRAPH_4, EXTRA_4)
+    return _load_ranks(out, 4)
 
 
-def _check_layout(got, reference):
-    assert torch.equal(got["tokens"].cpu(), reference["tokens"])
-    for guided in (True, False):
-        assert len(got["logits"][guided]) == len(reference["logits"][guided])
-        for a, b in zip(got["logits"][guided], reference["logits"][guided], strict=True):
-            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-5)
+def _check_layout(ranks, key, reference):
+    """Every rank's tokens equal one process's; its logits (gathered, when recorded) within 1e-5."""
+    for got in ranks:
+        assert torch.equal(got[key]["tokens"].cpu(), reference["tokens"])
+        if "logits" not in got[key]:
+            continue
+        for guided in (True, False):
+            assert len(got[key]["logits"][guided]) == len(reference["logits"][guided])
+            for a, b in zip(got[key]["logits"][guided], reference["logits"][guided], strict=True):
+                torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_2)
 def test_two_processes_same_tokens_as_one(two, reference, layout):
-    _check_layout(two[layout], reference)
+    _check_layout(two, layout, reference["tiny", len(PROMPTS)])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_4)
 def test_four_processes_same_tokens_as_one(four, reference, layout):
-    _check_layout(four[layout], reference)
+    _check_layout(four, layout, reference["tiny", len(PROMPTS)])
+
+
+@pytest.mark.parametrize("world, key, name, count", [(2, *e[:1], *e[2:]) for e in EXTRA_2] +
+                         [(4, *e[:1], *e[2:]) for e in EXTRA_4])
+def test_fewer_prompts_than_dp_ranks_and_the_wide_shard(two, four, reference, world, key, name, count):
+    """A dp slice without samples takes part in every collective and returns the batch; with 4 kv heads
+    cfg=2,sp=2 shards the conditional rows over all 4 ranks past guidance_trunc (the wide shard)."""
+    ranks = two if world == 2 else four
+    _check_layout(ranks, key, reference[name, count])
+    if name == "kv4":
+        assert all(r[key]["wide"] for r in ranks)
+
+
+@pytest.mark.parametrize("layout", ERROR_LAYOUTS)
+def test_an_error_on_one_rank_raises_on_every_rank(two, layout):
+    """NaN logits on rank 1 only (validate_steps): rank 1 names the logits, rank 0 raises too (naming
+    rank 1) instead of waiting forever in the next collective; the spawn finished, so nobody hung."""
+    (kind1, msg1), (kind0, msg0) = two[1]["errors"][layout], two[0]["errors"][layout]
+    assert kind1 == "ValueError" and "logits: contains NaN" in msg1
+    assert kind0 == "ValueError" and "mesh: rank 1 raised an error" in msg0
+
+
+def test_a_cuda_device_other_than_the_local_rank_is_refused(monkeypatch):
+    """Under torchrun an explicit cuda:0 would put every rank on GPU 0 (pure check: no CUDA needed)."""
+    with pytest.raises(ValueError, match=r"device: cuda:0 on a mesh, but this is local rank 1"):
+        udist.check_rank_device("cuda:0", 1)
+    udist.check_rank_device("cuda:1", 1)
+    udist.check_rank_device("cuda", 1)
+    udist.check_rank_device("cpu", 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ValueError, match=r"device: cuda:0 on a mesh, but this is local rank 3"):
+        udist.check_rank_device(torch.device("cuda", 0))
+    udist.check_rank_device("cuda:3")
 
 
 def _check_graph_runs(runs, graph_reference, gpu=False):
@@ -261,12 +376,14 @@ def _check_graph_runs(runs, graph_reference, gpu=False):
 
 @pytest.mark.parametrize("layout", GRAPH_2)
 def test_two_processes_graph_step_body_same_tokens_as_one(two, graph_reference, layout):
-    _check_graph_runs(two["graph"][layout], graph_reference)
+    for rank in two:
+        _check_graph_runs(rank["graph"][layout], graph_reference)
 
 
 @pytest.mark.parametrize("layout", GRAPH_4)
 def test_four_processes_graph_step_body_same_tokens_as_one(four, graph_reference, layout):
-    _check_graph_runs(four["graph"][layout], graph_reference)
+    for rank in four:
+        _check_graph_runs(rank["graph"][layout], graph_reference)
 
 
 def test_graph_mode_on_a_mesh_keeps_the_one_process_errors(root, monkeypatch):
@@ -292,10 +409,11 @@ def test_nccl_layouts_same_tokens_as_one_gpu(root, tmp_path):
     """NCCL on 2 GPUs (fp32): eager, then CUDA graphs with the collectives captured (cfg=2, sp=2),
     the tokens of one GPU (eager); the GPU suite runs it where it has them."""
     out = tmp_path / "gen.pt"
-    _spawn(2, "_layouts_worker", root, str(out), LAYOUTS_2, "cuda", False, GRAPH_2, gpu=True)
-    got, ref = torch.load(out, map_location="cpu"), _reference(root, "cuda:0")
+    _spawn(2, "_layouts_worker", {"tiny": root}, str(out), LAYOUTS_2, "cuda", False, GRAPH_2, gpu=True)
+    ranks, ref = _load_ranks(out, 2), _reference(root, "cuda:0")
     for layout in LAYOUTS_2:
-        _check_layout(got[layout], ref)
+        _check_layout(ranks, layout, ref)
+    got = ranks[0]
     engine = _engine(root, "cuda:0", mode="eager")
     eager = [engine.generate(PROMPTS, decode=False, **{**GEN, **call}).tokens.cpu() for call in GRAPH_CALLS]
     for layout in GRAPH_2:
@@ -314,7 +432,7 @@ def _one_process_training():
 @pytest.mark.parametrize("kind", ["fsdp", "sp"])
 def test_training_loss_and_grads_equal_one_process(two, kind):
     loss, grads = _one_process_training()
-    got = two[kind]
+    got = two[0][kind]
     torch.testing.assert_close(got["loss"], loss, rtol=0, atol=1e-5)
     assert set(got["grads"]) == set(grads)
     for name, g in grads.items():
@@ -332,6 +450,16 @@ def test_sequence_parallel_noise_is_the_global_draw():
     mix = ue.MixturePath(64)
     whole = ue.training.add_noise(mix, flat, t, seed=seeds)
     assert torch.equal(ptrain.add_noise(mix, flat[:, 7:].contiguous(), t, seed=seeds, token_offset=7), whole[:, 7:])
+    # per-frame times (B, T): the video training default (sample_frame_times(asynchronous=True))
+    frames = ue.training.sample_frame_times(TRAIN_B, SHAPE[0], seed=seeds)
+    whole = ue.training.add_noise(path, x1, frames, seed=seeds).reshape(TRAIN_B, -1)
+    for a, b in ((5, 17), (0, 10), (13, 24)):
+        part = ptrain.add_noise(path, flat[:, a:b].contiguous(), frames, seed=seeds, token_offset=a,
+                                latents_shape=SHAPE)
+        assert torch.equal(part, whole[:, a:b])
+    with pytest.raises(ValueError, match=r"t: per-frame times of latents_shape \(2, 3, 4\) must be \(B, T\)"):
+        ptrain.add_noise(path, flat[:, 5:17].contiguous(), frames[:, :1], seed=seeds, token_offset=5,
+                         latents_shape=SHAPE)
 
 
 # ------------------------------------------------------------------------------ layout errors
@@ -390,6 +518,23 @@ def test_torchrun_cli_writes_the_one_process_output(root, tmp_path):
     assert many.returncode == 0, many.stderr
     assert many.stdout.count('"out"') == 1  # only rank 0 writes and reports
     assert torch.equal(torch.load(tmp_path / "many.pt"), torch.load(tmp_path / "one.pt"))
+
+
+def test_cli_parallel_destroys_the_process_group_it_created(root, tmp_path, monkeypatch):
+    """--parallel: the CLI creates the process group (from torchrun's environment), so it tears it down
+    (graphs released first) on every rank when it returns; here a world of one process."""
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = cli.main(["generate", root, "--prompt", "a cat", "--latents-shape", "2", "3", "4", "--steps", "2",
+                         "--device", "cpu", "--no-progress", "--prompt-length", str(PROMPT_LEN),
+                         "--out", str(tmp_path / "x.pt"), "--parallel", "dp=1"])
+        assert code == 0 and (tmp_path / "x.pt").exists()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("parallel, env, match", [

@@ -314,6 +314,23 @@ def run(args) -> int:
                              "frames (--cond-frames)")
         fps = fps or video_fps or None
 
+    import torch.distributed as dist
+
+    # under --parallel the engine creates the process group: tear it down on every rank, writer or not
+    created = parallel is not None and not (dist.is_available() and dist.is_initialized())
+    loaded: list = []
+    try:
+        return _generate(args, root, kind, has_vae, cond, fps, parallel, loaded)
+    finally:
+        if created:
+            if loaded:
+                loaded[0].release_graphs()  # graphs holding NCCL operations keep their communicators
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _generate(args, root: Path, kind: str, has_vae: bool, cond, fps, parallel, loaded: list) -> int:
+    """Load, generate and (on the writer) save; the engine is appended to ``loaded`` once built."""
     import torch
 
     from .engine import NEGATIVE_PROMPT, Engine
@@ -326,6 +343,7 @@ def run(args) -> int:
                                         device=args.device, shift=args.shift, mode=args.mode,
                                         attn_backend=args.attn, prompt_length=args.prompt_length, load_vae=load_vae,
                                         mesh=parallel)
+    loaded.append(engine)
     load_s = time.perf_counter() - t0
     vae = engine.vae  # None exactly when not load_vae (a vae/ that does not load raised above)
     if args.latents_shape is not None or vae is None:

@@ -135,8 +135,7 @@ class Engine:
         self.parallel = None  # ursa_engine.distributed.Groups of a mesh of several processes (issue 13)
         if mesh is not None:
             from .distributed import groups_for
-
-            self.parallel = groups_for(mesh, model.config)
+            self.parallel = groups_for(mesh, model.config, device=self.device)  # cuda:LOCAL_RANK or the CPU
 
     # ------------------------------------------------------------------ loading
     @classmethod

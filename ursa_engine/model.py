@@ -16,6 +16,7 @@ import ModelConfig`` keeps working.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -73,7 +74,8 @@ def sequence_ids(prompt_ids: torch.Tensor, latents: torch.Tensor, config: ModelC
     """Input ids ``[prompt, BOV, lm_vocab_size + latents]``: (B, P) and (B, ...) -> (B, P + 1 + N)."""
     B = prompt_ids.shape[0]
     bov = torch.full((B, 1), config.bov_token_id, dtype=torch.long, device=prompt_ids.device)
-    return torch.cat([prompt_ids.long(), bov, latents.reshape(B, -1).long() + config.lm_vocab_size], 1)
+    flat = latents.reshape(B, math.prod(latents.shape[1:]))  # not (B, -1): B may be 0 (an empty dp slice)
+    return torch.cat([prompt_ids.long(), bov, flat.long() + config.lm_vocab_size], 1)
 
 
 class RMSNorm(nn.Module):

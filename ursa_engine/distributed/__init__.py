@@ -17,14 +17,18 @@ The guarantee (DESIGN §2.5): the same tokens as one process, whatever the layou
 from __future__ import annotations
 
 from .. import checkpoint
-from .mesh import DIMS, Groups, Layout, check_layout, init_mesh, parse_layout
+from .mesh import DIMS, Groups, Layout, check_layout, check_rank_device, init_mesh, parse_layout
 
-__all__ = ["DIMS", "Groups", "Layout", "check_layout", "init_mesh", "parse_layout", "groups_for", "setup_mesh"]
+__all__ = ["DIMS", "Groups", "Layout", "check_layout", "check_rank_device", "init_mesh", "parse_layout", "groups_for",
+           "setup_mesh"]
 
 
-def groups_for(mesh, config=None) -> Groups | None:
+def groups_for(mesh, config=None, device=None) -> Groups | None:
     """:class:`Groups` of ``mesh`` (a Groups, a ``DeviceMesh``, or a layout string / :class:`Layout`,
-    initialized by :func:`init_mesh`); None for a mesh of one process."""
+    initialized by :func:`init_mesh`); None for a mesh of one process. ``device``: the model's, checked
+    against this rank's (:func:`check_rank_device`: ``cuda:LOCAL_RANK``)."""
+    if device is not None:
+        check_rank_device(device, name="device")
     if isinstance(mesh, Groups):
         groups = mesh
     else:
@@ -41,6 +45,8 @@ def setup_mesh(mesh, *, config_folder, device=None, name: str = "mesh"):
     import torch
 
     config = checkpoint.read_config(config_folder)
+    if device is not None:
+        check_rank_device(device, name="device")
     kind = torch.device(device).type if device is not None else None
     groups = Groups(init_mesh(mesh, device=kind, config=config, name=name))
     if device is None or (torch.device(device).type == "cuda" and torch.device(device).index is None):

@@ -8,7 +8,8 @@ Counts what :mod:`.generate` moves (per rank, one direction; activations in ``ac
 * **CFG exchange** (guided steps, cfg = 2): each rank sends its peer the final hidden states of the
   half of its latent tokens the peer draws: ``B · ⌈n/(2·sp)⌉ · hidden · act_bytes``. Sending logits
   instead would be ``K / hidden`` times more (64,000 / 2,048 = 31× at 1.7B);
-* **tokens**: the new tokens of the rank's draw range, all-gathered every step (int64): ``B · n/(cfg·sp) · 8``.
+* **tokens**: the new tokens of the rank's draw range, all-gathered every step (int64) over the ``g = cfg·sp``
+  drawing ranks; a ring all-gather has each rank send ``g − 1`` chunks: ``(g − 1) · B · ⌈n/g⌉ · 8``.
 
 Data parallel moves nothing per step (the samples are independent; the tokens are gathered once).
 """
@@ -58,7 +59,7 @@ def step_bytes(config, latents_shape, layout, *, batch: int = 1, prompt_len: int
         group, rows, forward_ranks = lay.sp, batch, lay.sp
     ul = ulysses_bytes(config, rows, L, group, act_bytes)
     drawers = lay.cfg * lay.sp
-    tokens = 0 if drawers == 1 else batch * math.ceil(n / drawers) * 8
+    tokens = (drawers - 1) * batch * math.ceil(n / drawers) * 8  # ring all-gather: g − 1 chunks a rank
     return {"ulysses": ul, "cfg_exchange": cfg_exchange, "cfg_logits_instead": logits_instead, "tokens": tokens,
             "total": ul + cfg_exchange + tokens, "sequence_group": group, "forward_ranks": forward_ranks,
             "rows_per_forward": rows, "seq_len": L, "latent_tokens": n}

@@ -26,10 +26,17 @@ hidden states) so every rank holds the whole sequence of ids.
 The exchange is one ``all_to_all_single`` of the cfg pair (each rank's split for itself is empty:
 exactly the bytes of a send / receive pair) and the token gather one ``all_gather_single`` into a flat
 buffer: both are collectives that NCCL and ``ProcessGroupNCCL`` capture in CUDA graphs. Graph mode
-(``mode="graph"``, or ``"auto"`` on CUDA) captures each rank's whole step, collectives included, once
-per layout (guided / unguided) and replays it with the step index in device memory
-(:mod:`.graphs`); the last step runs eagerly, as in one process. The fused head (``head="auto"``
-on a GPU) and the fused samplers run per rank as in one process.
+(``mode="graph"`` only: on a mesh ``"auto"`` runs eagerly until the NCCL capture has run on GPUs,
+see :func:`_checks`) captures each rank's whole step, collectives included, once per layout (guided /
+unguided) and replays it with the step index in device memory (:mod:`.graphs`); the last step runs
+eagerly, as in one process. The fused head (``head="auto"`` on a GPU) and the fused samplers run
+per rank as in one process; the sampler backend ``"auto"`` is resolved once, to rank 0's choice,
+so every rank runs the same kernels (:func:`sampler_backend`).
+
+Errors: a rank that raises alone would leave its peers blocked in their next collective. With
+``validate_steps`` each eager step agrees on an error flag in the cfg × sp group before the token
+gather, and every generation does once over the world before the final gather: all ranks raise
+together (the failing rank its own error, the others a ValueError / RuntimeError naming it).
 """
 
 from __future__ import annotations
@@ -40,27 +47,59 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import ops_library
+from .. import _dispatch, ops_library
 from ..attention import resolve_attention
 from ..inputs import GenerationInputs, prepare_inputs
 from ..model import latent_positions, sequence_ids, token_chunks
+from ..paths import MaskPath, MetricPath, MixturePath
 from ..results import GenerationResult, StepTimer, timed_decode
 from . import graphs as pgraphs
 from .mesh import Groups
-from .ulysses import Shard, local_hidden
+from .ulysses import Shard, even_bounds, local_hidden
 
 
-def split(total: int, parts: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` of ``parts`` near-equal ranges of ``range(total)`` (the first ones one longer)."""
-    q, r = divmod(total, parts)
-    edges = [i * q + min(i, r) for i in range(parts + 1)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+def _gather_padded(part: torch.Tensor, dim: int, width: int, group, size: int) -> torch.Tensor:
+    """(size, ...): every rank's ``part`` zero-padded to ``width`` along ``dim``, in group rank order;
+    one flat buffer (``all_gather_into_tensor``: a collective NCCL captures in CUDA graphs)."""
+    shape = list(part.shape)
+    shape[dim] = width
+    pad = part.new_zeros(shape)
+    pad.narrow(dim, 0, part.shape[dim]).copy_(part)
+    parts = pad.new_empty(size, *shape)
+    dist.all_gather_into_tensor(parts.view(-1, *shape[1:]), pad, group=group)
+    return parts
 
 
-def _all_gather_single(out: torch.Tensor, part: torch.Tensor, group) -> None:
-    """``out`` (size·rows, ...) = every rank's ``part`` (rows, ...), in group rank order."""
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-    gather(out, part, group=group)
+def agree_on_errors(group, error: BaseException | None, device) -> None:
+    """Collective over ``group`` (None: the world): if any rank's ``error`` is set, every rank raises
+    (the failing rank its own error; the others a ValueError, or a RuntimeError when the failure was
+    not one, naming the lowest failing rank), so no rank is left waiting in a collective."""
+    code = 0 if error is None else 2 * (dist.get_world_size() - dist.get_rank()) + isinstance(error, ValueError)
+    flag = torch.tensor([code], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    code = int(flag.item())
+    if error is not None:
+        raise error
+    if code:
+        kind = ValueError if code % 2 else RuntimeError
+        raise kind(f"mesh: rank {dist.get_world_size() - code // 2} raised an error during generation (see its "
+                   "output); every rank of the mesh stops with it")
+
+
+def sampler_backend(engine, groups: Groups, prep: GenerationInputs) -> str:
+    """The engine's sampler backend with ``"auto"`` resolved once, identically on every rank: global
+    rank 0's first backend of the one-process ``auto`` order able to run this path's step with these
+    filters, broadcast (GPU timings remembered by one rank only must not make ranks differ)."""
+    backend, sched = engine.sampler_backend, prep.sched
+    if backend != "auto" or sched.mask_sampler == "confidence":
+        return backend
+    op = {MetricPath: "metric_step", MixturePath: "mixture_step", MaskPath: "mask_step"}[type(sched.path)]
+    filt = dict(top_k=prep.opts["top_k"] or 0, top_p=prep.opts["top_p"])
+    device = engine.device
+    name = next(n for n in _dispatch.auto_order(device, op) if _dispatch.why_not(n, op, device, filt) is None)
+    choice = torch.tensor([_dispatch.BACKENDS.index(name)], dtype=torch.int64, device=groups.device)
+    dist.broadcast(choice, src=0)
+    return _dispatch.BACKENDS[int(choice.item())]
 
 
 def _halves(a: int, b: int) -> list[tuple[int, int]]:
@@ -74,7 +113,7 @@ class ParallelLoop:
     def __init__(self, engine, groups: Groups, prep: GenerationInputs, argmax_last: bool):
         self.engine, self.groups, self.prep, self.argmax_last = engine, groups, prep, argmax_last
         model, lay = engine.model, groups.layout
-        self.lo, self.hi = split(prep.B, lay.dp)[groups.dp_rank]
+        self.lo, self.hi = even_bounds(prep.B, lay.dp)[groups.dp_rank]  # may be empty (B < dp)
         lo, hi = self.lo, self.hi
         self.x = prep.x[lo:hi].clone()  # (Bl, n): every rank keeps its samples' whole sequence
         self.seeds = prep.seeds[lo:hi].contiguous()
@@ -92,7 +131,7 @@ class ParallelLoop:
         self.sp_ranges = [self._latent(b) for b in sp_bounds]
         self.wide_ranges = [self._latent(b) for b in Shard.even(L, 0, groups.wide_size, None).bounds]
         self.fused = engine._fused_head(prep)
-        self.common = dict(argmax_last=argmax_last, seed=self.seeds, backend=engine.sampler_backend,
+        self.common = dict(argmax_last=argmax_last, seed=self.seeds, backend=sampler_backend(engine, groups, prep),
                            validate=engine.validate_steps, **prep.opts)
 
     def _latent(self, bounds: tuple[int, int]) -> tuple[int, int]:
@@ -145,8 +184,19 @@ class ParallelLoop:
         a 0-dim int64 device tensor (the body of a CUDA graph: no host sync, nothing validated)."""
         hc, hu, s, e, ranges = self.hidden(guided)
         new = self.x.new_empty(self.x.shape[0], e - s)
-        if e > s:
-            self._draw(hc, hu, k, s, e, new)
+        g = self.groups
+        # validated eager steps agree on errors before the gather: a rank raising alone would hang its peers
+        agree = self.common["validate"] and not isinstance(k, torch.Tensor) and g.wide_size > 1
+        error = None
+        try:
+            if e > s:
+                self._draw(hc, hu, k, s, e, new)
+        except Exception as err:
+            if not agree:
+                raise
+            error = err
+        if agree:
+            agree_on_errors(g.wide, error, g.device)
         x_next = self._gather(new, ranges)
         if self.freeze is not None:
             mask, values = self.freeze
@@ -189,10 +239,7 @@ class ParallelLoop:
         if g.wide_size == 1:
             return part
         width = max(1, max(e - s for s, e in ranges))
-        pad = part.new_zeros(part.shape[0], width, *part.shape[2:])
-        pad[:, : part.shape[1]] = part
-        parts = pad.new_empty(g.wide_size, *pad.shape)  # one flat buffer: no list, no copies after the collective
-        _all_gather_single(parts.view(-1, *pad.shape[1:]), pad, group=g.wide)
+        parts = _gather_padded(part, 1, width, g.wide, g.wide_size)
         out = part.new_empty(part.shape[0], self.prep.n, *part.shape[2:])
         for (s, e), p in zip(ranges, parts, strict=True):
             out[:, s:e] = p[:, : e - s]
@@ -209,14 +256,11 @@ class ParallelLoop:
 
 def gather_samples(groups: Groups, local: torch.Tensor, B: int) -> torch.Tensor:
     """(B, ...) on every rank from each dp rank's (hi − lo, ...) samples."""
-    parts = split(B, groups.layout.dp)
+    parts = even_bounds(B, groups.layout.dp)
     if groups.dp is None:
         return local
-    width = max(hi - lo for lo, hi in parts)
-    pad = local.new_zeros(width, *local.shape[1:])
-    pad[: local.shape[0]] = local
-    gathered = [torch.empty_like(pad) for _ in parts]
-    dist.all_gather(gathered, pad, group=groups.dp)
+    width = max(1, max(hi - lo for lo, hi in parts))
+    gathered = _gather_padded(local, 0, width, groups.dp, groups.layout.dp)
     return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(gathered, parts, strict=True)])
 
 
@@ -268,15 +312,20 @@ def generate(engine, groups: Groups, prompt_ids, negative_prompt_ids=None, laten
     timer, times, calls = StepTimer(device), [], 0
     N = prep.sched.num_steps
     show = progress and groups.rank == 0
-    for k in tqdm(range(N), disable=not show, desc="denoising", unit="step"):
-        timer.start()
-        if not (prep.skip_first and k == 0) and loop.hi > loop.lo:
-            if runner is not None and k < N - 1:  # the last step takes a python int (argmax_last)
-                runner.replay(k, prep.guided[k])
-            else:
-                loop.step(k, prep.guided[k])
-            calls += 1
-        times.append(timer.stop())
+    error = None
+    try:
+        for k in tqdm(range(N), disable=not show, desc="denoising", unit="step"):
+            timer.start()
+            if not (prep.skip_first and k == 0) and loop.hi > loop.lo:  # a dp slice without samples idles
+                if runner is not None and k < N - 1:  # the last step takes a python int (argmax_last)
+                    runner.replay(k, prep.guided[k])
+                else:
+                    loop.step(k, prep.guided[k])
+                calls += 1
+            times.append(timer.stop())
+    except Exception as err:
+        error = err
+    agree_on_errors(None, error, groups.device)  # before the gather: no rank waits there for a failed one
     tokens = gather_samples(groups, loop.x, prep.B).view(prep.B, *prep.shape).clone()
     model = engine.model
     result = GenerationResult(

@@ -18,6 +18,7 @@ nothing is loaded and no process group is needed for the errors.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 DIMS = ("dp", "cfg", "sp")
+#: how long a collective waits for its peers before it fails (``init_mesh(timeout=)``): a rank that
+#: died or hangs then stops the others with an error instead of leaving them blocked forever
+TIMEOUT = datetime.timedelta(minutes=10)
 _ITEM = re.compile(r"^\s*([a-z]+)\s*=\s*(\d+)\s*$")
 
 
@@ -118,12 +122,33 @@ def world_from_env() -> tuple[int, int, int] | None:
     return rank, int(os.environ.get("LOCAL_RANK", rank)), world
 
 
-def init_mesh(parallel, *, device=None, config=None, name: str = "parallel"):
+def check_rank_device(device, local_rank: int | None = None, *, name: str = "device") -> None:
+    """Refuse a CUDA device other than this rank's own ``cuda:LOCAL_RANK`` on a mesh: under torchrun
+    an explicit ``cuda:0`` would put every rank on GPU 0. ``local_rank``: None reads ``LOCAL_RANK``
+    (nothing is checked outside torchrun); CPU devices and ``"cuda"`` without an index pass."""
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is None:
+        return
+    if local_rank is None:
+        env = world_from_env()
+        if env is None:
+            return
+        local_rank = env[1]
+    if device.index != local_rank:
+        raise ValueError(f"{name}: {device} on a mesh, but this is local rank {local_rank}, whose device is "
+                         f"cuda:{local_rank}: with mesh= each rank runs on cuda:LOCAL_RANK (pass device='cuda' or "
+                         "none, or move the model there)")
+
+
+def init_mesh(parallel, *, device=None, config=None, name: str = "parallel", timeout: datetime.timedelta = TIMEOUT):
     """The ``DeviceMesh`` (dims dp, cfg, sp) of a layout, initializing ``torch.distributed`` from
     torchrun's environment when it is not initialized (NCCL on CUDA, gloo on the CPU).
 
-    ``device``: "cuda" / "cpu" / None (CUDA when available; each rank then uses ``cuda:LOCAL_RANK``).
-    Checks (:func:`check_layout`) run before the process group is created. Returns the mesh.
+    ``device``: "cuda" / "cpu" / None (the initialized process group's backend, else CUDA when
+    available; each CUDA rank uses ``cuda:LOCAL_RANK``). ``timeout``: how long a collective of the
+    group this creates waits for its peers before failing (:data:`TIMEOUT`, 10 minutes; a group
+    initialized by the caller keeps its own). Checks (:func:`check_layout`) run before the process
+    group is created. Returns the mesh.
     """
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -142,12 +167,20 @@ def init_mesh(parallel, *, device=None, config=None, name: str = "parallel"):
                                "torch.distributed.init_process_group first")
         world = env[2]
     check_layout(layout, world_size=world, config=config, name=name)
-    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is not None:
+        kind = torch.device(device).type
+    elif dist.is_initialized():  # the caller's group says where the collectives run
+        kind = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
+    else:
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    local = None
     if kind == "cuda":
         env = world_from_env()
-        torch.cuda.set_device(env[1] if env is not None else dist.get_rank() % torch.cuda.device_count())
+        local = env[1] if env is not None else dist.get_rank() % torch.cuda.device_count()
+        torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timeout,
+                                device_id=None if local is None else torch.device("cuda", local))
     return init_device_mesh(kind, (layout.dp, layout.cfg, layout.sp), mesh_dim_names=DIMS)
 
 
@@ -186,7 +219,3 @@ class Groups:
     @property
     def rank(self) -> int:
         return dist.get_rank()
-
-    def peer(self) -> int:
-        """The global rank of this rank's cfg peer (the other half of the guided batch)."""
-        return dist.get_global_rank(self.cfg, 1 - self.cfg_rank)

@@ -28,8 +28,7 @@ from ..paths import MaskPath, MetricPath, MixturePath
 from ..reference.rng import seeds_per_row
 from ..training import IGNORE_INDEX, _check_ids, _linear_cross_entropy, expand_times
 from ..training import add_noise as _add_noise
-from .generate import split
-from .ulysses import Shard, sequence_parallel
+from .ulysses import Shard, even_bounds, sequence_parallel
 
 
 def shard_loss(loss: nn.Module, mesh=None, **options) -> nn.Module:
@@ -46,22 +45,52 @@ def shard_loss(loss: nn.Module, mesh=None, **options) -> nn.Module:
 
 
 def sync_gradients(module: nn.Module, group=None) -> None:
-    """Sum the gradients of ``module`` over ``group`` (after a sequence-parallel backward)."""
+    """Sum the gradients of ``module`` over ``group`` (after a sequence-parallel backward): one
+    all-reduce per dtype and device of a flat bucket of them, not one per parameter."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
     for p in module.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
 
 
 def target_ranges(n: int, size: int) -> list[tuple[int, int]]:
     """The latent targets ``[a_r, b_r)`` of each of ``size`` sequence-parallel ranks (near-equal)."""
     if n < size:
         raise ValueError(f"latents_shape: {n} latent tokens cannot be split over {size} sequence-parallel ranks")
-    return split(n, size)
+    return even_bounds(n, size)
 
 
-def add_noise(path, x1: torch.Tensor, t, *, seed=0, token_offset: int = 0, backend: str = "auto") -> torch.Tensor:
+def range_times(t, x1: torch.Tensor, token_offset: int, latents_shape):
+    """Per-frame times ``t`` (B, T) of whole samples of ``latents_shape`` (T, H, W) as per-token times
+    (B, m) of tokens ``[token_offset, token_offset + m)`` (row-major latent order); other ``t`` as given."""
+    if latents_shape is None or not isinstance(t, torch.Tensor) or t.dim() != 2:
+        return t
+    T, H, W = (int(v) for v in latents_shape)
+    B, m = x1.shape
+    if tuple(t.shape) != (B, T):
+        raise ValueError(f"t: per-frame times of latents_shape {(T, H, W)} must be (B, T) = ({B}, {T}), got "
+                         f"{tuple(t.shape)}")
+    if token_offset + m > T * H * W:
+        raise ValueError(f"token_offset: tokens [{token_offset}, {token_offset + m}) outside the {T * H * W} "
+                         f"latent tokens of latents_shape {(T, H, W)}")
+    return t[:, :, None].expand(B, T, H * W).reshape(B, T * H * W)[:, token_offset : token_offset + m]
+
+
+def add_noise(path, x1: torch.Tensor, t, *, seed=0, token_offset: int = 0, latents_shape=None,
+              backend: str = "auto") -> torch.Tensor:
     """:func:`ursa_engine.training.add_noise` of tokens ``[s, s + m)`` of each sample: ``x1`` (B, m) is
-    that range, ``token_offset`` = s; the draws are those of the whole samples (§2.5, global index)."""
+    that range, ``token_offset`` = s; the draws are those of the whole samples (§2.5, global index).
+
+    ``t``: a float, per-sample (B,), per-token (B, m), or per-frame (B, T) of the whole samples (the
+    video training default, ``sample_frame_times(asynchronous=True)``) with ``latents_shape`` = (T, H, W).
+    """
+    if isinstance(x1, torch.Tensor) and x1.dim() == 2:
+        t = range_times(t, x1, token_offset, latents_shape)
     if not token_offset:
         return _add_noise(path, x1, t, seed=seed, backend=backend)
     if not isinstance(path, (MetricPath, MixturePath, MaskPath)):

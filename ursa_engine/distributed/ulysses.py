@@ -28,6 +28,14 @@ import torch
 import torch.distributed as dist
 
 
+def even_bounds(length: int, size: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` of ``size`` near-equal ranges covering ``range(length)`` (the first ones one longer):
+    the positions of sequence shards, the samples of dp ranks, the tokens each rank draws."""
+    q, r = divmod(length, size)
+    edges = [i * q + min(i, r) for i in range(size + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 class Shard:
     """Positions ``[bounds[r][0], bounds[r][1])`` of rank ``r`` of ``group`` (ascending, covering the
     sequence), each padded to ``width`` = the widest."""
@@ -43,10 +51,8 @@ class Shard:
 
     @classmethod
     def even(cls, length: int, rank: int, size: int, group) -> Shard:
-        """``length`` positions split into ``size`` near-equal ranges (the first ones one longer)."""
-        q, r = divmod(length, size)
-        edges = [i * q + min(i, r) for i in range(size + 1)]
-        return cls(list(zip(edges[:-1], edges[1:], strict=True)), rank, group)
+        """``length`` positions split into ``size`` near-equal ranges (:func:`even_bounds`)."""
+        return cls(even_bounds(length, size), rank, group)
 
     def valid(self, device) -> torch.Tensor:
         """Indices of the real positions in the (g·W) gathered sequence, in sequence order."""
@@ -128,14 +134,15 @@ def sequence_parallel(model, shard: Shard | None):
         yield
         return
     layers = [layer.self_attn for layer in model.model.layers]
+    previous = [a.attend for a in layers]
     hook = UlyssesAttention(shard)
     for a in layers:
         a.attend = hook
     try:
         yield
-    finally:
-        for a in layers:
-            a.attend = None
+    finally:  # whatever hook was there before (None, or a caller's own) comes back
+        for a, p in zip(layers, previous, strict=True):
+            a.attend = p
 
 
 def local_hidden(model, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shard: Shard | None,
