@@ -89,7 +89,7 @@ def tokens_of(resp) -> list:
 def test_health_metrics_and_png(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         h = c.get("/health").json()
-        assert h["status"] == "ok" and h["policy"] == "continuous"
+        assert h["status"] == "ok" and h["worker_alive"] and h["policy"] == "continuous"
         r = c.post("/v1/images/generations", json=body("3", seed=1, response_format="png"))
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         from PIL import Image
@@ -165,9 +165,11 @@ def test_cancel_frees_rows(served):
                     seen.append(line)
                 assert c.get("/v1/requests/victim").json()["status"] == "running"
                 assert s.batcher.stats()["active_rows"] == 1
-                assert c.delete("/v1/requests/victim").json()["status"] == "cancelled"
+                # running: it leaves at the next step boundary (or finishes in the current step)
+                assert c.delete("/v1/requests/victim").json()["status"] == "cancelling"
                 rest = [n for n, _ in _sse(lines)]
                 assert rest[-1] == "cancelled"
+            assert c.get("/v1/requests/victim").json()["status"] == "cancelled"  # its final status
             assert c.delete("/v1/requests/victim").status_code == 404
             # a client that disconnects cancels its request
             with c.stream("POST", "/v1/images/generations", json=dict(long, request_id="leaver")) as r:
@@ -181,8 +183,34 @@ def test_cancel_frees_rows(served):
             assert s.batcher.metrics.cancelled == 2
             # the rows are free: a new request runs
             assert len(tokens_of(c.post("/v1/images/generations", json=body("2", seed=2)))) == 1
+            s.batcher.stop()  # no worker: /health says so
+            h = c.get("/health")
+            assert h.status_code == 503 and h.json()["status"] == "error" and not h.json()["worker_alive"]
     finally:
         s.close()
+
+
+def test_render_failure_is_a_terminal_error(server, served, monkeypatch):
+    """A decode / encode failure answers an OpenAI-shaped 500 (plain) or ends the stream with
+    ``event: failed`` (SSE); the server keeps serving."""
+
+    def broken(frame):
+        raise OSError("encoder exploded")
+
+    monkeypatch.setattr(served, "png", broken)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/v1/images/generations", json=body("3", seed=1, response_format="png", request_id="r1"))
+        assert r.status_code == 500 and r.headers["x-request-id"] == "r1", r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and "encoder exploded" in err["message"]
+        with c.stream("POST", "/v1/images/generations", json=body("3", seed=1, response_format="png",
+                                                                   stream=True)) as r:
+            events = _sse(r.iter_lines())
+        assert events[-1][0] == "failed" and events[-1][1]["error"]["type"] == "server_error", events[-2:]
+        assert "encoder exploded" in events[-1][1]["error"]["message"]
+        monkeypatch.undo()
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.post("/v1/images/generations", json=body("3", seed=1, response_format="png")).status_code == 200
 
 
 def test_bad_requests_name_the_field(server):
@@ -190,7 +218,8 @@ def test_bad_requests_name_the_field(server):
         cases = [({"steps": 3}, "prompt"), (body(n=0), "n"), (body(size="big"), "size"), (body(size="15x8"), "size"),
                  (body(response_format="gif"), "response_format"), (body(prompt="12"), "prompt"),
                  (body(temperature=0), "temperature"), (body(bogus=1), "bogus"), (body(n=20), "n"),
-                 (body(response_format="png", n=2), "n"), (body(seed=-1), "seed")]
+                 (body(response_format="png", n=2), "n"), (body(seed=-1), "seed"),
+                 (body(size="4096x4096", n=8), "size"), (body(latents_shape=[13, 400, 640]), "latents_shape")]
         for payload, field in cases:
             r = c.post("/v1/images/generations", json=payload)
             assert 400 <= r.status_code < 500, (payload, r.text)
@@ -268,6 +297,9 @@ def test_cli_serve_subprocess(tmp_path):
 
     assert main(["serve", "--port", "70000"]) == 2
     assert main(["serve", "--max-rows", "0"]) == 2
+    assert main(["serve", "--max-tokens", "0"]) == 2
+    if not torch.cuda.is_available():
+        assert main(["serve", "--graphs"]) == 2  # CUDA graphs need a CUDA engine: a usage error
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ursa_engine.cli", "serve", "--port", str(port), "--log-level",
                              "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

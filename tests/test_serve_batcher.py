@@ -3,12 +3,13 @@ boundaries, the row budget, uncond rows only for guided rows, policies, and (GPU
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import torch
 
-from ursa_engine import digits
+from ursa_engine import digits, rowwise
 from ursa_engine.demo import DigitsModel
 from ursa_engine.serve import Batcher, Cancelled, GenerationRequest, QueueFull
 
@@ -119,6 +120,143 @@ def test_queue_bound_cancel_and_failure(engine):
     b.stop()
 
 
+def drive(b, schedule: dict[int, list]) -> list:
+    """Run a not-started batcher's loop by hand (deterministic joins): before iteration ``i`` submit
+    ``schedule[i]``; run until nothing is left; the jobs' tokens in submission order."""
+    jobs, i = [], 0
+    while True:
+        for rq in schedule.get(i, []):
+            jobs.append(b.submit(rq))
+        with b._lock:
+            b._drop_cancelled()
+            batch = b._admit()
+        if not batch and i > max(schedule):
+            return [j.future.result(0) for j in jobs]
+        if batch:
+            b.step(batch)
+        i += 1
+
+
+def test_one_sampler_call_mixes_steps(engine, monkeypatch):
+    """Requests of one shape and one step count joining at different steps share rowwise.step_rows
+    calls with different k; each one's tokens equal its tokens alone (and Engine.generate's)."""
+    cases = [dict(label=2, seed=11), dict(label=4, seed=12, n=2), dict(label=8, seed=13, temperature=0.7),
+             dict(label=6, seed=14, guidance=1.0)]
+    calls = []
+    orig = rowwise.step_rows
+
+    def spy(sched, logits, k, x, **kw):
+        calls.append(k.tolist())
+        return orig(sched, logits, k, x, **kw)
+
+    monkeypatch.setattr(rowwise, "step_rows", spy)
+    reqs = [request(engine, c.pop("label"), c.pop("seed"), steps=8, **c) for c in [dict(c) for c in cases]]
+    b = Batcher(engine, max_rows=16, per_row_sampler=True)  # not started: driven by hand
+    together = drive(b, {0: reqs[:1], 2: reqs[1:2], 3: reqs[2:3], 5: reqs[3:]})
+    assert any(len(set(k)) > 1 for k in calls), calls  # one sampler call, rows at different steps
+    for rq, toks in zip(reqs, together, strict=True):
+        alone = drive(Batcher(engine, max_rows=16), {0: [rq]})[0]
+        assert torch.equal(toks, alone)
+        ref = engine.generate(rq.prompt_ids[None].expand(rq.n, -1), latents_shape=rq.latents_shape, num_steps=8,
+                              guidance_scale=rq.guidance_scale, temperature=rq.temperature, seed=rq.seed,
+                              decode=False).tokens
+        assert torch.equal(ref, toks)
+
+
+def test_cancelled_future_or_loop_error_keeps_the_worker(engine):
+    """A client's cancelled future (asyncio.wrap_future cancels it with its handler) and an iteration
+    that raises outside a step fail only their requests: the worker keeps serving."""
+    with Batcher(engine, max_rows=4) as b:
+        gone = b.submit(request(engine, 1, 1, steps=4))
+        assert gone.future.cancel()  # what a cancelled HTTP handler does to the concurrent future
+        ok = b.submit(request(engine, 2, 2, steps=4))
+        assert ok.future.result(30).shape == (1, 1, 4, 8) and b.alive
+        orig, fired = b._admit, []
+
+        def admit_once_broken():
+            if not fired:
+                fired.append(1)
+                raise RuntimeError("boom")
+            return orig()
+
+        b._admit = admit_once_broken
+        victim = b.submit(request(engine, 3, 3, steps=4))
+        with pytest.raises(RuntimeError, match="the batch loop failed.*boom"):
+            victim.future.result(30)
+        assert b.submit(request(engine, 4, 4, steps=4)).future.result(30).shape == (1, 1, 4, 8)
+        assert b.alive and b.metrics.loop_errors == 1
+
+
+def test_size_limit_before_allocation(engine, monkeypatch):
+    """max_tokens (rows x latent tokens of one pass) refuses a request before anything is allocated,
+    and joins never take a step over it."""
+    b = Batcher(engine, max_rows=8, max_tokens=64)
+
+    def no_alloc(*a, **k):
+        raise AssertionError("allocated before the size check")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "initial_tokens", no_alloc)
+        m.setattr(engine, "encode_prompts", no_alloc)
+        with pytest.raises(ValueError, match=r"latents_shape: 3 sample.*over this server's limit of 64 \(max_tokens\)"):
+            b.prepare(request(engine, 1, 1, n=3, guidance=1.0))  # 3 x 32 tokens
+        with pytest.raises(ValueError, match=r"latents_shape: 2 sample.*128 token-rows"):
+            b.prepare(request(engine, 1, 1, n=2))  # guided: 4 rows x 32
+        with pytest.raises(ValueError, match="max_tokens: expected an int >= 1"):
+            Batcher(engine, max_tokens=0)
+    seen = []
+    with b:
+        orig = b._forward_and_step
+        b._forward_and_step = lambda jobs: seen.append(orig(jobs)) or seen[-1]
+        jobs = [b.submit(request(engine, i, i, steps=5)) for i in range(3)]  # 2 rows x 32 each: one at a time
+        for j in jobs:
+            j.future.result(60)
+    assert seen and max(seen) * 32 <= 64
+
+
+def test_admission_per_shape_and_lifecycle(engine):
+    """FCFS within a shape, no head-of-line blocking across shapes; a running cancel answers
+    'cancelling'; shutdown cancels with Cancelled; a stop that times out keeps the worker."""
+    b = Batcher(engine, max_rows=3, max_queue=8)  # not started
+    a = b.submit(request(engine, 1, 1))  # 2 rows
+    blocked = b.submit(request(engine, 2, 2))  # 2 rows: does not fit next to a
+    small = b.submit(request(engine, 3, 3, guidance=1.0))  # 1 row: would fit, but must not overtake
+    other = b.submit(request(engine, 4, 4, shape=(2, 4, 8)))  # another shape: its own step
+    with b._lock:
+        b._admit()
+    assert b._running == [a, other] and list(b._queue) == [blocked, small]
+    assert b.cancel(a.id) == "cancelling" and b.cancel(small.id) == "cancelled" and b.cancel("nope") is None
+    with pytest.raises(Cancelled):
+        small.future.result(0)
+    assert b.get(small.id).status == "cancelled"  # finished jobs keep their final status for GET
+    b.start()
+    with pytest.raises(Cancelled):
+        a.future.result(30)
+    b.stop()
+    for j in (blocked, other):  # finished or cancelled by the shutdown: never a bare RuntimeError
+        if j.future.exception(0) is not None:
+            assert isinstance(j.future.exception(0), Cancelled)
+    b = Batcher(engine, max_rows=2).start()
+    long = b.submit(request(engine, 5, 5, steps=1000, guidance=1.0))
+    while long.k < 1:
+        time.sleep(0.01)
+    with pytest.raises(Cancelled, match="shutting down"):
+        b.stop()
+        long.future.result(30)
+    assert not b.alive
+    gate = threading.Event()
+    b = Batcher(engine, max_rows=2)
+    b._loop = gate.wait  # a worker stuck in a long step
+    b.start()
+    first = b._thread
+    b.stop(timeout=0.05)
+    assert b._thread is first and b.start()._thread is first  # no second worker
+    gate.set()
+    first.join(5)
+    listener = object()
+    b.unsubscribe(a, listener)  # a listener already gone is fine
+
+
 @pytest.mark.gpu
 def test_cuda_graph_buckets_equal_eager():
     """Graph replays per (rows, uncond rows, shape) bucket, padded rows masked, give the eager tokens."""
@@ -149,3 +287,29 @@ def test_graph_bucket_logic_on_the_cpu(engine, monkeypatch):
         assert b.graphs.captures >= 2 and b.metrics.steps > b.graphs.captures  # buckets were reused
     for c, a, g in zip(CASES, eager, bucketed, strict=True):
         assert torch.equal(a, g), c
+
+
+def test_failed_capture_is_not_cached(engine, monkeypatch):
+    """A capture that raises fails its request and caches no bucket; the next capture of the same
+    bucket succeeds and gives the eager tokens."""
+    from ursa_engine.serve import graphs
+
+    fails = [1]
+
+    def capture(fn, pool, device=None):
+        if fails:
+            fails.pop()
+            raise RuntimeError("capture failed")
+        return fn
+
+    monkeypatch.setattr(graphs, "cuda_graph_capture", capture)
+    monkeypatch.setattr(graphs.GraphCache, "usable", lambda self, jobs: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    with Batcher(engine, max_rows=4, graphs=True) as b:
+        with pytest.raises(RuntimeError, match="capture failed"):
+            b.submit(request(engine, 3, 5, steps=4)).future.result(60)
+        assert not b.graphs.buckets
+        again = b.submit(request(engine, 3, 5, steps=4)).future.result(60)
+        assert b.graphs.captures == 1 and all(bk.replay is not None for bk in b.graphs.buckets.values())
+    with Batcher(engine, max_rows=4) as b:
+        assert torch.equal(again, b.submit(request(engine, 3, 5, steps=4)).future.result(60))

@@ -187,8 +187,13 @@ example:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-rows", type=int, default=16, help="rows of one forward pass, cond + uncond (default 16)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
+    srv.add_argument("--max-tokens", type=int, default=None,
+                     help="latent tokens x rows of one forward pass; bigger requests get a 400 before any allocation "
+                          "(default 4 x 13x40x64: a guided pair of URSA 49-frame 320x512 videos)")
     srv.add_argument("--policy", default="continuous", choices=["continuous", "static", "sequential"],
                      help="batching policy (default: continuous)")
+    srv.add_argument("--graphs", action="store_true",
+                     help="CUDA graphs per (rows, shape) bucket (CUDA engines only: an error on the CPU)")
     srv.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
     srv.add_argument("--log-level", default="info")
     _add_debug(srv)
@@ -198,15 +203,30 @@ example:
 def _serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port: expected 0..65535, got {args.port}")
-    for name in ("max_rows", "max_queue"):
-        if getattr(args, name) < 1:
+    for name in ("max_rows", "max_queue", "max_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
+    if args.graphs:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--graphs: CUDA graphs need a CUDA device (an URSA root with --device cuda); none is "
+                             "available")
+        if (args.device or "cuda").split(":")[0] != "cuda":
+            raise UsageError(f"--graphs: CUDA graphs need --device cuda, got --device {args.device}")
     try:
         from .serve.app import serve
+        from .serve.batcher import DEFAULT_MAX_TOKENS
     except ImportError as err:
         raise UsageError(f"serve: needs FastAPI and uvicorn (pip install 'ursa-engine[serve]'): {err}") from None
-    serve(args.root, host=args.host, port=args.port, max_rows=args.max_rows, max_queue=args.max_queue,
-          policy=args.policy, device=args.device, log_level=args.log_level)
+    try:
+        serve(args.root, host=args.host, port=args.port, max_rows=args.max_rows, max_queue=args.max_queue,
+              max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, policy=args.policy, device=args.device,
+              graphs=args.graphs, log_level=args.log_level)
+    except ValueError as err:
+        if str(err).startswith("graphs:"):  # a CPU engine (the digits model) asked for CUDA graphs
+            raise UsageError(f"--{err}") from None
+        raise
     return 0
 
 

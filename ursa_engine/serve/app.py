@@ -12,11 +12,16 @@ Endpoints
     ``X-Request-Id`` header).
 ``GET /v1/requests/{id}`` (status), ``GET /v1/requests/{id}/events`` (SSE progress),
 ``DELETE /v1/requests/{id}`` (cancel: its rows leave at the next step boundary; a client that
-disconnects cancels its request too), ``GET /health``, ``GET /metrics`` (Prometheus text).
+disconnects cancels its request too; a running one answers "cancelling" and GET tells its final
+status), ``GET /health`` (503 when the batch worker is not running), ``GET /metrics`` (Prometheus text).
 
 Errors use the OpenAI shape ``{"error": {"message", "type", "param"}}``: 400 for a bad field
 (named in ``param`` and the message), 404 for an unknown request, 409 for a cancelled one, 429
-when the queue is full, 500 when generation failed (the server keeps serving).
+when the queue is full (checked before the prompt is tokenized), 500 when generation or rendering
+failed (the server keeps serving; a stream ends with ``event: failed``). Requests over the server's
+``max_tokens`` (n x latent tokens, x2 rows while guided) are refused with a 400 naming ``size``,
+``frames``, ``latents_shape`` or ``n`` before anything is allocated. Responses carry ``X-Request-Id``
+once the request id is known.
 
 The model runs in the :class:`~ursa_engine.serve.batcher.Batcher` worker thread; handlers only
 queue jobs, wait on futures and encode results in the thread pool.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import secrets
 import time
 from typing import Literal
@@ -37,7 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .batcher import Batcher, Cancelled, GenerationRequest, Job, QueueFull
+from .batcher import DEFAULT_MAX_TOKENS, Batcher, Cancelled, GenerationRequest, Job, QueueFull
 from .models import ServedModel
 
 TERMINAL = ("done", "cancelled", "failed")
@@ -92,10 +98,17 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
         msg = first.get("msg", "invalid request")
         return error(400, f"{param}: {msg}" if param else msg, param)
 
-    def to_request(body: ImageRequest) -> GenerationRequest:
+    def size_field(body: ImageRequest, shape) -> str:
+        """The field to blame for a request over ``max_tokens``: its grid when one sample is too big, else n."""
+        if body.n > 1 and 2 * math.prod(shape) <= batcher.max_tokens:
+            return "n"
         if body.latents_shape is not None:
-            if body.response_format != "tokens" and served.engine.vae is None:
-                raise ValueError("response_format: without vae/ only 'tokens' can be returned")
+            return "latents_shape"
+        return "size" if body.size is not None or body.frames == 1 else "frames"
+
+    def to_request(body: ImageRequest) -> GenerationRequest:
+        """The request of a body (in the thread pool: tokenization is not cheap); sizes are checked first."""
+        if body.latents_shape is not None:
             shape = tuple(body.latents_shape)
             if len(shape) == 2:
                 shape = (1, *shape)
@@ -103,6 +116,7 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
                 raise ValueError(f"latents_shape: expected positive sizes, got {list(body.latents_shape)}")
         else:
             shape = served.latents_shape(body.size, body.frames)
+        batcher.check_size(shape, body.n, field=size_field(body, shape))  # before any allocation
         if body.response_format in ("png", "mp4") and body.n != 1:
             raise ValueError(f"n: response_format {body.response_format!r} returns one file: n must be 1")
         if body.response_format == "png" and shape[0] != 1:
@@ -135,16 +149,31 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
                 "timing": {"queued_s": round(job.t_start - job.t_submit, 4),
                            "generate_s": round(job.t_done - job.t_start, 4)}}
 
-    async def start(body: ImageRequest) -> Job | JSONResponse:
+    def prepare(body: ImageRequest) -> Job:
+        req = to_request(body)
         try:
-            req = to_request(body)
-            job = await run_in_threadpool(batcher.prepare, req, body.request_id)
+            return batcher.prepare(req, body.request_id)
+        except ValueError as err:  # prepare's exact size check (guided rows) names the field the body gave
+            msg = str(err)
+            if msg.startswith("latents_shape:") and "(max_tokens)" in msg and body.latents_shape is None:
+                msg = size_field(body, req.latents_shape) + msg[len("latents_shape"):]
+                raise ValueError(msg) from None
+            raise
+
+    async def start(body: ImageRequest) -> Job | JSONResponse:
+        rid = {"X-Request-Id": body.request_id} if body.request_id else None
+        try:
+            batcher.check_queue()  # 429 before tokenizing and allocating
+            job = await run_in_threadpool(prepare, body)
             return batcher.submit(job)
         except QueueFull as err:
-            return error(429, str(err), None, "rate_limit_error", {"Retry-After": "1"})
+            return error(429, str(err), None, "rate_limit_error", {"Retry-After": "1", **(rid or {})})
         except ValueError as err:
             msg = str(err)
-            return error(409 if "already in use" in msg else 400, msg, _param(msg))
+            return error(409 if "already in use" in msg else 400, msg, _param(msg), headers=rid)
+
+    def render_error(err: Exception) -> dict:
+        return {"message": f"rendering the result failed: {err}", "type": "server_error", "param": None}
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageRequest, request: Request):
@@ -160,14 +189,18 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
             if not fut.done() and await request.is_disconnected():
                 batcher.cancel(job.id)  # the client went away: its rows leave at the next step
                 break
+        rid = {"X-Request-Id": job.id}
         try:
             tokens = await fut
         except Cancelled as err:
-            return error(409, str(err), None, "cancelled")
+            return error(409, str(err), None, "cancelled", rid)
         except Exception as err:  # the batch failed: report, keep serving
-            return error(500, f"generation failed: {err}", None, "server_error")
-        out = await run_in_threadpool(render, job, tokens, body.response_format)
-        return out if isinstance(out, Response) else JSONResponse(out, headers={"X-Request-Id": job.id})
+            return error(500, f"generation failed: {err}", None, "server_error", rid)
+        try:
+            out = await run_in_threadpool(render, job, tokens, body.response_format)
+        except Exception as err:  # decode / encode failed: an OpenAI-shaped 500, the server keeps serving
+            return error(500, render_error(err)["message"], None, "server_error", rid)
+        return out if isinstance(out, Response) else JSONResponse(out, headers=rid)
 
     async def events(job: Job, fmt: str | None, *, cancel_on_close: bool):
         loop = asyncio.get_running_loop()
@@ -184,8 +217,14 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
                 ev = pending.pop(0) if pending else await queue.get()
                 name = ev["event"]
                 if name == "done" and fmt is not None:
-                    out = await run_in_threadpool(render, job, job.future.result(),
-                                                  "b64_json" if fmt in ("png", "mp4") else fmt)
+                    try:
+                        out = await run_in_threadpool(render, job, job.future.result(),
+                                                      "b64_json" if fmt in ("png", "mp4") else fmt)
+                    except Exception as err:  # the stream still ends with a terminal event
+                        failed = {"id": job.id, "event": "failed", "error": render_error(err)}
+                        yield f"event: failed\ndata: {json.dumps(failed)}\n\n"
+                        finished = True
+                        return
                     yield f"event: done\ndata: {json.dumps(ev)}\n\n"
                     yield f"event: result\ndata: {json.dumps(out)}\n\n"
                 else:
@@ -194,36 +233,43 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
                     finished = True
                     return
         finally:
-            if listener in job.listeners:
-                job.listeners.remove(listener)
+            batcher.unsubscribe(job, listener)
             if cancel_on_close and not finished:
                 batcher.cancel(job.id)  # the client disconnected from its stream
+
+    def not_found(request_id: str, what: str = "request") -> JSONResponse:
+        return error(404, f"request_id: no {what} {request_id!r}", "request_id")
 
     @app.get("/v1/requests/{request_id}")
     async def status(request_id: str):
         job = batcher.get(request_id)
         if job is None:
-            return error(404, f"request_id: no running or queued request {request_id!r}", "request_id")
+            return not_found(request_id)
         return {"id": job.id, "status": job.status, "step": job.k, "steps": job.steps}
 
     @app.get("/v1/requests/{request_id}/events")
     async def request_events(request_id: str):
         job = batcher.get(request_id)
         if job is None:
-            return error(404, f"request_id: no running or queued request {request_id!r}", "request_id")
-        return StreamingResponse(events(job, None, cancel_on_close=False), media_type="text/event-stream")
+            return not_found(request_id)
+        return StreamingResponse(events(job, None, cancel_on_close=False), media_type="text/event-stream",
+                                 headers={"X-Request-Id": job.id})
 
     @app.delete("/v1/requests/{request_id}")
     async def cancel(request_id: str):
-        if not batcher.cancel(request_id):
-            return error(404, f"request_id: no running or queued request {request_id!r}", "request_id")
-        return {"id": request_id, "status": "cancelled"}
+        state = batcher.cancel(request_id)  # "cancelling" while it runs: GET tells its final status
+        if state is None:
+            return not_found(request_id, "queued or running request")
+        return {"id": request_id, "status": state}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, "device": str(served.engine.device),
-                "policy": batcher.policy, "max_rows": batcher.max_rows, "max_queue": batcher.max_queue,
+        alive = batcher.alive
+        body = {"status": "ok" if alive else "error", "worker_alive": alive, "model": served.name,
+                "device": str(served.engine.device), "policy": batcher.policy, "max_rows": batcher.max_rows,
+                "max_queue": batcher.max_queue, "max_tokens": batcher.max_tokens,
                 "uptime_s": round(time.time() - started, 1), **batcher.stats()}
+        return body if alive else JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
@@ -259,12 +305,19 @@ def prometheus(batcher: Batcher, model: str) -> str:
 
 
 def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16, max_queue: int = 64,
-          policy: str = "continuous", device=None, log_level: str = "info") -> None:
-    """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted."""
+          max_tokens: int = DEFAULT_MAX_TOKENS, policy: str = "continuous", device=None, graphs: bool = False,
+          log_level: str = "info") -> None:
+    """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted.
+
+    ``graphs``: CUDA graphs per (rows, shape) bucket (:mod:`.graphs`); a ValueError on a CPU engine."""
     import uvicorn
 
     served = ServedModel.load(root, device=device)
-    batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, policy=policy).start()
+    if graphs and served.engine.device.type != "cuda":
+        raise ValueError(f"graphs: CUDA graphs need a CUDA engine, this one runs on {served.engine.device} "
+                         "(use --device cuda with an URSA checkpoint)")
+    batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, max_tokens=max_tokens, policy=policy,
+                      graphs=graphs).start()
     try:
         uvicorn.run(create_app(served, batcher), host=host, port=port, log_level=log_level)
     finally:

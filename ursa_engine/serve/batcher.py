@@ -30,9 +30,7 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
 
 import torch
 
@@ -40,96 +38,15 @@ from .. import _validate
 from ..model import latent_positions, sequence_ids, token_chunks
 from ..paths import MetricPath
 from ..rowwise import guided_steps
+from .jobs import Cancelled, GenerationRequest, Job, Metrics, QueueFull, rep, row_groups, step_key
 
 POLICIES = ("continuous", "static", "sequential")
+URSA_VIDEO_TOKENS = 13 * 40 * 64  # the latent grid of an URSA 49-frame 320x512 video
+DEFAULT_MAX_TOKENS = 4 * URSA_VIDEO_TOKENS  # a guided pair of such videos: 4 rows (cond + uncond) of one pass
+RECENT_JOBS = 128  # finished jobs GET can still report
+ROPE_CACHE = 8  # (prompt length, shape) rope tables kept
 
-
-class QueueFull(RuntimeError):
-    """The bounded queue is full (HTTP 429)."""
-
-
-@dataclass
-class GenerationRequest:
-    """What one request asks for: ``n`` samples of one prompt (prompt ids already encoded).
-
-    ``prompt_ids`` (P,) int64 and ``negative_ids`` (P,) (the empty prompt when None); sample ``b``
-    uses seed ``seed + b`` (as :meth:`Engine.generate`).
-    """
-
-    prompt_ids: torch.Tensor
-    latents_shape: tuple[int, int, int]
-    negative_ids: torch.Tensor | None = None
-    n: int = 1
-    num_steps: int | None = None
-    shift: float | None = None
-    guidance_scale: float = 7.0
-    guidance_trunc: float = 0.9
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    argmax_last: bool = False
-    seed: int = 0
-
-
-@dataclass
-class Job:
-    """A request inside the batcher: its rows (tokens, seeds, ids), its step, its events."""
-
-    id: str
-    request: GenerationRequest
-    sched: object
-    guided: list
-    x: torch.Tensor  # (n, tokens)
-    seeds: torch.Tensor  # (n,)
-    cond_ids: torch.Tensor  # (n, P)
-    neg_ids: torch.Tensor  # (n, P)
-    k: int = 0
-    status: str = "queued"  # queued, running, done, cancelled, failed
-    future: Future = field(default_factory=Future)
-    events: list = field(default_factory=list)
-    listeners: list = field(default_factory=list)
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_start: float | None = None
-    t_done: float | None = None
-    cancel_requested: bool = False
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self.request.latents_shape
-
-    @property
-    def steps(self) -> int:
-        return self.sched.num_steps
-
-    def _event(self, event: dict) -> None:
-        """Record an event and tell the listeners (called under the batcher's lock)."""
-        event = dict(event, id=self.id)
-        self.events.append(event)
-        for fn in list(self.listeners):
-            try:
-                fn(event)
-            except Exception:  # a listener (a closed HTTP stream) never breaks the loop
-                self.listeners.remove(fn)
-
-    def rows_now(self) -> int:
-        """Forward rows this job costs at its current step (cond, plus uncond while guided)."""
-        return self.request.n * (2 if self.guided[self.k] else 1)
-
-
-class Metrics:
-    """Counters of the batch loop (read by ``/metrics``)."""
-
-    def __init__(self):
-        self.steps = 0
-        self.rows = 0  # summed over steps
-        self.last_rows = 0
-        self.step_seconds = 0.0
-        self.last_step_seconds = 0.0
-        self.served = 0
-        self.failed = 0
-        self.cancelled = 0
-        self.rejected = 0
-        self.max_rows_seen = 0
+__all__ = ["POLICIES", "Batcher", "Cancelled", "GenerationRequest", "Job", "QueueFull"]
 
 
 class Batcher:
@@ -140,6 +57,9 @@ class Batcher:
     engine : Engine (eager steps; ``graphs=True`` uses CUDA graphs per (rows, shape) bucket)
     max_rows : rows of one forward pass (cond + uncond), the per-step budget
     max_queue : requests waiting to start; more raise :class:`QueueFull`
+    max_tokens : latent tokens x rows of one forward pass (the activations scale with it): a request
+        over it is refused before anything is allocated, and joins never take a step over it
+        (default: 4 x 13x40x64, a guided pair of URSA 49-frame videos)
     policy : "continuous", "static" or "sequential"
     backend : the sampler backend (default: the engine's)
     graphs : CUDA graphs per (rows, shape) bucket (:mod:`.graphs`; CUDA engines only)
@@ -147,24 +67,27 @@ class Batcher:
         own k); default: jobs at the same step and options share one scalar-k call (same tokens)
     """
 
-    def __init__(self, engine, *, max_rows: int = 16, max_queue: int = 64, policy: str = "continuous",
-                 backend: str | None = None, graphs: bool = False, per_row_sampler: bool = False):
+    def __init__(self, engine, *, max_rows: int = 16, max_queue: int = 64, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 policy: str = "continuous", backend: str | None = None, graphs: bool = False,
+                 per_row_sampler: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-        for name, v in (("max_rows", max_rows), ("max_queue", max_queue)):
+        for name, v in (("max_rows", max_rows), ("max_queue", max_queue), ("max_tokens", max_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
         self.engine, self.max_rows, self.max_queue, self.policy = engine, max_rows, max_queue, policy
+        self.max_tokens = max_tokens
         self.backend = backend or engine.sampler_backend
         self.per_row_sampler = per_row_sampler
         self.metrics = Metrics()
         self._queue: deque[Job] = deque()
         self._running: list[Job] = []
         self._jobs: dict[str, Job] = {}
+        self._recent: OrderedDict[str, Job] = OrderedDict()  # finished jobs, for GET
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self._rope: dict = {}
+        self._rope: OrderedDict = OrderedDict()
         self._turn = itertools.count()
         self.graphs = None
         if graphs:
@@ -174,7 +97,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Batcher:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="ursa-batcher", daemon=True)
             self._thread.start()
@@ -186,7 +109,13 @@ class Batcher:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if not self._thread.is_alive():  # else keep it: a later start() must not run a second worker
+                self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (``/health`` answers 503 when not)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def __enter__(self):
         return self.start()
@@ -195,12 +124,33 @@ class Batcher:
         self.stop()
 
     # ------------------------------------------------------------------ requests
+    def check_size(self, shape, n: int, rows: int | None = None, *, field: str = "latents_shape") -> None:
+        """Refuse a request over ``max_tokens`` (``n`` samples of ``shape``; ``rows`` forward rows at its
+        peak, default ``n``) before anything is allocated; the ValueError names ``field``."""
+        tokens = math.prod(shape)
+        rows = n if rows is None else rows
+        if rows * tokens > self.max_tokens:
+            grid = "x".join(str(v) for v in shape)
+            raise ValueError(f"{field}: {n} sample(s) of {grid} = {tokens} latent tokens need {rows} rows x {tokens} "
+                             f"= {rows * tokens} token-rows per step, over this server's limit of {self.max_tokens} "
+                             "(max_tokens): ask for a smaller size, fewer frames or a smaller n")
+
+    def check_queue(self) -> None:
+        """Raise :class:`QueueFull` now when the queue is full (cheap, before preparing a request;
+        :meth:`submit` checks again)."""
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                self.metrics.rejected += 1
+                raise QueueFull(f"queue full: {len(self._queue)} requests waiting (limit {self.max_queue}); "
+                                "retry later")
+
     def prepare(self, request: GenerationRequest, job_id: str | None = None) -> Job:
         """Check a request and build its job (initial tokens, seeds, ids); raises ValueError naming the field."""
         e = self.engine
         shape = _validate.latents_shape(request.latents_shape)
         if isinstance(request.n, bool) or not isinstance(request.n, int) or request.n < 1:
             raise ValueError(f"n: expected an int >= 1, got {request.n!r}")
+        self.check_size(shape, request.n)  # before anything is allocated
         sched = e.scheduler_for(request.num_steps, request.shift, shape[0])
         if sched.mask_sampler == "confidence":
             raise ValueError("sampler: the confidence sampler ranks whole samples; serve it with Engine.generate")
@@ -214,6 +164,7 @@ class Batcher:
         if peak > self.max_rows:
             raise ValueError(f"n: {request.n} samples need {peak} rows per step, over this server's budget of "
                              f"{self.max_rows} (max_rows)")
+        self.check_size(shape, request.n, peak)
         n = request.n
         cond = e.encode_prompts(request.prompt_ids[None])
         neg = e.encode_prompts(request.negative_ids[None] if request.negative_ids is not None else [[]],
@@ -228,39 +179,49 @@ class Batcher:
         """Queue a request (or a prepared job); raises :class:`QueueFull` over ``max_queue``."""
         job = request if isinstance(request, Job) else self.prepare(request, job_id)
         with self._lock:
-            if len(self._queue) >= self.max_queue:
-                self.metrics.rejected += 1
-                raise QueueFull(f"queue full: {len(self._queue)} requests waiting (limit {self.max_queue}); "
-                                "retry later")
+            self.check_queue()
             if job.id in self._jobs:
                 raise ValueError(f"request_id: {job.id!r} is already in use")
+            self._recent.pop(job.id, None)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._lock.notify_all()
         return job
 
     def get(self, job_id: str) -> Job | None:
+        """A queued or running job, or one of the last finished ones (its final status)."""
         with self._lock:
-            return self._jobs.get(job_id)
+            return self._jobs.get(job_id) or self._recent.get(job_id)
 
-    def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running request: its rows leave at the next step boundary."""
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a queued or running request: its rows leave at the next step boundary.
+
+        Returns "cancelled" (it was queued: cancelled now), "cancelling" (it runs: it leaves at the
+        next step boundary, unless the current step finishes it; :meth:`get` tells the final
+        status) or None (no queued or running request ``job_id``)."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None or job.status in ("done", "failed", "cancelled"):
-                return False
+                return None
             job.cancel_requested = True
+            self._lock.notify_all()
             if job in self._queue:
                 self._queue.remove(job)
                 self._finish(job, "cancelled")
-            self._lock.notify_all()
-            return True
+                return "cancelled"
+            return "cancelling"
 
     def subscribe(self, job: Job, listener) -> list[dict]:
         """Add ``listener(event)`` (called from the worker thread) to a job; return the events so far."""
         with self._lock:
             job.listeners.append(listener)
             return list(job.events)
+
+    def unsubscribe(self, job: Job, listener) -> None:
+        """Remove a listener (under the lock; one the loop already dropped is fine)."""
+        with self._lock:
+            if listener in job.listeners:
+                job.listeners.remove(listener)
 
     def stats(self) -> dict:
         with self._lock:
@@ -270,19 +231,40 @@ class Batcher:
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         while True:
-            with self._lock:
-                while not self._stop and not self._queue and not self._running:
-                    self._lock.wait()
-                if self._stop:
-                    for job in list(self._queue) + self._running:
-                        self._finish(job, "cancelled", RuntimeError("the server is shutting down"))
-                    self._queue.clear()
-                    self._running.clear()
-                    return
-                self._drop_cancelled()
-                jobs = self._admit()
-            if jobs:
-                self.step(jobs)
+            jobs: list[Job] = []
+            try:
+                with self._lock:
+                    while not self._stop and not self._queue and not self._running:
+                        self._lock.wait()
+                    if self._stop:
+                        for job in list(self._queue) + self._running:
+                            self._finish(job, "cancelled", Cancelled("the server is shutting down"))
+                        self._queue.clear()
+                        self._running.clear()
+                        return
+                    self._drop_cancelled()
+                    jobs = self._admit()
+                if jobs:
+                    self.step(jobs)
+            except Exception as err:  # the worker never dies: the jobs involved fail, the loop goes on
+                self._loop_failed(jobs, err)
+
+    def _loop_failed(self, jobs: list[Job], err: Exception) -> None:
+        """Fail the jobs of an iteration that raised outside a step (all pending ones when unknown)."""
+        with self._lock:
+            self.metrics.loop_errors += 1
+            victims = jobs or list(self._running) + list(self._queue)
+            for job in victims:
+                if job in self._running:
+                    self._running.remove(job)
+                if job in self._queue:
+                    self._queue.remove(job)
+                if job.status not in ("done", "failed", "cancelled"):
+                    try:
+                        self._finish(job, "failed", RuntimeError(f"the batch loop failed: {err!r}"))
+                    except Exception:
+                        job.resolve(error=RuntimeError(f"the batch loop failed: {err!r}"))
+                        self._jobs.pop(job.id, None)
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._running if j.cancel_requested]:
@@ -290,20 +272,26 @@ class Batcher:
             self._finish(job, "cancelled")
 
     def _admit(self) -> list[Job]:
-        """Move queued jobs into the running set (policy, budget); return the jobs of this step's shape."""
+        """Move queued jobs into the running set (policy, budgets); return the jobs of this step's shape.
+
+        First come, first served within a latent shape (nobody overtakes a request of its shape that
+        does not fit yet); a request of another shape does not wait behind it (its own step)."""
         if self.policy == "continuous" or not self._running:
             limit = 1 if self.policy == "sequential" else None
             used: dict = {}
             for j in self._running:
                 used[j.shape] = used.get(j.shape, 0) + j.rows_now()
+            blocked = set()
             for job in list(self._queue):
                 if limit is not None and len(self._running) >= limit:
                     break
                 if self.policy != "continuous" and self._running and job.shape != self._running[0].shape:
                     continue  # a static batch has one shape
-                if used.get(job.shape, 0) + job.rows_now() > self.max_rows:
-                    break  # first come, first served: nobody overtakes a request that does not fit yet
-                used[job.shape] = used.get(job.shape, 0) + job.rows_now()
+                rows = used.get(job.shape, 0) + job.rows_now()
+                if job.shape in blocked or rows > self.max_rows or rows * math.prod(job.shape) > self.max_tokens:
+                    blocked.add(job.shape)
+                    continue
+                used[job.shape] = rows
                 self._queue.remove(job)
                 self._running.append(job)
                 job.status, job.t_start = "running", time.perf_counter()
@@ -318,7 +306,7 @@ class Batcher:
         job.status, job.t_done = status, time.perf_counter()
         if status == "done":
             self.metrics.served += 1
-            job.future.set_result(job.x.view(job.request.n, *job.shape).clone())
+            job.resolve(job.x.view(job.request.n, *job.shape).clone())
             job._event({"event": "done"})
         else:
             if status == "cancelled":
@@ -326,9 +314,11 @@ class Batcher:
             else:
                 self.metrics.failed += 1
             job._event({"event": status, "message": str(error) if error else status})
-            if not job.future.done():
-                job.future.set_exception(error or Cancelled(f"request {job.id} was cancelled"))
+            job.resolve(error=error or Cancelled(f"request {job.id} was cancelled"))
         self._jobs.pop(job.id, None)
+        self._recent[job.id] = job
+        while len(self._recent) > RECENT_JOBS:
+            self._recent.popitem(last=False)
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -363,7 +353,7 @@ class Batcher:
     def _forward_and_step(self, jobs: list[Job]) -> int:
         model = self.engine.model
         # guided jobs first: their uncond rows R .. R + G align with cond rows 0 .. G
-        jobs = sorted(jobs, key=_group_key)
+        jobs = sorted(jobs, key=step_key)
         shape = jobs[0].shape
         n = math.prod(shape)
         x = torch.cat([j.x for j in jobs])  # (R, n)
@@ -391,7 +381,7 @@ class Batcher:
         hidden = model.hidden_states(ids, rope=rope, latent_tokens=n)  # (R + G, n, H)
         x_next = torch.empty_like(x)
         K, itemsize = model.config.lm_head_size, model.dtype.itemsize
-        groups = _row_groups(jobs, by_step=not self.per_row_sampler)
+        groups = row_groups(jobs, by_step=not self.per_row_sampler)
         for s, e in token_chunks(n, (R + G) * K * itemsize, self.engine.logits_budget):
             logits = model.lm_head(hidden[:, s:e])
             xs = x[:, s:e].contiguous()
@@ -418,45 +408,19 @@ class Batcher:
                           guidance_trunc=rq.guidance_trunc, temperature=rq.temperature, **common)
             return
         reps = [j.request.n for j in group]
-        k = torch.tensor(_rep([j.k for j in group], reps), dtype=torch.int64, device=xs.device)
+        k = torch.tensor(rep([j.k for j in group], reps), dtype=torch.int64, device=xs.device)
         j0.sched.step(logits[a:b], k, xs[a:b], guided=[guided] * (b - a) if guided else None,
-                      last=_rep([j.k == j.steps - 1 for j in group], reps),
-                      guidance_scale=_rep([j.request.guidance_scale for j in group], reps),
-                      temperature=_rep([j.request.temperature for j in group], reps), **common)
+                      last=rep([j.k == j.steps - 1 for j in group], reps),
+                      guidance_scale=rep([j.request.guidance_scale for j in group], reps),
+                      temperature=rep([j.request.temperature for j in group], reps), **common)
 
     def _rope_for(self, P: int, shape):
+        """The rope tables of (prompt length, shape), the last :data:`ROPE_CACHE` kept."""
         key = (P, shape)
-        if key not in self._rope:
-            self._rope[key] = self.engine.model.rope_tables(latent_positions(P, shape, device=self.engine.device))
-        return self._rope[key]
-
-
-class Cancelled(RuntimeError):
-    """The request was cancelled (DELETE, client disconnect or shutdown)."""
-
-
-def _rep(values: list, reps: list[int]) -> list:
-    return [v for v, r in zip(values, reps, strict=True) for _ in range(r)]
-
-
-def _group_key(job: Job) -> tuple:
-    """Guided jobs first, then jobs sharing a scheduler, a step and their options side by side."""
-    rq = job.request
-    return (not job.guided[job.k], id(job.sched), rq.top_k, rq.top_p, rq.argmax_last, job.k, rq.guidance_scale,
-            rq.guidance_trunc, rq.temperature)
-
-
-def _row_groups(jobs: list[Job], *, by_step: bool):
-    """(start, end, jobs) runs of consecutive jobs sharing guidance, scheduler and filtering options
-    (and, ``by_step``, their step, guidance and temperature: one scalar-k sampler call)."""
-    out, r = [], 0
-    width = None if by_step else 5
-    for job in jobs:
-        key = _group_key(job)[:width]
-        if out and out[-1][3] == key:
-            out[-1][1] += job.request.n
-            out[-1][2].append(job)
+        if key in self._rope:
+            self._rope.move_to_end(key)
         else:
-            out.append([r, r + job.request.n, [job], key])
-        r += job.request.n
-    return [(a, b, g) for a, b, g, _ in out]
+            self._rope[key] = self.engine.model.rope_tables(latent_positions(P, shape, device=self.engine.device))
+            while len(self._rope) > ROPE_CACHE:
+                self._rope.popitem(last=False)
+        return self._rope[key]

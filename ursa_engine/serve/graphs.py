@@ -116,8 +116,8 @@ class GraphCache:
                     self.pool = torch.cuda.graph_pool_handle()
             bucket = _Bucket(b, layout, Rp, Gp, jobs[0].shape, L, self.pool)
             bucket.rope = rope
-        self.buckets[key] = bucket
-        self.buckets.move_to_end(key)
+        else:
+            self.buckets.move_to_end(key)
         # inputs into the static buffers (host lists -> device copies, outside any capture)
         bucket.ids[:R].copy_(ids[:R])
         if G:
@@ -132,9 +132,10 @@ class GraphCache:
         bucket.seeds[:R].copy_(torch.cat([j.seeds for j in jobs]))
         bucket.guided[:R].copy_(torch.tensor(guided, dtype=torch.bool))
         bucket.guided[R:].zero_()
-        if fresh:
+        if fresh:  # cached only once captured: a failed capture leaves no bucket without a replay
             bucket.replay = cuda_graph_capture(bucket.body, self.pool, device=x.device)
             self.captures += 1
+            self.buckets[key] = bucket
             while len(self.buckets) > self.max_graphs:
                 self.buckets.popitem(last=False)
         with ops_library.on_device(x.device):  # the engine's device, whatever this thread's current one
