@@ -26,8 +26,9 @@ from .._dispatch import resolve
 from ..model import latent_positions
 from ..paths import MaskPath, MetricPath, MixturePath
 from ..reference.rng import seeds_per_row
-from ..training import IGNORE_INDEX, _check_ids, _linear_cross_entropy, expand_times
-from ..training import add_noise as _add_noise
+from ..training.losses import IGNORE_INDEX, _check_ids, _linear_cross_entropy
+from ..training.noise import add_noise as _add_noise
+from ..training.noise import expand_times
 from .ulysses import Shard, even_bounds, sequence_parallel
 
 
