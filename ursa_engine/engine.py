@@ -47,6 +47,7 @@ from .reference.rng import TAG_INIT, random_words, to_below
 from .results import GenerationResult, StepTimer, timed_decode
 from .scheduler import Scheduler
 from .tokenizer import PROMPT_LENGTH, PromptTokenizer, pad_prompt_ids
+from .trajectory import TrajectoryRecorder
 
 __all__ = ["Engine", "GenerationResult", "MODES", "NEGATIVE_PROMPT", "SAMPLER_BACKENDS"]
 
@@ -308,7 +309,8 @@ class Engine:
                  cond_indices=None, cond_noise_scale: float = 0.0, freeze_cond: bool = False,
                  latents: torch.Tensor | None = None, progress: bool = False, mode: str | None = None,
                  image=None, video=None, num_cond_frames: int | None = None, decode: bool = True,
-                 keep_graphs: bool | None = None, prompt_length: int | None = None) -> GenerationResult:
+                 keep_graphs: bool | None = None, prompt_length: int | None = None,
+                 return_trajectory: bool = False) -> GenerationResult:
         """Generate latent tokens (and, with a tokenizer, pixels) for a batch of prompts (DESIGN §2.4, §4, §8).
 
         Parameters
@@ -344,6 +346,10 @@ class Engine:
             it is freed first and the next call captures again (two warm-up steps and a capture).
             Pass True to keep graphs anyway (a serving loop, memory to spare)
         prompt_length : override the engine's prompt length for this call
+        return_trajectory : record every model call's state, x̂1, their log-probabilities and the
+            transition's (``result.trajectory``, a :class:`ursa_engine.trajectory.Trajectory`; RL
+            rollouts, DESIGN §9). Steps then run eagerly (``mode="graph"`` is refused); tokens are
+            those of an unrecorded run. Not for the confidence sampler or a mesh
 
         Returns
         -------
@@ -353,6 +359,8 @@ class Engine:
         and the tokens (and the graphs' memory pool with ``keep_graphs=True``): the loop's logits and
         activations are freed before decoding, so the decode does not set the generation's peak.
         """
+        if return_trajectory:
+            _check_recordable(self, mode, num_steps)
         if self.parallel is not None:  # a mesh of several processes: ursa_engine.distributed (issue 13)
             args = {k: v for k, v in locals().items() if k != "self"}
             from .distributed.generate import generate as parallel_generate
@@ -375,9 +383,11 @@ class Engine:
         P = cond.shape[1]
         ids = sequence_ids(torch.cat(ids_rows), x.repeat(len(ids_rows), 1), cfg)  # (B or 2B, P + 1 + n)
         rope = self.model.rope_tables(latent_positions(P, shape, device=device))
-        mode = self._resolve_mode(mode or self.mode, sched)
+        mode = "eager" if return_trajectory else self._resolve_mode(mode or self.mode, sched)
         state = LoopState(self, sched, ids, x, rope, seeds, freeze, opts, argmax_last, n, B)
         self.configure(state, 2 * B if use_cfg else B)
+        if return_trajectory:
+            state.recorder = TrajectoryRecorder(B, n, device)
         runner = self._graph_runner(state) if mode == "graph" else None
         times, calls = [], 0
         timer = StepTimer(device)
@@ -395,6 +405,10 @@ class Engine:
             tokens=state.x.view(B, *shape).clone(), step_times=timer.resolve(times),
             peak_memory=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             model_calls=calls, guided_steps=sum(guided), mode=mode, attention=_attention_name(self.model, device))
+        if return_trajectory:
+            result.trajectory = state.recorder.finish(
+                shape, seeds=seeds, prompt_ids=cond, negative_prompt_ids=inp.neg, scheduler=sched,
+                options=dict(opts, argmax_last=argmax_last), frozen=None if freeze is None else freeze[0])
         del state, runner, ids, rope  # the loop's buffers (a cached graph runner keeps its own)
         decoding = decode and self.vae is not None
         if self._graphs and not (keep_graphs if keep_graphs is not None else not decoding):
@@ -489,6 +503,17 @@ class Engine:
         return conditioning.extrapolate(self, prompt_ids, num_windows=num_windows, latents_shape=latents_shape,
                                         video=video, history_frames=history_frames, history_t=history_t, seed=seed,
                                         decode=decode, **kwargs)
+
+
+def _check_recordable(engine: Engine, mode: str | None, num_steps) -> None:
+    """``return_trajectory`` runs eager steps of a per-token sampler in one process (issue 18)."""
+    if mode == "graph" or (mode is None and engine.mode == "graph"):
+        raise ValueError("return_trajectory: recording runs eager steps; pass mode='eager' or 'auto'")
+    if engine.parallel is not None:
+        raise ValueError("return_trajectory: not supported on a mesh of several processes (record on one)")
+    if engine.scheduler_for(num_steps, None, 1).mask_sampler == "confidence":
+        raise ValueError("return_trajectory: the confidence sampler ranks a sample's tokens together and has no "
+                         "per-token law to record")
 
 
 def _attention_name(model: URSATransformer, device: torch.device) -> str:

@@ -26,6 +26,7 @@ import torch
 
 from . import ops_library
 from .model import token_chunks
+from .trajectory import logits_x1_logprobs, step_logprobs
 
 
 class LoopState:
@@ -38,6 +39,7 @@ class LoopState:
         self.shift = engine.model.config.lm_vocab_size
         self.backend = engine.sampler_backend  # the concrete one: set by Engine._sampler_backend
         self.fused_head = False  # x̂1 from the fused head kernel: set by Engine._fused_head
+        self.recorder = None  # a trajectory.TrajectoryRecorder when the generation records (eager steps only)
 
     def graph_key(self):
         o = self.opts
@@ -70,9 +72,15 @@ class LoopState:
             hidden = model.hidden_states(self.ids[:rows], rope=self.rope, latent_tokens=self.n)  # (rows, n, H)
             for s, e in self.chunks(rows):
                 self._head_step(hidden[:, s:e], k, rows, s, e, common)
+        if self.recorder is not None:  # the law given x̂1 of the sampler's own output (before frozen write-back)
+            step_lp = step_logprobs(self.sched, k, self.x, self.recorder.x1, self.x_next)
         if self.freeze is not None:
             mask, values = self.freeze
             torch.where(mask, values, self.x_next, out=self.x_next)
+        if self.recorder is not None:
+            if self.freeze is not None:
+                step_lp = step_lp.masked_fill(self.freeze[0], 0.0)  # given tokens are not actions
+            self.recorder.add(k, float(self.sched.times[k]), rows > B, self.x, self.x_next, step_lp)
         self.x.copy_(self.x_next)
         for r in range(self.ids.shape[0] // B):  # every half sees the new tokens
             self.ids[r * B : (r + 1) * B, -self.n :].copy_(self.x).add_(self.shift)  # in place (no out= view)
@@ -82,7 +90,10 @@ class LoopState:
         B, model = self.B, self.engine.model
         x, out = self.x[:, s:e], self.x_next[:, s:e]
         target = out if out.is_contiguous() else torch.empty_like(x)  # the scheduler writes contiguous rows
-        if self.fused_head:
+        if self.recorder is not None:
+            x1 = self._recorded_draw(hidden, k, rows, s, e, common)
+            self.sched.step(None, k, x, x1=x1, token_offset=s, out=target, **common)
+        elif self.fused_head:
             H = hidden.shape[-1]
             x1 = ops_library.head_draw(
                 hidden[:B].reshape(-1, H), model.lm_head.weight,
@@ -97,6 +108,29 @@ class LoopState:
                             out=target, **common)
         if target is not out:
             out.copy_(target)
+
+    def _recorded_draw(self, hidden, k: int, rows: int, s: int, e: int, common: dict) -> torch.Tensor:
+        """x̂1 (B, e − s) of tokens [s, e) and its log-probability, both written into the recorder
+        (issue 18): the fused head's ``logprobs=`` output, or the sampler backend's own draw
+        (:meth:`Scheduler.draw`) and the log-softmax of the same range's logits."""
+        B, model, rec = self.B, self.engine.model, self.recorder
+        if self.fused_head:
+            H = hidden.shape[-1]
+            lp = torch.empty(B * (e - s), dtype=torch.float32, device=hidden.device)
+            x1 = ops_library.head_draw(
+                hidden[:B].reshape(-1, H), model.lm_head.weight,
+                uncond_hidden=hidden[B:].reshape(-1, H) if rows > B else None,
+                guidance_scale=self.opts["guidance_scale"], temperature=self.opts["temperature"], seeds=self.seeds,
+                row_len=e - s, step=self._rng_step(k), index_offset=s,
+                argmax=self.argmax_last and k == self.sched.num_steps - 1, logprobs=lp).view(B, e - s)
+        else:
+            logits = model.lm_head(hidden)  # (rows, e − s, K)
+            cond, uncond = logits[:B], logits[B:] if rows > B else None
+            x1 = self.sched.draw(cond, k, self.x[:, s:e], uncond_logits=uncond, token_offset=s, **common)
+            lp = logits_x1_logprobs(self.sched, cond, uncond, x1, self.opts)
+        rec.x1[:, s:e] = x1.view(B, e - s)
+        rec.x1_logprobs[:, s:e] = lp.view(B, e - s)
+        return x1.view(B, e - s)
 
     def _rng_step(self, k) -> torch.Tensor:
         """The RNG step counter (1,) int64 on the device: the scheduler's, read inside the kernels."""

@@ -29,6 +29,7 @@ class GenerationResult:
     decode_peak_memory : peak bytes allocated on the tokenizer's CUDA device while decoding
     model_calls : transformer evaluations; guided_steps : steps run as a 2B batch
     mode, attention : what ran ("eager" / "graph", the attention backend chosen)
+    trajectory : with ``return_trajectory=True``, the rollout (:class:`ursa_engine.trajectory.Trajectory`)
     """
 
     tokens: torch.Tensor
@@ -42,6 +43,7 @@ class GenerationResult:
     guided_steps: int = 0
     mode: str = "eager"
     attention: str = ""
+    trajectory: object = None
 
 
 class StepTimer:

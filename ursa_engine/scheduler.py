@@ -310,6 +310,35 @@ class Scheduler:
         out.view(-1).copy_(new.view(-1))
         return out
 
+    def draw(self, logits, k: int, x, *, uncond_logits=None, guidance_scale: float = 1.0,
+             guidance_trunc: float = 1.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             argmax_last: bool = False, seed=0, token_offset: int = 0, backend: str = "auto",
+             validate: bool = True) -> torch.Tensor:
+        """x̂1 alone: the draw :meth:`step` makes at step ``k`` (same uniforms, lane 0 of §2.5), on any backend.
+
+        ``step(logits, k, x, ...)`` equals ``step(None, k, x, x1=draw(logits, k, x, ...))`` token for
+        token (up to §2.5's float ties between backends). Runs the backend's step op as a last step
+        (whose result is x̂1) with the RNG step counter of ``k``; for the masked path on a grid of
+        masks, so that every token's x̂1 comes back. ``k`` is a python int; arguments as :meth:`step`.
+        Returns a LongTensor shaped like ``x``.
+        """
+        if self.mask_sampler == "confidence":
+            raise ValueError("draw: the confidence sampler ranks a sample's tokens together; it has no per-token "
+                             "x̂1 step")
+        k = self._check_k(k, True)
+        token_offset = _validate.index_offset("token_offset", token_offset)
+        logits, uncond, given_uncond, x, _, opts = self._options(
+            logits, uncond_logits, k, x, None, guidance_scale, guidance_trunc, temperature, top_k, top_p)
+        if validate:  # x is read below only through its shape (every token is drawn)
+            _validate.token_values("x", x, self.path.size)
+        source = torch.full_like(x, self.path.mask_id) if isinstance(self.path, MaskPath) else x
+        seeds, row_len = seeds_per_row(seed, tuple(x.shape), x.device)
+        params_all, counters = self.step_values(x.device)
+        out = torch.empty(tuple(x.shape), dtype=torch.int64, device=x.device)
+        return self._apply(logits, uncond, given_uncond, source, None, opts, params_all[k], counters[k:k + 1], True,
+                           argmax_last and k == self.num_steps - 1, seeds, row_len, token_offset, backend, validate,
+                           out)
+
     def tune(self, logits, x, *, uncond_logits=None, **options) -> str | None:
         """On a GPU, time one step with each fused backend able to run it (Triton, native) and
         let ``backend="auto"`` use the faster at this (tokens, K) from then on. Synchronizes:

@@ -17,8 +17,10 @@ Under DDP give each rank its own seeds (e.g. ``seed = step * world_size + rank``
 counter-based (§2.5), so equal seeds give equal noise on every rank.
 """
 
+from ..trajectory import Trajectory
 from .losses import IGNORE_INDEX, LatentLoss, latent_hidden, linear_cross_entropy
 from .noise import add_noise, expand_times, sample_frame_times
+from .replay import Replay, guided_logprobs, trajectory_logprobs
 
-__all__ = ["IGNORE_INDEX", "LatentLoss", "add_noise", "expand_times", "latent_hidden", "linear_cross_entropy",
-           "sample_frame_times"]
+__all__ = ["IGNORE_INDEX", "LatentLoss", "Replay", "Trajectory", "add_noise", "expand_times", "guided_logprobs",
+           "latent_hidden", "linear_cross_entropy", "sample_frame_times", "trajectory_logprobs"]
