@@ -6,7 +6,7 @@ K = 64,000, D = 33,280 tokens: the 1.7B video step, :func:`triton_kernels.head_d
 with ``-v``: registers a thread, spill bytes, and the shared memory the kernel needs (Triton's
 metadata; ptxas reports only static shared memory).
 
-    python benchmarks/compile_head_draw.py [--json out.json] [--no-uncond] [--block-m 128 ...]
+    python benchmarks/compile_head_draw.py [--json out.json] [--no-uncond] [--argmax] [--logprob] [--block-m 128 ...]
 
 Must run without ``TRITON_INTERPRET=1`` (the script clears it before Triton loads).
 """
@@ -86,10 +86,11 @@ def compile_kernel(fn, args: dict, constexprs: dict, num_warps: int, num_stages:
     return report
 
 
-def report(*, uncond: bool = True, dtype: str = "bf16", argmax: bool = False,
+def report(*, uncond: bool = True, dtype: str = "bf16", argmax: bool = False, logprob: bool = False,
            overrides: dict | None = None) -> list[dict]:
     """Resources of the three kernels at the production configuration (``overrides`` change tiles;
-    ``argmax`` adds the ARGMAX variants of select and finish)."""
+    ``argmax`` adds the ARGMAX variants of select and finish; ``logprob`` the LOGPROB variants of
+    select and finish, drawing and (with ``argmax``) argmax)."""
     os.environ["TRITON_INTERPRET"] = "0"
     sys.path.insert(0, str(ROOT))
     import torch
@@ -106,23 +107,30 @@ def report(*, uncond: bool = True, dtype: str = "bf16", argmax: bool = False,
                   zs=("fp32", 1.4426950408889634))
     stats = dict(common, m_ptr=("*fp32", 0), s_ptr=("*fp32", 0), NC=("i32", c["NC"]))
     select = dict(m_ptr=("*fp32", 0), s_ptr=("*fp32", 0), chunk_ptr=("*i32", 0), resid_ptr=("*fp32", 0),
-                  mx_ptr=("*fp32", 0), seeds_ptr=("*i64", 0), step_ptr=("*i64", 0), row_len=("i32", D),
-                  index_offset=("i32", 1), D=("i32", D), NC=("i32", c["NC"]), zs=("fp32", 1.0))
+                  mx_ptr=("*fp32", 0), lse_ptr=("*fp32", 0), seeds_ptr=("*i64", 0), step_ptr=("*i64", 0),
+                  row_len=("i32", D), index_offset=("i32", 1), D=("i32", D), NC=("i32", c["NC"]), zs=("fp32", 1.0))
     finish = dict(common, order_ptr=("*i64", 0), sorted_ptr=("*i32", 0), resid_ptr=("*fp32", 0),
-                  mx_ptr=("*fp32", 0), out_ptr=("*i64", 0))
-    return [
-        compile_kernel(hd.head_stats_kernel, stats, dict(flags, BLOCK_M=c["BLOCK_M"], GROUP_M=c["GROUP_M"]),
-                       c["stats_warps"], c["stats_stages"]),
-        compile_kernel(hd.head_select_kernel, select, dict(ARGMAX=False, ROWS=c["ROWS"], NC_P2=c["NC_P2"]),
-                       c["select_warps"], 1),
-        compile_kernel(hd.head_finish_kernel, finish, dict(flags, ARGMAX=False, BLOCK_M=c["BLOCK_M2"]),
-                       c["finish_warps"], c["finish_stages"]),
-    ] + ([  # the last step's argmax variants (pass one is the same kernel)
-        compile_kernel(hd.head_select_kernel, select, dict(ARGMAX=True, ROWS=c["ROWS"], NC_P2=c["NC_P2"]),
-                       c["select_warps"], 1),
-        compile_kernel(hd.head_finish_kernel, finish, dict(flags, ARGMAX=True, BLOCK_M=c["BLOCK_M2"]),
-                       c["finish_warps"], c["finish_stages"]),
-    ] if argmax else [])
+                  mx_ptr=("*fp32", 0), out_ptr=("*i64", 0), lp_ptr=("*fp32", 0))
+
+    def variants(am: bool, lp: bool) -> list[dict]:  # select and finish (pass one is the same kernel)
+        return [compile_kernel(hd.head_select_kernel, select, dict(ARGMAX=am, LOGPROB=lp, ROWS=c["ROWS"],
+                                                                    NC_P2=c["NC_P2"]), c["select_warps"], 1),
+                compile_kernel(hd.head_finish_kernel, finish, dict(flags, ARGMAX=am, LOGPROB=lp, BLOCK_M=c["BLOCK_M2"]),
+                               c["finish_warps"], c["finish_stages"])]
+
+    rows = [compile_kernel(hd.head_stats_kernel, stats, dict(flags, BLOCK_M=c["BLOCK_M"], GROUP_M=c["GROUP_M"]),
+                           c["stats_warps"], c["stats_stages"])] + variants(False, False)
+    if argmax:  # the last step ("churning by argmax")
+        rows += variants(True, False)
+    if logprob:  # the rollout's x̂1 log-probabilities (DESIGN §9)
+        rows += variants(False, True) + (variants(True, True) if argmax else [])
+    return rows
+
+
+def variant(r: dict) -> str:
+    """``"argmax+logprob"``, ``"argmax"``, ``"logprob"`` or ``""`` from a row's constexprs."""
+    cx = r.get("constexprs") or r.get("config") or {}
+    return "+".join(name for name, flag in (("argmax", "ARGMAX"), ("logprob", "LOGPROB")) if cx.get(flag))
 
 
 def main(argv=None) -> int:
@@ -132,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--guide-hidden", action="store_true", help="the one-dot guided-hidden variant")
     ap.add_argument("--argmax", action="store_true", help="also the ARGMAX variants of select and finish")
+    ap.add_argument("--logprob", action="store_true", help="also the LOGPROB variants of select and finish")
     for name in ("BLOCK_M", "BLOCK_K", "BLOCK_H", "BLOCK_M2", "TILES", "stats_warps", "stats_stages",
                  "finish_warps", "finish_stages"):
         ap.add_argument("--" + name.lower().replace("_", "-"), dest=name, type=int)
@@ -140,10 +149,10 @@ def main(argv=None) -> int:
                                         "stats_stages", "finish_warps", "finish_stages") if getattr(a, k)}
     if a.guide_hidden:
         over["GUIDE_HIDDEN"] = True
-    rows = report(uncond=not a.no_uncond, dtype=a.dtype, argmax=a.argmax, overrides=over)
+    rows = report(uncond=not a.no_uncond, dtype=a.dtype, argmax=a.argmax, logprob=a.logprob, overrides=over)
     for r in rows:
         spills = r["spill_store_bytes"] + r["spill_load_bytes"]
-        name = r["kernel"] + ("[argmax]" if r["constexprs"].get("ARGMAX") else "")
+        name = r["kernel"] + (f"[{variant(r)}]" if variant(r) else "")
         print(f"{name:28s} warps {r['num_warps']} stages {r['num_stages']}: {r['registers']} registers, "
               f"{spills} spill bytes, {r['shared_bytes']} B shared")
     if a.json:

@@ -217,14 +217,15 @@ def model_rows() -> list[dict]:
 
 
 def head_draw_rows() -> list[dict]:
-    """The fused lm_head + draw kernels at the 1.7B video step (:func:`.compile_head_draw.report`)."""
-    from .compile_head_draw import report
+    """The fused lm_head + draw kernels at the 1.7B video step (:func:`.compile_head_draw.report`): the draw,
+    argmax, and their LOGPROB variants (x̂1 log-probabilities for rollouts, DESIGN §9)."""
+    from .compile_head_draw import report, variant
 
     out = []
-    for r in report(uncond=True, dtype="bf16"):
+    for r in report(uncond=True, dtype="bf16", argmax=True, logprob=True):
         r["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in r.pop("constexprs").items()}
         r.pop("ptxas_log", None)
-        out.append(_row(r, "fsq-video", r["kernel"] != "head_select_kernel"))
+        out.append(_row(r, "fsq-video", r["kernel"] != "head_select_kernel", variant(r)))
     return out
 
 

@@ -13,6 +13,9 @@ chunks, padded code / hidden tails and many finish tiles all run). Checks:
 * the kernel's empirical law against the exact softmax(z), TV bound of ``test_sampler_laws`` fixed
   in advance; argmax, temperature, guidance on / off, index_offset chunking, odd sizes, bad input;
 * the twin never holds a (D, K) buffer at production size (fake tensors);
+* ``logprobs`` (DESIGN §9 ``x1_logprobs``): both implementations and the custom op against the dense
+  ``torch.log_softmax(guided z / T)`` gathered at the drawn ids, drawing and argmax; tokens unchanged
+  by asking for them; the finish kernel's rounding-edge fallback;
 * a compile report for sm_90a (no GPU: Triton's compiler and ptxas): no spills.
 """
 
@@ -274,9 +277,11 @@ def test_head_draw_edges():
     h, w, hu = problem(16, 97, 32, seed=3)
     r = rng_args(16)
     for impl in (lambda *a, **k: run_ref(*a, **k), lambda *a, **k: run_triton(tk, *a, cfg=SMALL, **k)):
-        empty = impl(h[:0], w, **dict(r, row_len=1))
+        empty = impl(h[:0], w, logprobs=torch.empty(0, device=DEVICE), **dict(r, row_len=1))
         assert empty.shape == (0,)
-        assert torch.equal(impl(h, w[:1], **r), torch.zeros(16, dtype=torch.int64, device=DEVICE))
+        lp = torch.full((16,), float("nan"), device=DEVICE)
+        assert torch.equal(impl(h, w[:1], logprobs=lp, **r), torch.zeros(16, dtype=torch.int64, device=DEVICE))
+        assert torch.equal(lp, torch.zeros(16, device=DEVICE))  # one code: probability 1
         assert torch.equal(impl(h, w, h.clone(), guidance_scale=7.0, **r), impl(h, w, **r))
     bad = h.clone()
     bad[3, 5] = float("nan")
@@ -301,6 +306,7 @@ def test_head_draw_rejects_bad_input(impl):
         "index_offset": dict(index_offset=-1),
         "out": dict(out=torch.empty(8, dtype=torch.int32, device=DEVICE)),
         "hidden": dict(hidden=h.to(torch.int64)),
+        "logprobs": dict(logprobs=torch.empty(8, dtype=torch.float64, device=DEVICE)),
     }
     for name, change in cases.items():
         args = dict(hidden=h, weight=w, uncond_hidden=hu, **r)
@@ -309,8 +315,175 @@ def test_head_draw_rejects_bad_input(impl):
             fn(args.pop("hidden"), args.pop("weight"), **args)
     with pytest.raises(ValueError, match="weight"):
         fn(h, w.to(torch.float16), **r)
+    with pytest.raises(ValueError, match="logprobs"):
+        fn(h, w, logprobs=torch.empty(7, device=DEVICE), **r)
 
 
 def test_head_draw_signatures_match():
     tk = _triton()
     assert inspect.signature(tk.head_draw) == inspect.signature(ref_hd.head_draw)
+
+
+# ------------------------------------------------------------------ x̂1 log-probabilities (DESIGN §9)
+# Forced small tilings as above: several chunks (K = 97: 4 chunks of 32 codes, a 1-code tail; K = 1,000:
+# 8 chunks of 128), two-tile chunks (the finish kernel carries z at the hit / last code across tiles).
+LP_CASES = {
+    "K97-plain-fp32": dict(K=97, dtype=torch.float32),
+    "K97-guided-T0.7-fp32": dict(K=97, dtype=torch.float32, guided=True, guidance_scale=3.0, temperature=0.7),
+    "K97-guided-s7-T0.7-fp32": dict(K=97, dtype=torch.float32, guided=True, guidance_scale=7.0, temperature=0.7),
+    "K97-argmax-fp32-2tiles": dict(K=97, dtype=torch.float32, argmax=True, temperature=1.3,
+                                   cfg=dict(BLOCK_K=16, TILES=2)),
+    "K1000-guided-T1.3-fp32-2tiles": dict(K=1000, dtype=torch.float32, guided=True, guidance_scale=3.0,
+                                          temperature=1.3, cfg=dict(BLOCK_K=64, TILES=2)),
+    "K1000-argmax-guided-fp32": dict(K=1000, dtype=torch.float32, guided=True, guidance_scale=3.0, temperature=0.7,
+                                     argmax=True),
+    "K97-guided-bf16": dict(K=97, dtype=torch.bfloat16, guided=True, guidance_scale=7.0),
+    "K1000-guided-T0.7-bf16": dict(K=1000, dtype=torch.bfloat16, guided=True, guidance_scale=7.0, temperature=0.7),
+    "K1000-argmax-guided-bf16": dict(K=1000, dtype=torch.bfloat16, guided=True, guidance_scale=7.0, argmax=True),
+}
+
+
+def dense_logprobs(h, w, hu, *, guidance_scale=1.0, temperature=1.0, exact=False):
+    """``torch.log_softmax(guided z / T)`` (D, K) float64 of the materialized logits: ``lm_head``'s
+    (F.linear in the input dtype), or with ``exact`` the float64 product (to measure torch's own error)."""
+    lin = (lambda a: a.double() @ w.double().T) if exact else (lambda a: F.linear(a, w))  # noqa: E731
+    z = ref.guided_logits(lin(h), lin(hu) if hu is not None else None, guidance_scale=guidance_scale,
+                          temperature=temperature)
+    return torch.log_softmax(z, -1)
+
+
+def lp_bound(h, w, hu, x1, o):
+    """Absolute tolerance on log p(x̂1), fixed before comparing (printed with ``-s``).
+
+    fp32: 1e-5, or twice torch's own error where that is larger (the fp32 logits themselves, against
+    their float64 product, moved by guidance: ~1e-5 at s = 7, T = 0.7; ~1e-6 elsewhere).
+    bf16 / fp16: c and u are rounded to the dtype in the kernel as in ``lm_head``, but from fp32 sums in
+    another order: rarely one logit rounds the other way, by one ulp. That moves z_j by at most
+    Δ = (|s| + |1 − s|)·ulp(max |c|, |u|) / T, and log p(x̂1) by at most 2Δ (Δ if j = x̂1, p_j·Δ through the
+    normaliser otherwise): the bound is 1e-5 + 2Δ, and ≥ 99% of tokens must be within 1e-5.
+    """
+    gs, T = o.get("guidance_scale", 1.0), o.get("temperature", 1.0)
+    if h.dtype == torch.float32:
+        own = dense_logprobs(h, w, hu, guidance_scale=gs, temperature=T) - dense_logprobs(
+            h, w, hu, guidance_scale=gs, temperature=T, exact=True)
+        return max(1e-5, 2 * own.gather(-1, x1[:, None]).abs().max().item())
+    big = max(F.linear(a, w).float().abs().max().item() for a in (h, hu) if a is not None)
+    ulp = 2.0 ** (math.floor(math.log2(big)) - (7 if h.dtype == torch.bfloat16 else 10))
+    return 1e-5 + 2 * (abs(gs) + abs(1 - gs)) * ulp / T
+
+
+def check_logprobs(lp, x1, want, bound, what, dtype=torch.float32):
+    """``lp`` (D,) float32 against ``want`` (D, K) float64 at ``x1``: within ``bound``; where the bound allows
+    more than 1e-5 for bf16 / fp16 rounding flips, ≥ 99% of tokens still within 1e-5."""
+    assert lp.dtype == torch.float32 and lp.shape == x1.shape
+    err = (lp.double() - want.gather(-1, x1[:, None]).squeeze(-1)).abs()
+    print(f"\n{what}: max |Δ log p| = {err.max().item():.2e} (bound {bound:.2e}); "
+          f"{(err <= 1e-5).double().mean().item():.2%} within 1e-5")
+    assert err.max().item() <= bound, f"{what}: {err.max().item():.3e} > {bound:.3e}"
+    if dtype != torch.float32:
+        assert (err <= 1e-5).double().mean().item() >= 0.99
+
+
+@pytest.mark.parametrize("name", list(LP_CASES), ids=str)
+def test_head_draw_logprobs_match_dense_log_softmax(name):
+    """Twin and kernel: log softmax(z / T)[x̂1] at their own drawn ids (argmax: the argmax code); asking for
+    the log-probabilities changes no token."""
+    o = dict(LP_CASES[name])
+    K, dtype, guided, cfg = o.pop("K"), o.pop("dtype"), o.pop("guided", False), o.pop("cfg", {})
+    h, w, hu = problem(64, K, 32, seed=K + 1, dtype=dtype, guided=guided)
+    r = rng_args(64, rows=2)
+    want = dense_logprobs(h, w, hu, guidance_scale=o.get("guidance_scale", 1.0), temperature=o.get("temperature", 1.0))
+    lp = torch.full((64,), float("nan"), device=DEVICE)
+    x_ref = run_ref(h, w, hu, chunk_rows=7, logprobs=lp, **r, **o)
+    assert torch.equal(x_ref, run_ref(h, w, hu, chunk_rows=7, **r, **o))
+    check_logprobs(lp, x_ref, want, max(1e-5, lp_bound(h, w, hu, x_ref, o) if dtype == torch.float32 else 0),
+                   f"{name} twin")
+    if o.get("argmax"):
+        assert torch.equal(x_ref, want.argmax(-1))
+    tk = _triton()
+    cfg = {**(SMALL if K < 1000 else SMALL_K1000), **cfg}
+    lp = torch.full((64,), float("nan"), device=DEVICE)
+    x_tk = run_triton(tk, h, w, hu, cfg=cfg, logprobs=lp, **r, **o)
+    assert torch.equal(x_tk, run_triton(tk, h, w, hu, cfg=cfg, **r, **o))  # logprobs=None: the same tokens
+    agree(x_tk, x_ref, what=f"{name} tokens")
+    check_logprobs(lp, x_tk, want, lp_bound(h, w, hu, x_tk, o), f"{name} triton", dtype)
+
+
+def test_head_draw_logprobs_through_the_custom_op():
+    """``ops_library.head_draw(..., logprobs=)`` (``ursa::head_draw``, the launcher's own interpreter tiles: 8
+    chunks at K = 1,000), drawing and argmax, bf16 with guidance; its fake runs at any size."""
+    _triton()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ursa_engine import ops_library
+
+    h, w, hu = problem(64, 1000, 32, seed=12, dtype=torch.bfloat16, guided=True)
+    r = rng_args(64, rows=2)
+    r.pop("index_offset")
+    o = dict(guidance_scale=3.0, temperature=0.8)
+    want = dense_logprobs(h, w, hu, **o)
+    for argmax in (False, True):
+        lp = torch.empty(64, device=DEVICE)
+        x1 = ops_library.head_draw(h, w, uncond_hidden=hu, argmax=argmax, logprobs=lp, **r, **o)
+        assert torch.equal(x1, ops_library.head_draw(h, w, uncond_hidden=hu, argmax=argmax, **r, **o))
+        check_logprobs(lp, x1, want, lp_bound(h, w, hu, x1, o), f"custom op, argmax={argmax}", h.dtype)
+    step, seeds = r["step"], r["seeds"]
+    for lp in (None, torch.empty(64, device=DEVICE)):  # the schema declares the mutations; the fake agrees
+        torch.library.opcheck(torch.ops.ursa.head_draw.default,
+                              (h[:8], w, hu[:8], 3.0, 0.8, seeds, 4, step, 0, False,
+                               torch.empty(8, dtype=torch.int64, device=DEVICE), None if lp is None else lp[:8]),
+                              test_utils=("test_schema", "test_faketensor"))
+    with FakeTensorMode():
+        D, K, H = 33_280, 64_000, 2_048
+        hf, wf = torch.empty(D, H, dtype=torch.bfloat16), torch.empty(K, H, dtype=torch.bfloat16)
+        lpf = torch.empty(D)
+        x1 = ops_library.head_draw(hf, wf, uncond_hidden=hf, logprobs=lpf, seeds=torch.zeros(1, dtype=torch.int64),
+                                   row_len=D, step=torch.zeros(1, dtype=torch.int64))
+        assert x1.shape == (D,) and x1.dtype == torch.int64
+
+
+def test_head_draw_logprobs_at_the_rounding_edge_fallback(monkeypatch):
+    """When the recomputed chunk's mass falls short of the target (float rounding), the finish kernel takes
+    the chunk's last code of positive weight; its log-probability must be that code's. Forced here by a
+    select kernel whose remaining target is +inf; two tiles a chunk, so the last code is in the second."""
+    tk = _triton()
+    h, w, hu = problem(64, 97, 32, seed=30, guided=True)
+    r = rng_args(64, rows=2)
+    o = dict(guidance_scale=2.0, temperature=0.9)
+    cfg = dict(SMALL, BLOCK_K=16, TILES=2)  # chunks of 32 codes: [0, 32) ... [96, 97)
+    x_normal = run_triton(tk, h, w, hu, cfg=cfg, **r, **o)
+    select = tk.head_select_kernel
+
+    class Overshoot:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                select[grid](*args, **kw)
+                args[3].fill_(float("inf"))  # resid: the target beyond the chunk's mass
+
+            return launch
+
+    monkeypatch.setattr(tk, "head_select_kernel", Overshoot())
+    lp = torch.full((64,), float("nan"), device=DEVICE)
+    x1 = run_triton(tk, h, w, hu, cfg=cfg, logprobs=lp, **r, **o)
+    assert torch.equal(x1, torch.clamp((x_normal // 32 + 1) * 32 - 1, max=96))  # every code has weight > 0
+    check_logprobs(lp, x1, dense_logprobs(h, w, hu, **o), lp_bound(h, w, hu, x1, o), "fallback")
+
+
+@pytest.mark.parametrize("argmax", [False, True], ids=["draw", "argmax"])
+def test_head_draw_logprobs_bf16_exact_logits_within_1e5(argmax):
+    """bf16 inputs on a grid of 1/8 (|value| ≤ 2): every fp32 sum of H = 32 products is exact in any order, so
+    the kernel's c and u round to exactly ``lm_head``'s bf16 logits and the only error left is the
+    log-probability's own arithmetic: 1e-5 for every token, as in fp32 (s = 7, T = 0.7, K = 1,000)."""
+    tk = _triton()
+    g = torch.Generator().manual_seed(40)
+    grid = lambda n, *shape: torch.randint(-n, n + 1, shape, generator=g) / 8  # noqa: E731
+    h = grid(16, 64, 32)
+    hu = h + grid(2, 64, 32)  # the unconditional pass: close to the conditional one, on the same grid
+    w = grid(16, 1000, 32) / 4  # logits of scale ~3
+    h, hu, w = (t.to(torch.bfloat16).to(DEVICE) for t in (h, hu, w))  # all exact in bf16
+    o = dict(guidance_scale=7.0, temperature=0.7, argmax=argmax)
+    r = rng_args(64, rows=2)
+    lp = torch.empty(64, device=DEVICE)
+    x1 = run_triton(tk, h, w, hu, cfg=SMALL_K1000, logprobs=lp, **r, **o)
+    want = dense_logprobs(h, w, hu, guidance_scale=7.0, temperature=0.7)
+    check_logprobs(lp, x1, want, 1e-5, f"bf16 exact logits, argmax={argmax}")

@@ -26,6 +26,17 @@ Three kernels and one sort, nothing of size D×K:
    all, each weight chunk read about once, instead of CHUNK × H weights per token (17 GB at video
    size for a per-token recomputation).
 
+Log-probabilities (``logprobs=``, DESIGN §9 ``x1_logprobs``; LOGPROB constexpr of select and finish, so
+the other variants compile as before): ``log softmax(z / T)[x̂1] = (z_x̂1 − lse) / T`` with
+``lse = max z + T·ln Σ exp((z − max z) / T)``. Select already sums the chunk masses on the token's scale
+for the draw; it writes ``lse`` (in z units: ``max(m) + log2(Σ masses) / zs``) into the caller's
+``logprobs`` buffer (no scratch), and finish, whose recomputed tile holds z at x̂1, overwrites it with
+``(z_x̂1 − lse)·zs·ln 2``: no extra pass over K. With ``argmax`` select computes the total only under
+LOGPROB. Measured on the interpreter (64 tokens, H = 32, K = 97 / 1,000, several chunks, tests): within
+7e-6 of float64 ``log_softmax`` of the fp32 logits (1.6e-5 at s = 7, T = 0.7, where torch's own fp32
+logits are already 1e-5 off their float64 product); bf16 within 1.5e-6 (a logit whose fp32 sum rounds to
+the other bf16 neighbour than ``lm_head``'s would move it by up to ``(|s| + |1 − s|)·ulp / T``: not seen).
+
 Same law and same uniform as the unfused path (lm_head, then the sampler): ``c`` and ``u`` are
 rounded to the input dtype exactly as ``lm_head`` returns them (round to nearest even) before
 guidance, so tokens agree with the reference except where the target lands within rounding of a
@@ -55,15 +66,23 @@ stats, no guidance          same, 3 stages                       112        0 B 
 stats, GUIDE_HIDDEN         same                                 161        0 B     131,072 B
 select                      8 tok × 512 chunks, 4 warps          128        0 B     512 B
 select, argmax              same                                 48         0 B     256 B
+select, logprob             same                                 127        0 B     512 B
+select, argmax + logprob    same                                 96         0 B     256 B
 finish, guidance            32 tok × 128 × 64, 8 warps, 3 st.    172        0 B     49,152 B
 finish, no guidance         same                                 128        0 B     40,960 B
 finish, argmax              same                                 128        0 B     49,152 B
+finish, logprob             same, guidance                       172        0 B     49,152 B
+finish, logprob, no guid.   same                                 176        0 B     40,960 B
+finish, argmax + logprob    same, guidance                       172        0 B     49,152 B
 ==========================  ===================================  =========  ======  ==============
+
+(LOGPROB rows: ``python benchmarks/compile_head_draw.py --argmax --logprob [--no-uncond]``, same tool.)
 
 Pass one lowers to ``wgmma`` fed by a 3-stage ``cp.async`` pipeline, one 256-thread CTA per SM
 (registers and shared memory both allow one); finish uses ``mma.sync`` (32-row tiles).
-Occupancy claims (checked by :mod:`ursa_engine.benchmarks.compile_report`): stats and finish 1
-block an SM, select 4.
+Occupancy claims (checked by :mod:`ursa_engine.benchmarks.compile_report`, LOGPROB variants included):
+stats and finish 1 block an SM, select 4 (≤ 128 registers at 4 warps: select stores ``lse`` before the
+Philox rounds so nothing more is alive across them; stored after them it took 163).
 fp16 is identical to bf16; fp32 inputs (tests) use an exact "ieee" dot on CUDA cores with
 BLOCK_M 64 × BLOCK_H 32: 220 registers, no spills.
 
@@ -208,29 +227,44 @@ def head_stats_kernel(h_ptr, hu_ptr, w_ptr, m_ptr, s_ptr, D, K, NC, stride_h, st
 
 
 @triton.jit
-def head_select_kernel(m_ptr, s_ptr, chunk_ptr, resid_ptr, mx_ptr, seeds_ptr, step_ptr, row_len, index_offset,
-                       D, NC, zs, ARGMAX: tl.constexpr, ROWS: tl.constexpr, NC_P2: tl.constexpr):
+def head_select_kernel(m_ptr, s_ptr, chunk_ptr, resid_ptr, mx_ptr, lse_ptr, seeds_ptr, step_ptr, row_len,
+                       index_offset, D, NC, zs, ARGMAX: tl.constexpr, LOGPROB: tl.constexpr, ROWS: tl.constexpr,
+                       NC_P2: tl.constexpr):
     """Per token: the chunk holding x̂1 and what is left of the target inside it.
 
     Draw: chunk masses ``s·exp2(m·zs − mx)`` on the token's scale ``mx = max(m)·zs``, target
     ``u0 · Σ masses``; writes the crossing chunk, ``target − (mass before it)`` and ``mx``.
     ARGMAX: the first chunk whose max is the token's max (so the first index of max z overall).
+    LOGPROB: also the token's log-sum-exp in z units, ``lse = max(m) + log2(Σ masses) / zs`` (so
+    ``log softmax(z / T)_j = (z_j − lse) · zs · ln 2``), into ``lse_ptr`` (D,) fp32: the logprobs
+    buffer, which the finish kernel then overwrites with the log-probability.
     """
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     ok = rows < D
     cidx = tl.arange(0, NC_P2)[None, :]
     msk = ok[:, None] & (cidx < NC)
     m = tl.load(m_ptr + rows[:, None] * NC + cidx, mask=msk, other=float("-inf"))
+    if LOGPROB:
+        zmax = tl.max(m, 1)  # raw z: here, so that m dies before the cumsum (registers)
     if ARGMAX:
         chunk = tl.argmax(m, 1, tie_break_left=True)
+        if LOGPROB:  # the total mass, only for the log-probability of the argmax code
+            s = tl.load(s_ptr + rows[:, None] * NC + cidx, mask=msk, other=0.0)
+            mz = m * zs
+            mx = tl.maximum(tl.max(mz, 1), NEG_BIG)
+            total = tl.sum(s * tl.exp2(mz - mx[:, None]), 1)
+            tl.store(lse_ptr + rows, zmax + tl.log2(total) / zs, mask=ok)
     else:
         s = tl.load(s_ptr + rows[:, None] * NC + cidx, mask=msk, other=0.0)
         mz = m * zs
         mx = tl.maximum(tl.max(mz, 1), NEG_BIG)
         sc = s * tl.exp2(mz - mx[:, None])
         cs = tl.cumsum(sc, 1)
+        total = tl.max(cs, 1)
+        if LOGPROB:  # stored before the Philox rounds: nothing more is alive across them (registers)
+            tl.store(lse_ptr + rows, zmax + tl.log2(total) / zs, mask=ok)
         u0 = to_uniform(token_words(seeds_ptr, row_len, rows, ok, tl.load(step_ptr), TAG_STEP, index_offset)[0])
-        target = u0 * tl.max(cs, 1)
+        target = u0 * total
         chunk, prefix = crossing(cs, sc, target, cidx)
         tl.store(resid_ptr + rows, target - prefix, mask=ok)
         tl.store(mx_ptr + rows, mx, mask=ok)
@@ -238,15 +272,18 @@ def head_select_kernel(m_ptr, s_ptr, chunk_ptr, resid_ptr, mx_ptr, seeds_ptr, st
 
 
 @triton.jit
-def head_finish_kernel(h_ptr, hu_ptr, w_ptr, order_ptr, sorted_ptr, resid_ptr, mx_ptr, out_ptr, D, K,
+def head_finish_kernel(h_ptr, hu_ptr, w_ptr, order_ptr, sorted_ptr, resid_ptr, mx_ptr, out_ptr, lp_ptr, D, K,
                        stride_h, stride_hu, stride_w, gs, zs, H: tl.constexpr,
                        HAS_UNCOND: tl.constexpr, GUIDE_HIDDEN: tl.constexpr, UPCAST: tl.constexpr,
                        LOGIT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ARGMAX: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+                       LOGPROB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+                       TILES: tl.constexpr):
     """Pass two: x̂1 inside the chosen chunk, BLOCK_M tokens of the chunk-sorted order a program.
 
     ``order`` (D,) int64 token ids sorted by chunk, ``sorted`` (D,) int32 their chunk ids
     (ascending). One ``tl.dot`` pass over the chunk per distinct chunk of the tile.
+    LOGPROB: ``lp`` (D,) fp32 holds the select kernel's ``lse``; overwritten with
+    ``(z_x̂1 − lse) · zs · ln 2 = log softmax(z / T)[x̂1]``, z at x̂1 taken from the tile already in registers.
     """
     start = tl.program_id(0).to(tl.int64) * BLOCK_M
     pos = start + tl.arange(0, BLOCK_M)
@@ -256,6 +293,9 @@ def head_finish_kernel(h_ptr, hu_ptr, w_ptr, order_ptr, sorted_ptr, resid_ptr, m
     if not ARGMAX:
         resid = tl.load(resid_ptr + rows, mask=ok, other=0.0)
         mx = tl.load(mx_ptr + rows, mask=ok, other=0.0)
+    if LOGPROB:
+        lse = tl.load(lp_ptr + rows, mask=ok, other=0.0)
+        lp = tl.zeros([BLOCK_M], tl.float32)
     idx = tl.arange(0, BLOCK_K)[None, :]
     c = tl.min(tl.where(ok, ck, _BIG), 0)
     x1 = tl.zeros([BLOCK_M], tl.int64)
@@ -266,6 +306,9 @@ def head_finish_kernel(h_ptr, hu_ptr, w_ptr, order_ptr, sorted_ptr, resid_ptr, m
         found = tl.zeros([BLOCK_M], tl.int1)
         last = tl.full([BLOCK_M], -1, tl.int32)
         carried = tl.zeros([BLOCK_M], tl.float32)
+        if LOGPROB:  # z at the hit code and at the last code of positive weight (the rounding-edge fallback)
+            z_hit = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            z_last = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for t in range(0, TILES):
             cols = (c * TILES + t).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
             z = tile_logits(h_ptr, hu_ptr, w_ptr, rows, sel, cols, K, stride_h, stride_hu, stride_w, gs, H,
@@ -282,14 +325,28 @@ def head_finish_kernel(h_ptr, hu_ptr, w_ptr, order_ptr, sorted_ptr, resid_ptr, m
                 hit = (p < BLOCK_K) & (~found)
                 j = tl.where(hit, p + t * BLOCK_K, j)
                 found = found | hit
-                last = tl.maximum(last, tl.max(tl.where(e > 0, idx + t * BLOCK_K, -1), 1))
+                if LOGPROB:
+                    lt = tl.max(tl.where(e > 0, idx, -1), 1)
+                    z_hit = tl.where(hit, tl.max(tl.where(idx == p[:, None], z, float("-inf")), 1), z_hit)
+                    z_last = tl.where(lt >= 0, tl.max(tl.where(idx == lt[:, None], z, float("-inf")), 1), z_last)
+                    last = tl.maximum(last, tl.where(lt >= 0, lt + t * BLOCK_K, -1))
+                else:
+                    last = tl.maximum(last, tl.max(tl.where(e > 0, idx + t * BLOCK_K, -1), 1))
                 carried = tl.max(cs, 1)
+        if LOGPROB:
+            if ARGMAX:
+                z_sel = best
+            else:
+                z_sel = tl.where(found & (j <= last), z_hit, z_last)
+            lp = tl.where(sel, (z_sel - lse) * (zs * 0.6931471805599453), lp)
         if not ARGMAX:
             # a rounding edge can step past the chunk's last code with positive weight: take that code
             j = tl.maximum(tl.where(found, tl.minimum(j, last), last), 0)
         x1 = tl.where(sel, c.to(tl.int64) * (TILES * BLOCK_K) + j, x1)
         c = tl.min(tl.where(ok & (ck > c), ck, _BIG), 0)
     tl.store(out_ptr + rows, tl.minimum(x1, K - 1), mask=ok)  # in range whatever the input (NaN)
+    if LOGPROB:
+        tl.store(lp_ptr + rows, lp, mask=ok)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -323,13 +380,14 @@ def head_config(D: int, K: int, H: int, device, dtype=torch.bfloat16, **over) ->
     return c
 
 
-def _check(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset, out):
+def _check(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset, out,
+           logprobs=None):
     """The twin's argument checks (:func:`ursa_engine.reference.head_draw.check_inputs`), plus what
     the kernel needs: the hidden axis contiguous, K < 2^31."""
     from ursa_engine.reference.head_draw import check_inputs
 
     D, K, H = check_inputs(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step,
-                           index_offset, out)
+                           index_offset, out, logprobs)
     for name, t in (("hidden", hidden), ("weight", weight), ("uncond_hidden", uncond_hidden)):
         if t is not None and H > 1 and t.stride(1) != 1:
             raise ValueError(f"{name}: the hidden axis must be contiguous (stride 1), got stride {t.stride(1)}")
@@ -341,7 +399,7 @@ def _check(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, ro
 def head_draw(hidden: torch.Tensor, weight: torch.Tensor, *, uncond_hidden: torch.Tensor | None = None,
               guidance_scale: float = 1.0, temperature: float = 1.0, seeds: torch.Tensor, row_len: int,
               step: torch.Tensor, index_offset: int = 0, argmax: bool = False,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """x̂1 ~ softmax(guided(hidden·Wᵀ, uncond_hidden·Wᵀ) / T) per token, logits never stored (§2.4).
 
     Parameters
@@ -357,6 +415,11 @@ def head_draw(hidden: torch.Tensor, weight: torch.Tensor, *, uncond_hidden: torc
     index_offset : added to the Philox index ``i % row_len`` (row-chunked callers)
     argmax : argmax z (first index) instead of a draw
     out : optional int64 (D,) output buffer (fixed address for CUDA graphs)
+    logprobs : optional float32 (D,) buffer, written with ``log softmax(z / T)[x̂1]`` (DESIGN §9
+        ``x1_logprobs``; with ``argmax``: the argmax code's log-probability under softmax(z / T)), from
+        the log-sum-exp pass one and select already hold and z at x̂1 in the finish tile: no extra pass
+        over K, no extra scratch (the buffer carries the log-sum-exp from select to finish).
+        −inf for a token whose chosen chunk has no positive weight (only with NaN / inf inputs).
 
     Returns
     -------
@@ -364,14 +427,14 @@ def head_draw(hidden: torch.Tensor, weight: torch.Tensor, *, uncond_hidden: torc
     """
     return _head_draw(hidden, weight, uncond_hidden=uncond_hidden, guidance_scale=guidance_scale,
                       temperature=temperature, seeds=seeds, row_len=row_len, step=step, index_offset=index_offset,
-                      argmax=argmax, out=out)
+                      argmax=argmax, out=out, logprobs=logprobs)
 
 
 def _head_draw(hidden, weight, *, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset,
-               argmax, out, cfg=None):
+               argmax, out, logprobs=None, cfg=None):
     """:func:`head_draw` with ``cfg`` overriding :func:`head_config` (tests, benchmarks)."""
     D, K, H = _check(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step,
-                     index_offset, out)
+                     index_offset, out, logprobs)
     device = hidden.device
     out = out if out is not None else torch.empty(D, dtype=torch.int64, device=device)
     if D == 0:
@@ -397,15 +460,17 @@ def _head_draw(hidden, weight, *, uncond_hidden, guidance_scale, temperature, se
     chunk = torch.empty(D, dtype=torch.int32, device=device)
     resid = torch.empty(D, dtype=torch.float32, device=device)
     mx = torch.empty(D, dtype=torch.float32, device=device)
+    want_lp = logprobs is not None
+    lp = logprobs if want_lp else mx  # never touched without LOGPROB
     head_select_kernel[(math.ceil(D / c["ROWS"]),)](
-        mstat, sstat, chunk, resid, mx, seeds, step, row_len, index_offset, D, nc, zs, ARGMAX=bool(argmax),
-        ROWS=c["ROWS"], NC_P2=c["NC_P2"], **({"num_warps": c["select_warps"]} if cuda else {}))
+        mstat, sstat, chunk, resid, mx, lp, seeds, step, row_len, index_offset, D, nc, zs, ARGMAX=bool(argmax),
+        LOGPROB=want_lp, ROWS=c["ROWS"], NC_P2=c["NC_P2"], **({"num_warps": c["select_warps"]} if cuda else {}))
     del mstat, sstat
 
     # tokens grouped by chunk: a finish tile then recomputes few chunks for many tokens (a GEMM again)
     sorted_chunk, order = torch.sort(chunk)
     opts = dict(num_warps=c["finish_warps"], num_stages=c["finish_stages"]) if cuda else {}
     head_finish_kernel[(math.ceil(D / c["BLOCK_M2"]),)](
-        hidden, hu, weight, order, sorted_chunk, resid, mx, out, D, K, **strides, gs=gs, zs=zs, H=H, **flags,
-        ARGMAX=bool(argmax), BLOCK_M=c["BLOCK_M2"], **opts)
+        hidden, hu, weight, order, sorted_chunk, resid, mx, out, lp, D, K, **strides, gs=gs, zs=zs, H=H, **flags,
+        ARGMAX=bool(argmax), LOGPROB=want_lp, BLOCK_M=c["BLOCK_M2"], **opts)
     return out

@@ -353,35 +353,38 @@ def head_draw_unavailable(device) -> str | None:
     return module.unavailable(torch.device(device))
 
 
-@custom_op("ursa::head_draw", mutates_args=("out",))
+@custom_op("ursa::head_draw", mutates_args=("out", "logprobs"))
 @launches("head_draw")
 def _head_draw(hidden: Tensor, weight: Tensor, uncond_hidden: Tensor | None, guidance_scale: float,
                temperature: float, seeds: Tensor, row_len: int, step: Tensor, index_offset: int, argmax: bool,
-               out: Tensor) -> None:
+               out: Tensor, logprobs: Tensor | None) -> None:
     _triton("head_draw").head_draw(
         hidden, weight, uncond_hidden=uncond_hidden, guidance_scale=guidance_scale, temperature=temperature,
-        seeds=seeds, row_len=row_len, step=step, index_offset=index_offset, argmax=argmax, out=out)
+        seeds=seeds, row_len=row_len, step=step, index_offset=index_offset, argmax=argmax, out=out,
+        logprobs=logprobs)
 
 
 @_head_draw.register_fake
 def _(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset, argmax,
-      out) -> None:
-    return None
+      out, logprobs) -> None:
+    return None  # writes out (and logprobs) in place: nothing allocated
 
 
 def head_draw(hidden: Tensor, weight: Tensor, *, uncond_hidden: Tensor | None = None, guidance_scale: float = 1.0,
               temperature: float = 1.0, seeds: Tensor, row_len: int, step: Tensor, index_offset: int = 0,
-              argmax: bool = False, out: Tensor | None = None) -> Tensor:
+              argmax: bool = False, out: Tensor | None = None, logprobs: Tensor | None = None) -> Tensor:
     """x̂1 (D,) int64 drawn from ``softmax(guided(hidden @ weightᵀ) / T)`` without writing the logits
     (``ursa_engine.triton_kernels.head_draw``; same law and uniforms as the unfused path, §2.4-§2.5).
 
     hidden, uncond_hidden : (D, hidden) final hidden states of the tokens (cond / uncond rows)
     weight : (K, hidden) ``lm_head`` weight; seeds / row_len / step / index_offset: the RNG keys
+    logprobs : optional float32 (D,) buffer, written with ``log softmax(z / T)[x̂1]`` (DESIGN §9;
+        with ``argmax``: the argmax code's); the caller allocates it (fixed address for CUDA graphs)
     """
     if out is None:
         out = torch.empty(hidden.shape[0], dtype=torch.int64, device=hidden.device)
     torch.ops.ursa.head_draw(hidden, weight, uncond_hidden, float(guidance_scale), float(temperature), seeds,
-                             int(row_len), step, int(index_offset), bool(argmax), out)
+                             int(row_len), step, int(index_offset), bool(argmax), out, logprobs)
     return out
 
 
@@ -403,7 +406,8 @@ def workspace_bytes(func, args, kwargs) -> tuple[int, str] | None:
     buffer (the FSQ step and the uniform steps keep nothing); the fused head draw keeps a
     per-(token, 128-code chunk) max and sum (fp32, D × NC each) and, alive with them, the chosen
     chunk (int32), the remaining target and the max (fp32) per token; then the sort (int32 values,
-    int64 order).
+    int64 order). Log-probabilities (``logprobs``) add nothing: the caller's buffer carries the
+    log-sum-exp from the select kernel to the finish kernel.
     """
     name = getattr(func, "name", lambda: "")()
     if name == "ursa::metric_step":

@@ -8,6 +8,7 @@ For token ``i`` (a row of ``hidden``)::
     c = hidden[i] · Wᵀ,  u = uncond_hidden[i] · Wᵀ      (logits in the model's dtype, exactly lm_head's)
     z = u + s·(c − u)   (z = c where c == u; z = c without uncond_hidden),  then z / T
     x̂1 = the inverse-CDF draw of softmax(z) with the lane-0 uniform of token i (or argmax z)
+    logprobs[i] = log softmax(z)[x̂1]                  (optional; float64 from the same chunk's z, DESIGN §9)
 
 RNG (§2.5, :mod:`ursa_engine.reference.rng`): Philox key ``seeds[i // row_len]``, counter
 ``(index lo, index hi, step, TAG_STEP)`` with ``index = (i % row_len) + index_offset``, lane 0
@@ -37,7 +38,7 @@ HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_inputs(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset,
-                 out) -> tuple[int, int, int]:
+                 out, logprobs=None) -> tuple[int, int, int]:
     """Argument checks shared by both backends of ``head_draw``; returns (D, K, H). Names the argument."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.dtype not in HIDDEN_DTYPES:
         raise ValueError(f"hidden: expected a (D, H) float32 / float16 / bfloat16 tensor, got "
@@ -74,13 +75,17 @@ def check_inputs(hidden, weight, uncond_hidden, guidance_scale, temperature, see
     if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.shape != (D,)
                             or out.device != device or not out.is_contiguous()):
         raise ValueError(f"out: expected a contiguous int64 tensor of shape ({D},) on {device}")
+    if logprobs is not None and (not isinstance(logprobs, torch.Tensor) or logprobs.dtype != torch.float32
+                                 or logprobs.shape != (D,) or logprobs.device != device
+                                 or not logprobs.is_contiguous()):
+        raise ValueError(f"logprobs: expected a contiguous float32 tensor of shape ({D},) on {device}")
     return D, weight.shape[0], H
 
 
 def head_draw(hidden: torch.Tensor, weight: torch.Tensor, *, uncond_hidden: torch.Tensor | None = None,
               guidance_scale: float = 1.0, temperature: float = 1.0, seeds: torch.Tensor, row_len: int,
               step: torch.Tensor, index_offset: int = 0, argmax: bool = False,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """x̂1 ~ softmax(guided(hidden·Wᵀ, uncond_hidden·Wᵀ) / T) per token, in row chunks (DESIGN §2.4).
 
     Parameters
@@ -93,6 +98,9 @@ def head_draw(hidden: torch.Tensor, weight: torch.Tensor, *, uncond_hidden: torc
     seeds, row_len, step, index_offset : the RNG rows of the sampler ops (module docstring)
     argmax : return argmax z (first index) instead of a draw
     out : optional int64 (D,) output buffer
+    logprobs : optional float32 (D,) buffer, written with ``log softmax(z / T)[x̂1]`` of every token
+        (DESIGN §9 ``x1_logprobs``; with ``argmax``: the log-probability of the argmax code under
+        softmax(z / T)). Computed in float64 from the chunk's own z (the draw's), then rounded.
 
     Returns
     -------
@@ -100,14 +108,14 @@ def head_draw(hidden: torch.Tensor, weight: torch.Tensor, *, uncond_hidden: torc
     """
     return _head_draw(hidden, weight, uncond_hidden=uncond_hidden, guidance_scale=guidance_scale,
                       temperature=temperature, seeds=seeds, row_len=row_len, step=step, index_offset=index_offset,
-                      argmax=argmax, out=out)
+                      argmax=argmax, out=out, logprobs=logprobs)
 
 
 def _head_draw(hidden, weight, *, uncond_hidden, guidance_scale, temperature, seeds, row_len, step, index_offset,
-               argmax, out, chunk_rows: int | None = None):
+               argmax, out, logprobs=None, chunk_rows: int | None = None):
     """:func:`head_draw` with an explicit chunk size (tests force several chunks at small D)."""
     D, K, _ = check_inputs(hidden, weight, uncond_hidden, guidance_scale, temperature, seeds, row_len, step,
-                           index_offset, out)
+                           index_offset, out, logprobs)
     x1 = out if out is not None else torch.empty(D, dtype=torch.int64, device=hidden.device)
     if D == 0:
         return x1
@@ -120,4 +128,7 @@ def _head_draw(hidden, weight, *, uncond_hidden, guidance_scale, temperature, se
         uncond = F.linear(uncond_hidden[sl], weight) if uncond_hidden is not None else None
         z = guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature)
         x1[sl] = draw_x1(z, u0[sl], argmax=argmax)
+        if logprobs is not None:  # one more (rows, K) float64 temporary, like the draw's softmax (freed before)
+            lse = torch.logsumexp(z, dim=-1)
+            logprobs[sl] = (z.gather(-1, x1[sl].unsqueeze(-1)).squeeze(-1) - lse).to(torch.float32)
     return x1
