@@ -9,7 +9,8 @@ batching (:mod:`ursa_engine.serve`);
 ``ursa-engine bench report RESULTS...``: markdown summary + PNG plot from result JSON;
 ``ursa-engine bench suite --out DIR``: the whole GPU suite (build, GPU tests, benchmarks);
 ``ursa-engine plan --preset ursa-1.7b --latents-shape 13 40 64``: the planned peak memory of a
-generation, computed on the CPU (:func:`ursa_engine.memory.plan_generation`).
+generation, computed on the CPU (:func:`ursa_engine.memory.plan_generation`); with ``--training``, of
+one training step (:func:`ursa_engine.memory.plan_training_step`).
 
 Each subcommand registers itself through one ``_add_<name>(subparsers)`` function and imports
 its implementation only when it runs.
@@ -232,7 +233,8 @@ def _serve(args) -> int:
 
 def _add_plan(subparsers) -> None:
     plan = subparsers.add_parser(
-        "plan", help="planned peak memory of a generation (fake tensors on the CPU: nothing is allocated)",
+        "plan", help="planned peak memory of a generation, or with --training of one training step (fake tensors "
+                     "on the CPU: nothing is allocated)",
         description="Runs one guided denoising step of the engine (transformer, head + sampler as on a GPU: fused "
                     "kernels, fused attention) and the tokenizer's decode on fake tensors at real size and reports "
                     "the peak live bytes by phase (weights, inputs, activations, attention, MLP, head + sampler, "
@@ -260,6 +262,19 @@ def _add_plan(subparsers) -> None:
     plan.add_argument("--prompt-length", type=int, default=320)
     plan.add_argument("--no-decode", action="store_true", help="leave the tokenizer's decode out")
     plan.add_argument("--json", action="store_true", help="print the whole plan as JSON")
+    train = plan.add_argument_group(
+        "training", "--training plans one training step instead: LatentLoss forward + backward (+ the optimizer "
+                    "update) with the loss backend a GPU picks; reports the peak above the resident weights and "
+                    "optimizer state and whether any tensor has n x K elements (n latent tokens a sample)")
+    train.add_argument("--training", action="store_true", help="plan one training step")
+    train.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                       help="activation checkpointing of every decoder layer (default on)")
+    train.add_argument("--optimizer", default="adamw", choices=["adamw", "none"],
+                       help="adamw: fp32 moments resident, the update in the step (default); none: forward and "
+                            "backward only")
+    train.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=None,
+                       help="an fp32 master copy of the parameters in the optimizer state (default: when --dtype is "
+                            "not float32)")
     _add_debug(plan)
     plan.set_defaults(handler=_plan)
 
@@ -294,11 +309,36 @@ def _plan(args) -> int:
 
         if args.preset not in ModelConfig.PRESETS:
             raise UsageError(f"--preset: unknown {args.preset!r}, expected one of {sorted(ModelConfig.PRESETS)}")
+    if args.training:
+        return _plan_training(args)
     plan = plan_generation(args.preset, tuple(args.latents_shape), dtype=getattr(torch, args.dtype), cfg=args.cfg,
                            batch=args.batch, root=args.root, codebook=args.codebook, prompt_length=args.prompt_length,
                            head=args.head, logits_budget=mib(args.logits_budget, LOGITS_BUDGET),
                            activation_budget=mib(args.activation_budget, ACTIVATION_BUDGET),
                            decode=not args.no_decode)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
+def _plan_training(args) -> int:
+    import torch
+
+    from .memory import plan_training_step
+    from .memory.generation import _config_and_codebook
+
+    unused = [flag for flag, given in (("--no-cfg", not args.cfg), ("--head", args.head != "auto"),
+                                       ("--logits-budget", args.logits_budget is not None),
+                                       ("--activation-budget", args.activation_budget is not None),
+                                       ("--no-decode", args.no_decode)) if given]
+    if unused:
+        raise UsageError(f"--training: {', '.join(unused)} only apply to the generation plan")
+    T, H, W = (1, *args.latents_shape) if len(args.latents_shape) == 2 else args.latents_shape
+    codebook = args.codebook if args.codebook != "auto" else ("ibq" if T == 1 and H * W >= 64 * 64 else "fsq")
+    config, _, _, _, name = _config_and_codebook(args.preset, args.root, codebook)  # the generation plan's sizes
+    plan = plan_training_step(config, (T, H, W), batch=args.batch, dtype=getattr(torch, args.dtype),
+                              prompt_length=args.prompt_length, checkpointing=args.checkpointing,
+                              optimizer=None if args.optimizer == "none" else args.optimizer,
+                              master_weights=args.master_weights, name=name)
     print(plan.to_json() if args.json else plan.table())
     return 0
 

@@ -20,6 +20,7 @@ import math
 import os
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import checkpoint, model_ops
@@ -179,7 +180,10 @@ class URSATransformer(nn.Module):
     ``attn_backend`` (see :mod:`ursa_engine.attention`), ``ops_backend``
     (``"auto" | "torch" | "triton"`` for RMSNorm, QK-norm + RoPE, SwiGLU) and ``activation_budget``
     (bytes of the MLP / wide q-k-v intermediate before those stages run in sequence chunks; None:
-    never; chunking is off while autograd records) are plain attributes.
+    never; chunking is off while autograd records) are plain attributes, as is
+    ``gradient_checkpointing`` (default False): while autograd records, each decoder layer keeps
+    only its input and recomputes its activations in the backward
+    (``torch.utils.checkpoint``, non-reentrant); same loss and gradients, less memory.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype | None = None, device=None,
@@ -189,6 +193,7 @@ class URSATransformer(nn.Module):
         self.config = cfg
         self.attn_backend, self.ops_backend = attn_backend, ops_backend
         self.activation_budget = activation_budget
+        self.gradient_checkpointing = False
         with torch.device("meta"):  # no memory until the final device and dtype are known
             self.model = Decoder(cfg)
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.lm_head_size, bias=False)
@@ -301,8 +306,13 @@ class URSATransformer(nn.Module):
         cos, sin = rope
         h = self.model.embed_tokens(input_ids)  # (B, L, hidden)
         chunks = self.activation_chunks(input_ids.shape[0], L, h.element_size())
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.model.layers:
-            h = layer(h, cos, sin, attn_backend=attn_backend, ops_backend=ops_backend, **chunks)
+            if recompute:  # autograd keeps h (the layer's input) only; the layer runs again in the backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False,
+                                                      attn_backend=attn_backend, ops_backend=ops_backend, **chunks)
+            else:
+                h = layer(h, cos, sin, attn_backend=attn_backend, ops_backend=ops_backend, **chunks)
         if latent_tokens is not None:
             h = h[:, L - latent_tokens - 1 : L - 1]  # position i predicts token i + 1
         return self.model.norm(h, backend=ops_backend)
