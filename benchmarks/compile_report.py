@@ -43,6 +43,7 @@ CASES = {
     "fsq-video": dict(D=33_280, K=64_000, levels=FSQ_LEVELS),
     "ibq-1024": dict(D=4_096, K=131_072, m=256),
     "model-1.7b": dict(D=33_601, H=2_048, I=6_144, Hq=16, Hkv=8, head_dim=128),
+    "train-1.7b": dict(n=33_280, H=2_048, K=64_000),  # one video sample's latent tokens: the fused CE
 }
 
 # Blocks an SM each kernel is built for (its docstring's claim); the test fails below it.
@@ -61,6 +62,9 @@ CLAIMED_BLOCKS_PER_SM = {
     "head_stats_kernel": 1,
     "head_select_kernel": 4,
     "head_finish_kernel": 1,
+    "linear_ce_fwd_kernel": 1,  # fused linear CE (linear_ce.py): one 256-thread CTA an SM, registers bound
+    "linear_ce_dh_kernel": 1,
+    "linear_ce_dw_kernel": 1,
     "_rms_norm_kernel": 4,
     "_swiglu_kernel": 4,
     "_qk_norm_rope_kernel": 4,
@@ -229,6 +233,32 @@ def head_draw_rows() -> list[dict]:
     return out
 
 
+def linear_ce_rows() -> list[dict]:
+    """The fused linear cross-entropy (forward, dh, dW) at the 1.7B training case, bf16, z-loss and weights on."""
+    import torch
+    from ursa_engine.triton_kernels import linear_ce as lce
+
+    tc = CASES["train-1.7b"]
+    n, H, K = tc["n"], tc["H"], tc["K"]
+    c = lce.linear_ce_config(n, K, H, torch.device("cuda"), torch.bfloat16)
+    ptrs = dict(h_ptr="*bf16", w_ptr="*bf16", wt_ptr="*fp32", lse_ptr="*fp32", loss_ptr="*fp32", coef_ptr="*fp32",
+                scale_ptr="*fp32", dh_ptr="*fp32", dw_ptr="*fp32")
+    vals = dict(n=n, K=K, stride_h=H, stride_w=H, ignore_index=-100, inv_t=1.0, z_loss=1e-4)
+    flags = dict(H=H, HAS_Z_LOSS=True, UPCAST=c["UPCAST"], DOT_PRECISION=c["DOT_PRECISION"], BLOCK_H=c["BLOCK_H"])
+    back = dict(flags, LOGIT_DTYPE=c["LOGIT_DTYPE"])
+    return [
+        _triton(lce.linear_ce_fwd_kernel, "train-1.7b", ptrs, vals,
+                dict(flags, HAS_WEIGHTS=True, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"]),
+                dict(num_warps=c["fwd_warps"], num_stages=c["fwd_stages"]), True),
+        _triton(lce.linear_ce_dh_kernel, "train-1.7b", ptrs, vals,
+                dict(back, BLOCK_M=c["dh_BLOCK_M"], BLOCK_K=c["dh_BLOCK_K"]),
+                dict(num_warps=c["dh_warps"], num_stages=c["dh_stages"]), True),
+        _triton(lce.linear_ce_dw_kernel, "train-1.7b", ptrs, vals,
+                dict(back, BLOCK_M=c["dw_BLOCK_M"], BLOCK_K=c["dw_BLOCK_K"]),
+                dict(num_warps=c["dw_warps"], num_stages=c["dw_stages"]), True),
+    ]
+
+
 # ----------------------------------------------------------------------------- the whole report
 def _commit() -> str:
     try:
@@ -254,7 +284,7 @@ def report(quick: bool = False, cuda: bool = True) -> dict:
     except Exception as err:  # noqa: BLE001 - no NVIDIA backend or ptxas: nothing Triton can be checked
         skipped["triton"] = f"no NVIDIA backend / ptxas in this Triton: {err}"
     else:
-        rows += sampler_rows(quick) + head_draw_rows() + model_rows()
+        rows += sampler_rows(quick) + head_draw_rows() + model_rows() + linear_ce_rows()
     if cuda:
         got, why = compile_cuda.cuda_rows(jobs) if not why else ([], why)
         if why:

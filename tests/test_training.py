@@ -123,7 +123,7 @@ class _CountMatmuls(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten.mm.default
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm_.default)  # addmm_: grad_w += gᵀh
         return func(*args, **(kwargs or {}))
 
 

@@ -18,6 +18,8 @@ Ops (namespace ``ursa``):
 * the transformer's Triton kernels: ``rms_norm``, ``add_rms_norm``, ``qk_norm_rope``, ``swiglu``
   (:mod:`ursa_engine.model_ops`);
 * ``head_draw``: the fused ``lm_head`` + x̂1 draw (``ursa_engine.triton_kernels.head_draw``): :func:`head_draw`.
+* ``linear_ce_forward`` / ``linear_ce_backward``: the fused linear cross-entropy
+  (``ursa_engine.triton_kernels.linear_ce``), called by ``training.linear_cross_entropy(backend="triton")``.
 
 Device discipline (issue 12): Triton launches on ``torch.cuda.current_device()`` and the native
 module on the stream it is given, not on the tensors' device. Every op body here (the one place
@@ -419,3 +421,35 @@ def workspace_bytes(func, args, kwargs) -> tuple[int, str] | None:
     if name == "ursa::head_draw":
         return head_draw_scratch(args[0].shape[0], args[1].shape[0]), "head draw: per-chunk max and sum"
     return None
+
+
+# ----------------------------------------------------------------------------- fused linear cross-entropy
+@custom_op("ursa::linear_ce_forward", mutates_args=())
+@launches("linear_ce_forward")
+def _linear_ce_forward(hidden: Tensor, weight: Tensor, targets: Tensor, weights: Tensor | None, ignore_index: int,
+                       temperature: float, z_loss: float) -> tuple[Tensor, Tensor]:
+    """Per-row (lse, loss) fp32 of ``ursa_engine.triton_kernels.linear_ce`` (DESIGN §9)."""
+    return _triton("linear_ce").linear_ce_forward(hidden, weight, targets, weights, ignore_index=ignore_index,
+                                                  temperature=temperature, z_loss=z_loss)
+
+
+@_linear_ce_forward.register_fake
+def _(hidden, weight, targets, weights, ignore_index, temperature, z_loss):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+@custom_op("ursa::linear_ce_backward", mutates_args=())
+@launches("linear_ce_backward")
+def _linear_ce_backward(hidden: Tensor, weight: Tensor, targets: Tensor, lse: Tensor, coef: Tensor,
+                        temperature: float, z_loss: float, need_hidden: bool,
+                        need_weight: bool) -> tuple[Tensor, Tensor]:
+    """fp32 (d_hidden, d_weight) of the fused linear cross-entropy, logits recomputed (DESIGN §9)."""
+    return _triton("linear_ce").linear_ce_backward(hidden, weight, targets, lse, coef, temperature=temperature,
+                                                   z_loss=z_loss, need_hidden=need_hidden, need_weight=need_weight)
+
+
+@_linear_ce_backward.register_fake
+def _(hidden, weight, targets, lse, coef, temperature, z_loss, need_hidden, need_weight):
+    dh = hidden.new_empty(hidden.shape if need_hidden else (0,), dtype=torch.float32)
+    return dh, weight.new_empty(weight.shape if need_weight else (0,), dtype=torch.float32)

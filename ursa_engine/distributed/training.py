@@ -26,7 +26,7 @@ from .._dispatch import resolve
 from ..model import latent_positions
 from ..paths import MaskPath, MetricPath, MixturePath
 from ..reference.rng import seeds_per_row
-from ..training.losses import IGNORE_INDEX, _check_ids, _linear_cross_entropy
+from ..training.losses import IGNORE_INDEX, LOSS_BACKENDS, _check_ids, _linear_cross_entropy
 from ..training.noise import add_noise as _add_noise
 from ..training.noise import expand_times
 from .ulysses import Shard, even_bounds, sequence_parallel
@@ -123,13 +123,16 @@ class SequenceParallelLoss(nn.Module):
     ----------
     model : URSATransformer (set trainable)
     group : the process group of the sequence-parallel ranks (None: the world)
-    chunk_size, ops_backend : as for LatentLoss
+    chunk_size, ops_backend, backend : as for LatentLoss (``backend``: the loss's, "auto" / "torch" / "triton")
     """
 
-    def __init__(self, model, group=None, *, chunk_size: int = 2048, ops_backend: str = "torch"):
+    def __init__(self, model, group=None, *, chunk_size: int = 2048, ops_backend: str = "torch",
+                 backend: str = "auto"):
         super().__init__()
+        if backend not in LOSS_BACKENDS:
+            raise ValueError(f"backend: expected one of {LOSS_BACKENDS}, got {backend!r}")
         self.model = model.requires_grad_(True)
-        self.group, self.chunk_size, self.ops_backend = group, chunk_size, ops_backend
+        self.group, self.chunk_size, self.ops_backend, self.backend = group, chunk_size, ops_backend, backend
 
     def forward(self, prompt_ids: torch.Tensor, x_t: torch.Tensor, x1: torch.Tensor, latents_shape, *,
                 ignore: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,7 +176,8 @@ class SequenceParallelLoss(nn.Module):
         h = h[:, P + a - shard.start : P + b - shard.start]  # (B, b − a, hidden)
         targets = x1.long() if ignore is None else x1.long().masked_fill(ignore, IGNORE_INDEX)
         count = (targets != IGNORE_INDEX).sum().to(torch.float32)
-        local = _linear_cross_entropy(h, self.model.lm_head.weight, targets, self.chunk_size, IGNORE_INDEX) * count
+        local = _linear_cross_entropy(h, self.model.lm_head.weight, targets, self.chunk_size, IGNORE_INDEX,
+                                      reduction="sum", backend=self.backend)
         stats = torch.stack([local.detach(), count])
         dist.all_reduce(stats, group=self.group)
         total = stats[1].clamp_min(1)

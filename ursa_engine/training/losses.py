@@ -6,84 +6,281 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import _validate
+from .. import _validate, model_ops
 from ..model import URSATransformer, latent_positions, sequence_ids
 
 IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------- loss
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` computed chunk by chunk.
+LOSS_REDUCTIONS = ("mean", "sum", "none")
+LOSS_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-    The forward also computes both gradients chunk by chunk (the Liger-Kernel scheme), so
-    neither the (N, K) fp32 logits nor their softmax ever exist in full: peak extra memory is
-    one (chunk, K) fp32 block.
+
+def _softmax_grad_(e, inv_norm, lse, safe, coef, temperature: float, z_loss: float):
+    """``coef_i · ((1 + 2·z_loss·lse_i)·softmax(z_i) − onehot(y_i)) / T`` in place of ``e`` (c, K).
+
+    ``e · inv_norm`` is the softmax (``e = exp(z − max)``, ``inv_norm = 1 / Σ e``; or ``e = exp(z − lse)``,
+    ``inv_norm = 1``). The result is the gradient of ``coef_i · (lse_i − z_i[y_i] + z_loss·lse_i²)`` with
+    respect to the raw logits ``h_i·W_jᵀ`` (``z = raw / T``; DESIGN §9 "Fused linear cross-entropy").
+    Rows with ``coef_i = 0`` (ignored) come out 0.
+    """
+    scale = inv_norm * (1 + 2 * z_loss * lse) if z_loss else inv_norm
+    g = e if isinstance(scale, float) and scale == 1.0 else e.mul_(scale[:, None])
+    g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1]))
+    return g.mul_((coef / temperature)[:, None])
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """The torch twin: weighted cross-entropy of ``hidden @ weight.T / T`` computed chunk by chunk.
+
+    Neither the (n, K) logits nor their softmax ever exist in full: peak extra memory is one
+    (chunk, K) block in the compute dtype (fp32; fp64 when an input is fp64). Two schemes:
+
+    * ``reduction`` "mean" / "sum": the forward also computes both gradients chunk by chunk (the
+      Liger-Kernel scheme: one pass, three matmuls a chunk) and the backward scales them by the
+      incoming scalar gradient;
+    * "none": the incoming gradient is a vector, known only in the backward, so the forward keeps
+      the per-row log-sum-exp (n floats) and the backward recomputes each chunk's logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int, need_grad: bool):
-        # hidden: (N, h); weight: (K, h); targets: (N,). ``need_grad`` comes from the caller:
+    def forward(ctx, hidden, weight, targets, weights, ignore_index: int, temperature: float, z_loss: float,
+                reduction: str, chunk_size: int, need_grad: bool):
+        # hidden: (n, h); weight: (K, h); targets, weights: (n,). ``need_grad`` comes from the caller:
         # under torch.no_grad ctx.needs_input_grad still follows requires_grad, so it cannot tell.
+        cd = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
         valid = targets != ignore_index
-        count = valid.sum().clamp_min(1).to(torch.float32)
-        w32 = weight.float()
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        grad_h = torch.empty_like(hidden) if need_grad else None
-        grad_w = torch.zeros_like(w32) if need_grad else None
+        safe = torch.where(valid, targets, torch.zeros_like(targets))
+        w = valid.to(cd) if weights is None else torch.where(valid, weights.to(cd), torch.zeros((), dtype=cd,
+                                                                                                  device=valid.device))
+        count = valid.sum().clamp_min(1).to(cd)
+        coef = w / count if reduction == "mean" else w
+        wc = weight.to(cd)
+        fused = need_grad and reduction != "none"
+        grad_h = torch.empty_like(hidden) if fused else None
+        grad_w = torch.zeros_like(wc) if fused else None
+        lse_all = torch.empty(hidden.shape[0], dtype=cd, device=hidden.device) if need_grad and not fused else None
+        losses = torch.empty(hidden.shape[0], dtype=cd, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
-            h = hidden[s : s + chunk_size].float()
-            tgt, ok = targets[s : s + chunk_size], valid[s : s + chunk_size]
-            safe = torch.where(ok, tgt, torch.zeros_like(tgt))
-            logits = h @ w32.T  # (c, K) fp32: the only logits alive
-            lse = torch.logsumexp(logits, -1)
-            picked = logits.gather(1, safe[:, None])[:, 0]
-            loss = loss + torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
-            if need_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits (after the gather)
-                g.scatter_add_(1, safe[:, None], -torch.ones_like(g[:, :1]))
-                g.mul_(ok[:, None].to(g.dtype))
-                grad_h[s : s + chunk_size] = (g @ w32).to(hidden.dtype)
-                grad_w.add_(g.T @ h)
-        if need_grad:
-            ctx.save_for_backward(grad_h / count.to(grad_h.dtype), (grad_w / count).to(weight.dtype))
-        return loss / count
+            h = hidden[s : s + chunk_size].to(cd)
+            y = safe[s : s + chunk_size]
+            logits = h @ wc.T  # (c, K): the only block of that size alive (everything below is in place)
+            if temperature != 1.0:
+                logits.mul_(1.0 / temperature)
+            picked = logits.gather(1, y[:, None])[:, 0]
+            top = logits.amax(-1)
+            e = logits.sub_(top[:, None]).exp_()  # exp(z − max); torch.logsumexp would add a second block
+            total = e.sum(-1)
+            lse = top + total.log()
+            row = lse - picked
+            if z_loss:
+                row = row + z_loss * lse.square()
+            losses[s : s + chunk_size] = torch.where(valid[s : s + chunk_size], row * w[s : s + chunk_size], 0.0)
+            if fused:
+                g = _softmax_grad_(e, total.reciprocal(), lse, y, coef[s : s + chunk_size], temperature, z_loss)
+                grad_h[s : s + chunk_size] = (g @ wc).to(hidden.dtype)
+                grad_w.addmm_(g.T, h)  # no (K, h) temporary
+            elif lse_all is not None:
+                lse_all[s : s + chunk_size] = lse
+            logits = e = g = None  # the block is freed before the next chunk's is allocated
+        ctx.fused, ctx.reduction = fused, reduction
+        ctx.temperature, ctx.z_loss, ctx.chunk_size = temperature, z_loss, chunk_size
+        if fused:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        elif need_grad:
+            ctx.save_for_backward(hidden, weight, safe, w, lse_all)
+        if reduction == "none":
+            return losses
+        return losses.sum() / count if reduction == "mean" else losses.sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None, None
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if ctx.fused:
+            grad_h, grad_w = ctx.saved_tensors
+            return (grad_h * grad_out.to(grad_h.dtype) if need_h else None,
+                    grad_w * grad_out.to(grad_w.dtype) if need_w else None) + (None,) * 8
+        hidden, weight, safe, w, lse = ctx.saved_tensors
+        cd, cs = lse.dtype, ctx.chunk_size
+        coef = w * grad_out.to(cd)
+        wc = weight.to(cd)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(wc) if need_w else None
+        for s in range(0, hidden.shape[0], cs):
+            h = hidden[s : s + cs].to(cd)
+            logits = h @ wc.T
+            if ctx.temperature != 1.0:
+                logits.mul_(1.0 / ctx.temperature)
+            e = logits.sub_(lse[s : s + cs, None]).exp_()  # the softmax, in place
+            g = _softmax_grad_(e, 1.0, lse[s : s + cs], safe[s : s + cs], coef[s : s + cs], ctx.temperature,
+                               ctx.z_loss)
+            if need_h:
+                grad_h[s : s + cs] = (g @ wc).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(g.T, h)
+            logits = e = g = None  # the block is freed before the next chunk's is allocated
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, *(None,) * 8
+
+
+class _TritonLinearCE(torch.autograd.Function):
+    """The fused Triton kernels (``ursa::linear_ce_forward`` / ``ursa::linear_ce_backward``): the
+    forward keeps the per-row log-sum-exp; the backward recomputes the logits tile by tile."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, ignore_index: int, temperature: float, z_loss: float,
+                reduction: str):
+        lse, losses = torch.ops.ursa.linear_ce_forward(hidden, weight, targets, weights, ignore_index, temperature,
+                                                       z_loss)
+        valid = targets != ignore_index
+        count = valid.sum().clamp_min(1).to(torch.float32)
+        ctx.save_for_backward(hidden, weight, targets, weights, lse, count)
+        ctx.reduction, ctx.ignore_index, ctx.temperature, ctx.z_loss = reduction, ignore_index, temperature, z_loss
+        if reduction == "none":
+            return losses
+        return losses.sum() / count if reduction == "mean" else losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, weights, lse, count = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        valid = targets != ctx.ignore_index
+        w = valid.to(torch.float32) if weights is None else torch.where(valid, weights.float(), 0.0)
+        coef = w * grad_out.float()
+        if ctx.reduction == "mean":
+            coef = coef / count
+        dh, dw = torch.ops.ursa.linear_ce_backward(hidden, weight, targets, lse, coef, ctx.temperature, ctx.z_loss,
+                                                   bool(need_h), bool(need_w))
+        return (dh.to(hidden.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None) + (None,) * 6
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
-                         chunk_size: int = 2048, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean cross-entropy of the logits ``hidden @ weight.T`` against ``targets``, chunked.
+                         weights: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+                         temperature: float = 1.0, z_loss: float = 0.0, reduction: str = "mean",
+                         chunk_size: int = 2048, backend: str = "auto") -> torch.Tensor:
+    """Weighted cross-entropy of the logits ``hidden @ weight.T / temperature``, never all in memory.
+
+    Per row i (DESIGN §9 "Fused linear cross-entropy"), with ``z_i = h_i Wᵀ / T``::
+
+        loss_i = w_i · (logsumexp(z_i) − z_i[y_i] + z_loss · logsumexp(z_i)²),   0 where y_i == ignore_index
 
     Parameters
     ----------
-    hidden : (..., h) final-normed hidden states (any float dtype)
-    weight : (K, h) the ``lm_head`` weight
-    targets : (...) int64 in [0, K), or ``ignore_index``
-    chunk_size : rows per fp32 logits block
+    hidden : (..., h) final-normed hidden states (any float dtype; bf16 / fp16 / fp32 for Triton)
+    weight : (K, h) the ``lm_head`` weight (Triton: same dtype and device as ``hidden``)
+    targets : (...) integer ids in [0, K), or ``ignore_index``
+    weights : optional float (...) per-row weights ``w_i`` (e.g. advantages; may be negative), shaped
+        like ``targets``; default 1. Treated as constants: no gradient flows to them.
+    ignore_index : target id of rows left out (weight 0, not counted by "mean")
+    temperature : T > 0 dividing the logits
+    z_loss : coefficient ≥ 0 of the ``logsumexp²`` penalty (also weighted by ``w_i``)
+    reduction : "mean" (Σ loss_i / number of non-ignored rows), "sum", or "none" (per-row losses)
+    chunk_size : rows per logits block of the torch backend (peak extra memory: one (chunk, K) fp32 block)
+    backend : "torch" (chunked, this module), "triton" (fused kernels, ``ursa::linear_ce_*``: logits
+        only in registers / shared memory; on the CPU only under ``TRITON_INTERPRET=1``), or "auto"
+        (Triton on a CUDA device where it can run, else torch)
 
     Returns
     -------
-    0-dim float32 loss (mean over the non-ignored targets); differentiable in hidden and weight.
+    "mean" / "sum": 0-dim; "none": shaped like ``targets`` (ignored rows 0). float32 (float64 when an
+    input is float64, torch backend). Differentiable in ``hidden`` and ``weight`` only.
     """
-    if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"targets: shape {tuple(targets.shape)} does not match hidden {tuple(hidden.shape[:-1])}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight: expected (K, {hidden.shape[-1]}), got {tuple(weight.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    _check_loss_args(hidden, weight, targets, weights, temperature, z_loss, reduction, chunk_size, backend)
     _check_ids(("targets", targets, weight.shape[0], ignore_index))
-    return _linear_cross_entropy(hidden, weight, targets, chunk_size, ignore_index)
+    return _linear_cross_entropy(hidden, weight, targets, chunk_size, ignore_index, weights=weights,
+                                 temperature=temperature, z_loss=z_loss, reduction=reduction, backend=backend)
 
 
-def _linear_cross_entropy(hidden, weight, targets, chunk_size, ignore_index):
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).long(),
-                                     int(chunk_size), int(ignore_index), need_grad)
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                    backend: str = "auto", chunk_size: int = 2048) -> torch.Tensor:
+    """``log softmax(hidden @ weight.T / temperature)[targets]`` per row, never all logits in memory.
+
+    The negated ``reduction="none"`` loss of :func:`linear_cross_entropy` (same backends, same
+    memory); every target must be a real id (no ignore index).
+
+    Parameters
+    ----------
+    hidden : (..., h); weight : (K, h); targets : (...) ids in [0, K)
+    temperature, backend, chunk_size : as for :func:`linear_cross_entropy`
+
+    Returns
+    -------
+    float32 (float64 for float64 inputs, torch backend), shaped like ``targets``; differentiable
+    in ``hidden`` and ``weight``.
+    """
+    _check_loss_args(hidden, weight, targets, None, temperature, 0.0, "none", chunk_size, backend)
+    _check_ids(("targets", targets, weight.shape[0], None))
+    return -_linear_cross_entropy(hidden, weight, targets, chunk_size, IGNORE_INDEX, temperature=temperature,
+                                  reduction="none", backend=backend)
+
+
+def _check_loss_args(hidden, weight, targets, weights, temperature, z_loss, reduction, chunk_size, backend) -> None:
+    """Argument checks of :func:`linear_cross_entropy` (ids apart), each error naming its argument."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        raise ValueError(f"hidden: expected a float tensor (..., h), got {_describe(hidden)}")
+    if not isinstance(targets, torch.Tensor) or hidden.shape[:-1] != targets.shape:
+        got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets: shape {got} does not match hidden {tuple(hidden.shape[:-1])}")
+    if (not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2
+            or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1):
+        raise ValueError(f"weight: expected a float (K, {hidden.shape[-1]}) tensor with K >= 1, got "
+                         f"{_describe(weight)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: on {weight.device}, hidden on {hidden.device}")
+    if weights is not None and (not isinstance(weights, torch.Tensor) or not weights.is_floating_point()
+                                or weights.shape != targets.shape or weights.device != hidden.device):
+        raise ValueError(f"weights: expected a float tensor of shape {tuple(targets.shape)} on {hidden.device}, "
+                         f"got {_describe(weights)}")
+    _validate.positive("temperature", temperature)
+    if _validate.finite("z_loss", z_loss) < 0:
+        raise ValueError(f"z_loss: must be >= 0, got {z_loss!r}")
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"backend: expected one of {LOSS_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        _check_triton_dtypes(hidden, weight)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
+def _check_triton_dtypes(hidden, weight) -> None:
+    if hidden.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"hidden: backend='triton' takes bf16 / fp16 / fp32, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: backend='triton' needs the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+
+
+def _resolve_loss_backend(backend: str, hidden, weight) -> str:
+    """"torch" or "triton"; "auto" takes Triton only where it runs natively (CUDA, or as-GPU
+    planning) and the dtypes suit it; "triton" raises when it cannot run (model_ops' rule)."""
+    if backend == "auto" and (hidden.dtype not in _TRITON_DTYPES or weight.dtype != hidden.dtype):
+        return "torch"
+    return model_ops.resolve_backend(backend, hidden.device)
+
+
+def _linear_cross_entropy(hidden, weight, targets, chunk_size, ignore_index, *, weights=None, temperature=1.0,
+                          z_loss=0.0, reduction="mean", backend="torch"):
+    """:func:`linear_cross_entropy` without the checks (callers that validated their ids)."""
+    shape = targets.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).long()
+    weights = None if weights is None else weights.reshape(-1).detach()
+    if _resolve_loss_backend(backend, hidden, weight) == "triton":
+        out = _TritonLinearCE.apply(hidden, weight, targets, weights, int(ignore_index), float(temperature),
+                                    float(z_loss), reduction)
+    else:
+        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        out = _ChunkedLinearCE.apply(hidden, weight, targets, weights, int(ignore_index), float(temperature),
+                                     float(z_loss), reduction, int(chunk_size), need_grad)
+    return out.reshape(shape) if reduction == "none" else out
 
 
 def _check_ids(*named) -> None:
@@ -132,13 +329,18 @@ class LatentLoss(nn.Module):
     ops_backend : backend of the model's RMSNorm / RoPE / SwiGLU during training; ``"torch"`` by
         default because its autograd is plain torch. Passed per call: the model's own
         ``ops_backend`` (e.g. an Engine sharing it) is left alone.
+    backend : backend of the loss (:func:`linear_cross_entropy`): "auto", "torch" or "triton"
     """
 
-    def __init__(self, model: URSATransformer, *, chunk_size: int = 2048, ops_backend: str = "torch"):
+    def __init__(self, model: URSATransformer, *, chunk_size: int = 2048, ops_backend: str = "torch",
+                 backend: str = "auto"):
         super().__init__()
+        if backend not in LOSS_BACKENDS:
+            raise ValueError(f"backend: expected one of {LOSS_BACKENDS}, got {backend!r}")
         self.model = model.requires_grad_(True)
         self.chunk_size = chunk_size
         self.ops_backend = ops_backend
+        self.backend = backend
 
     def forward(self, prompt_ids: torch.Tensor, x_t: torch.Tensor, x1: torch.Tensor, *,
                 ignore: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,4 +375,5 @@ class LatentLoss(nn.Module):
         targets = x1.reshape(B, N).long()
         if ignore is not None:
             targets = targets.masked_fill(ignore.reshape(B, N), IGNORE_INDEX)
-        return _linear_cross_entropy(h, self.model.lm_head.weight, targets, self.chunk_size, IGNORE_INDEX)
+        return _linear_cross_entropy(h, self.model.lm_head.weight, targets, self.chunk_size, IGNORE_INDEX,
+                                     backend=self.backend)
