@@ -281,6 +281,30 @@ def test_latent_loss_passes_the_backend_through(backend):
         training.LatentLoss(model, backend="cuda")
 
 
+def test_sequence_parallel_loss_passes_the_backend_through(backend, tmp_path):
+    """One rank (gloo): the sequence-parallel loss (a "sum" over its targets, then the global mean)
+    equals LatentLoss, on either loss backend."""
+    import torch.distributed as dist
+
+    from ursa_engine.distributed import training as ptrain
+
+    torch.manual_seed(0)
+    model = ue.URSATransformer(ue.ModelConfig.preset("tiny", lm_head_size=32, vocab_size=512 + 32))
+    x1 = torch.randint(0, 32, (2, 1, 2, 3))
+    prompt = torch.randint(0, 400, (2, 3))
+    ignore = torch.zeros_like(x1, dtype=torch.bool)
+    ignore[..., 0] = True
+    want = training.LatentLoss(model, backend="torch")(prompt, x1, x1, ignore=ignore)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        flat = x1.reshape(2, -1)
+        got = ptrain.SequenceParallelLoss(model, backend=backend)(prompt, flat, flat, (1, 2, 3),
+                                                                  ignore=ignore.reshape(2, -1))
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_fake_implementations_allocate_what_the_launchers_return():
     pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -292,7 +316,11 @@ def test_fake_implementations_allocate_what_the_launchers_return():
         dh, dw = torch.ops.ursa.linear_ce_backward(h, w, y, lse, c, 1.0, 0.0, True, False)
     assert lse.shape == loss.shape == (33_280,) and lse.dtype == loss.dtype == torch.float32
     assert dh.shape == (33_280, 2048) and dh.dtype == torch.float32 and dw.shape == (0,)
-    if model_ops.triton_unavailable(DEVICE) is None:  # the real launcher returns the same
+    if model_ops.triton_unavailable(DEVICE) is None:  # the real launcher returns the same; torch's op checks
+        h, w, y, wt = (t.detach() for t in problem(5, 19, 16))
+        torch.library.opcheck(torch.ops.ursa.linear_ce_forward.default, (h, w, y, wt, IGNORE_INDEX, 0.7, 0.1))
+        torch.library.opcheck(torch.ops.ursa.linear_ce_backward.default,
+                              (h, w, y, torch.randn(5, device=DEVICE), wt, 0.7, 0.1, True, True))
         h, w, y = problem(5, 19, 16, weights=False)[:3]
         real = torch.ops.ursa.linear_ce_forward(h.detach(), w.detach(), y, None, IGNORE_INDEX, 1.0, 0.0)
         back = torch.ops.ursa.linear_ce_backward(h.detach(), w.detach(), y, real[0], torch.ones(5, device=DEVICE),
