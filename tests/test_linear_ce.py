@@ -364,3 +364,12 @@ def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         linear_cross_entropy(torch.randn(2, 8), torch.randn(5, 8), torch.tensor([0, 1]), backend="triton")
     assert linear_cross_entropy(torch.randn(2, 8), torch.randn(5, 8), torch.tensor([0, 1])).isfinite()  # auto: torch
+
+
+def test_bench_smoke():
+    """benchmarks/bench_linear_ce.py at a tiny size: every provider runs; the twin holds less than dense."""
+    from ursa_engine.benchmarks import bench_linear_ce
+
+    out = bench_linear_ce.run(64, 16, 512, chunks=(16,), device="cpu", reps=1, budget_s=0.1)
+    assert [(r["provider"], r["chunk"]) for r in out["rows"]] == [("dense", None), ("torch", 16)]
+    assert out["rows"][1]["bytes_vs_dense"] < 0.5 and all(r["median_ms"] > 0 for r in out["rows"])
