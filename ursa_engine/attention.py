@@ -105,8 +105,9 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """fp32 oracle; q (B, L, Hq, D), k / v (B, L, Hkv, D) -> (B, L, Hq, D) in q's dtype."""
     groups = q.shape[2] // k.shape[2]
-    qf = q.float().transpose(1, 2)
-    kf, vf = (_expand_kv(t.float().transpose(1, 2), groups) for t in (k, v))
+    ct = torch.promote_types(q.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    qf = q.to(ct).transpose(1, 2)
+    kf, vf = (_expand_kv(t.to(ct).transpose(1, 2), groups) for t in (k, v))
     p = torch.softmax(qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
     return (p @ vf).transpose(1, 2).to(q.dtype)
 

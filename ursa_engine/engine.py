@@ -362,7 +362,7 @@ class Engine:
         if return_trajectory:
             _check_recordable(self, mode, num_steps)
         if self.parallel is not None:  # a mesh of several processes: ursa_engine.distributed (issue 13)
-            args = {k: v for k, v in locals().items() if k != "self"}
+            args = {k: v for k, v in locals().items() if k not in ("self", "return_trajectory")}
             from .distributed.generate import generate as parallel_generate
 
             return parallel_generate(self, self.parallel, **args)

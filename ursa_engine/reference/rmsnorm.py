@@ -23,7 +23,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     -------
     (..., N) tensor of ``x``'s dtype
     """
-    h = x.float()
+    h = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math (fp64 stays fp64: gradcheck)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 

@@ -56,7 +56,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs ``(j, j + D/2)`` of ``x`` (B, L, H, D) by tables (L, D/2) or (B, L, D/2)."""
     half = x.shape[-1] // 2
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math (fp64 stays fp64)
+    x1, x2 = xf[..., :half], xf[..., half:]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 

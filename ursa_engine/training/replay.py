@@ -37,7 +37,8 @@ REPLAY_CHUNK_BYTES = 64 * 2**20
 class Replay:
     """What :func:`trajectory_logprobs` returns for the chosen calls ``steps`` (indices into the trajectory).
 
-    x1_logprobs : (B, len(steps), T, h, w) float32, differentiable in the model's parameters
+    x1_logprobs : (B, len(steps), T, h, w) float32 (float64 for a float64 model), differentiable in the
+        model's parameters
     step_logprobs : (B, len(steps), T, h, w) float32 (no θ in them; no gradient), or None
     steps : the call indices replayed
     """
@@ -80,11 +81,11 @@ def guided_logprobs(hidden: torch.Tensor, weight: torch.Tensor, x1: torch.Tensor
 
     Returns
     -------
-    (D,) float32
+    (D,) float32 (float64 for float64 hidden states: gradient checks)
     """
     D, K = hidden.shape[0], weight.shape[0]
     plain = uncond_hidden is None and not top_k and top_p >= 1.0 and exclude is None
-    if plain and hasattr(losses, "linear_logprobs"):
+    if plain:
         return losses.linear_logprobs(hidden, weight, x1, temperature=temperature, backend=backend)
     rows = chunk_rows or max(1, REPLAY_CHUNK_BYTES // (8 * K))
     parts = []
@@ -96,7 +97,8 @@ def guided_logprobs(hidden: torch.Tensor, weight: torch.Tensor, x1: torch.Tensor
             parts.append(checkpoint(_range_logprobs, *args, use_reentrant=False))
         else:
             parts.append(_range_logprobs(*args))
-    return torch.cat(parts).to(torch.float32) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return torch.cat(parts).to(dtype) if parts else hidden.new_zeros(0, dtype=dtype)
 
 
 def _call_indices(steps, S: int) -> list[int]:

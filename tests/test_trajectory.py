@@ -1,0 +1,241 @@
+"""Rollout trajectories and their replay with gradients (issue 18, DESIGN §9).
+
+The recorded quantities are checked against independent dense computations: ``x1_logprobs``
+against ``log_softmax`` of the reference's guided logits of the full model output at the drawn
+ids; ``step_logprobs`` against the exact one-step law given x̂1 (``Scheduler.step_probs(x1=)``) at
+the transitions taken; the replay against the rollout (1e-5, fp32) and ``gradcheck`` (fp64).
+"""
+
+import pytest
+import torch
+
+import ursa_engine as ue
+from ursa_engine import training
+from ursa_engine.model import latent_positions, sequence_ids
+from ursa_engine.reference.sampler import guided_logits
+
+CFG = ue.ModelConfig.preset("tiny")
+P = 6
+SHAPE = (2, 2, 3)
+N_TOK = 12
+PROMPTS = [[11, 12, 13], [40, 41, 42, 43, 44]]
+NEG = [[7, 7]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ue.URSATransformer(CFG, init_std=0.2)
+
+
+def scheds():
+    table = ue.Codebook(torch.randn(64, 8, generator=torch.Generator().manual_seed(9)))
+    return {
+        "metric-fsq": lambda: ue.Scheduler(ue.MetricPath(ue.Codebook.fsq((4, 4, 4)), alpha=1.0, c=5.0), 5, shift=2.0),
+        "metric-table": lambda: ue.Scheduler(ue.MetricPath(table, alpha=0.5, c=6.0), 4),
+        "mixture": lambda: ue.Scheduler(ue.MixturePath(64, "cosine"), 4),
+        "mask": lambda: ue.Scheduler(ue.MaskPath(64, mask_id=63), 4),
+    }
+
+
+OPTIONS = {
+    "guided": dict(guidance_scale=3.0, guidance_trunc=0.8),
+    "unguided-T": dict(guidance_scale=1.0, temperature=0.7),
+    "filtered": dict(guidance_scale=2.0, guidance_trunc=1.0, top_k=9, top_p=0.8),
+}
+
+
+def engine_for(model, sched, **kw):
+    return ue.Engine(model, sched, prompt_length=P, mode="eager", **kw)
+
+
+def rollout(model, path="metric-fsq", options="guided", backend="torch", seed=3, **kw):
+    eng = engine_for(model, scheds()[path](), sampler_backend=backend)
+    return eng, eng.generate(PROMPTS, NEG, SHAPE, seed=seed, return_trajectory=True, **OPTIONS[options], **kw)
+
+
+def _skip_filtered(backend, options):
+    if options == "filtered" and backend == "triton":
+        pytest.skip("the Triton sampler does not fuse top-k / top-p")
+
+
+# ------------------------------------------------------------------------------------------ recording
+@pytest.mark.parametrize("path", ["metric-fsq", "metric-table", "mixture", "mask"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_recording_keeps_the_tokens_of_an_unrecorded_run(model, backend, path, options):
+    _skip_filtered(backend, options)
+    eng, out = rollout(model, path, options, backend)
+    plain = eng.generate(PROMPTS, NEG, SHAPE, seed=3, **OPTIONS[options])
+    assert torch.equal(out.tokens, plain.tokens)
+    t = out.trajectory
+    S = out.model_calls
+    assert t.states.shape == t.x1.shape == t.next_states.shape == (2, S, *SHAPE)
+    assert t.x1_logprobs.dtype == t.step_logprobs.dtype == torch.float32
+    assert torch.equal(t.next_states[:, :-1], t.states[:, 1:])
+    assert torch.equal(t.next_states[:, -1], out.tokens)
+    k0 = 1 if path.startswith("metric") else 0  # the metric path's step 0 makes no call (β̇(0) = 0)
+    assert t.steps.tolist() == list(range(k0, t.scheduler.num_steps))
+    assert torch.allclose(t.times, t.scheduler.times[t.steps])
+    assert t.guided.tolist() == [OPTIONS[options]["guidance_scale"] != 1.0
+                                 and float(tk) < OPTIONS[options].get("guidance_trunc", 1.0) for tk in t.times]
+    assert torch.equal(t.seeds, torch.tensor([3, 4]))
+
+
+def _dense_x1_logprobs(model, eng, t, s):
+    """log softmax of the reference's z over the whole model output at call s, at the drawn ids."""
+    B = t.states.shape[0]
+    x = t.states[:, s].reshape(B, -1)
+    rows = [t.prompt_ids] + ([t.negative_prompt_ids] if bool(t.guided[s]) else [])
+    ids = sequence_ids(torch.cat(rows), x.repeat(len(rows), 1), CFG)
+    logits = model(ids, latent_positions(P, SHAPE))[:, -N_TOK - 1 : -1]  # (rows, n, K)
+    o = t.options
+    path = t.scheduler.path
+    z = guided_logits(logits[:B], logits[B:] if len(rows) > 1 else None, guidance_scale=o["guidance_scale"],
+                      temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
+                      exclude=path.mask_id if isinstance(path, ue.MaskPath) else None)
+    return torch.log_softmax(z, -1).gather(-1, t.x1[:, s].reshape(B, -1, 1)).squeeze(-1).view(B, *SHAPE)
+
+
+@pytest.mark.parametrize("path", ["metric-table", "mixture", "mask"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_x1_logprobs_are_the_dense_log_softmax_at_the_drawn_ids(model, backend, path, options):
+    _skip_filtered(backend, options)
+    eng, out = rollout(model, path, options, backend)
+    t = out.trajectory
+    with torch.no_grad():
+        for s in range(t.num_calls):
+            want = _dense_x1_logprobs(model, eng, t, s)
+            assert torch.isfinite(want).all()  # every drawn id is one the filtering kept
+            torch.testing.assert_close(t.x1_logprobs[:, s].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["metric-fsq", "metric-table", "mixture", "mask"])
+def test_step_logprobs_are_the_exact_law_given_x1_at_the_taken_transitions(model, path):
+    eng, out = rollout(model, path, "guided", "torch", seed=11)
+    t = out.trajectory
+    sched = t.scheduler
+    moved = 0
+    for s in range(t.num_calls):
+        k = int(t.steps[s])
+        x, x1, nxt = t.states[:, s].reshape(-1), t.x1[:, s].reshape(-1), t.next_states[:, s].reshape(-1)
+        law = sched.step_probs(None, k, x, x1=x1)  # (D, K) float64, the law given x̂1
+        want = law.gather(-1, nxt[:, None]).squeeze(-1).log()
+        torch.testing.assert_close(t.step_logprobs[:, s].reshape(-1).double(), want, atol=1e-5, rtol=1e-5)
+        moved += int((nxt != x).sum())
+    assert moved > 0  # jumps were taken and checked, not only stays
+
+
+def test_step_logprobs_of_frozen_tokens_are_zero_and_marked(model):
+    eng = engine_for(model, scheds()["metric-fsq"]())
+    cond = torch.randint(0, 64, (1, 1, 2, 3), generator=torch.Generator().manual_seed(2))
+    out = eng.generate(PROMPTS, NEG, SHAPE, seed=1, cond_latents=cond, freeze_cond=True, return_trajectory=True,
+                       guidance_scale=3.0)
+    t = out.trajectory
+    assert t.frozen.shape == (2, *SHAPE) and t.frozen[:, 0].all() and not t.frozen[:, 1].any()
+    assert (t.step_logprobs[:, :, 0] == 0).all()
+    assert torch.equal(t.next_states[:, :, 0], cond.expand(2, t.num_calls, 2, 3))
+
+
+def test_draw_then_step_given_x1_is_the_step(backend):
+    """Scheduler.draw is the step's own x̂1 draw, on every backend and path."""
+    g = torch.Generator().manual_seed(4)
+    for name, make in scheds().items():
+        sched = make()
+        K = sched.path.size
+        x = torch.randint(0, K, (3, 7), generator=g)
+        cond, uncond = torch.randn(2, 3, 7, K, generator=g).unbind(0)
+        for k in (1, sched.num_steps - 1):
+            kw = dict(uncond_logits=uncond, guidance_scale=2.5, seed=torch.tensor([5, 6, 7]), backend=backend)
+            want = sched.step(cond, k, x, **kw)
+            x1 = sched.draw(cond, k, x, **kw)
+            got = sched.step(None, k, x, x1=x1, seed=kw["seed"], backend=backend)
+            assert torch.equal(got, want), (name, k)
+
+
+def test_recording_refuses_what_it_cannot_record(model):
+    eng = engine_for(model, ue.Scheduler(ue.MaskPath(64, mask_id=63), 4, mask_sampler="confidence"))
+    with pytest.raises(ValueError, match="return_trajectory"):
+        eng.generate(PROMPTS, NEG, SHAPE, return_trajectory=True)
+    eng = engine_for(model, scheds()["mixture"]())
+    with pytest.raises(ValueError, match="return_trajectory"):
+        eng.generate(PROMPTS, NEG, SHAPE, return_trajectory=True, mode="graph")
+
+
+# ------------------------------------------------------------------------------------------ replay
+@pytest.mark.parametrize("path", ["metric-table", "mixture", "mask"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_replay_equals_the_rollout(model, backend, path, options):
+    _skip_filtered(backend, options)
+    _, out = rollout(model, path, options, backend)
+    t = out.trajectory
+    rep = training.trajectory_logprobs(model, None, t)
+    assert rep.steps == list(range(t.num_calls))
+    torch.testing.assert_close(rep.x1_logprobs, t.x1_logprobs, atol=1e-5, rtol=0)
+    assert torch.equal(rep.step_logprobs, t.step_logprobs)
+    some = training.trajectory_logprobs(model, t.prompt_ids, t, steps=[0, -1], with_step_logprobs=False)
+    torch.testing.assert_close(some.x1_logprobs, t.x1_logprobs[:, [0, -1]], atol=1e-5, rtol=0)
+
+
+def test_replay_gradients_flow_through_both_halves_of_guided_calls(model):
+    _, out = rollout(model, "mixture", "guided")
+    t = out.trajectory
+    assert t.guided.any()
+    m = ue.URSATransformer(CFG)
+    m.load_state_dict(model.state_dict())
+    m.requires_grad_(True)
+    seen = {"rows": []}
+    hook = m.model.embed_tokens.register_forward_hook(lambda mod, inp, o: seen["rows"].append(inp[0].shape[0]))
+    rep = training.trajectory_logprobs(m, None, t, steps=[0])
+    hook.remove()
+    assert seen["rows"] == [4]  # cond and uncond rows in one pass
+    rep.x1_logprobs.sum().backward()
+    assert m.lm_head.weight.grad.abs().sum() > 0 and m.model.layers[0].self_attn.qkv_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("options", ["guided", "filtered", "unguided-T"])
+def test_replay_gradcheck_fp64(model, options):
+    _, out = rollout(model, "mask" if options == "filtered" else "metric-table", options)
+    t = out.trajectory
+    m = ue.URSATransformer(CFG).double()
+    m.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    names = ["lm_head.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight"]
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in m.named_parameters() if k in names}
+
+    def f(*values):
+        with torch.nn.utils.stateless._reparametrize_module(m, dict(zip(names, values, strict=True))):
+            return training.trajectory_logprobs(m, None, t, steps=[0, 1], with_step_logprobs=False,
+                                                chunk_rows=5).x1_logprobs.double()
+
+    assert torch.autograd.gradcheck(f, tuple(params[k] for k in names), fast_mode=True, eps=1e-6, atol=1e-5)
+
+
+def test_replay_names_bad_arguments(model):
+    _, out = rollout(model, "mixture", "guided")
+    t = out.trajectory
+    with pytest.raises(ValueError, match="steps"):
+        training.trajectory_logprobs(model, None, t, steps=[t.num_calls])
+    with pytest.raises(ValueError, match="prompt_ids"):
+        training.trajectory_logprobs(model, t.prompt_ids[:1], t)
+    with pytest.raises(TypeError, match="trajectory"):
+        training.trajectory_logprobs(model, None, {"states": t.states})
+
+
+# ------------------------------------------------------------------------------------------ fused head
+def test_fused_head_records_the_chunked_heads_trajectory(model):
+    """head="fused" hands out log p(x̂1) from its own log-sum-exp (the interpreter here)."""
+    from ursa_engine.ops_library import head_draw_unavailable
+
+    reason = head_draw_unavailable(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    kw = dict(guidance_scale=3.0, guidance_trunc=0.7, temperature=0.8, seed=5, return_trajectory=True)
+    for path in ("metric-fsq", "mixture"):
+        chunked = engine_for(model, scheds()[path](), head="chunked").generate(PROMPTS, NEG, SHAPE, **kw)
+        fused = engine_for(model, scheds()[path](), head="fused",
+                           logits_budget=2 * (8 * 1 + 12) * 5).generate(PROMPTS, NEG, SHAPE, **kw)
+        assert torch.equal(fused.tokens, chunked.tokens)
+        a, b = fused.trajectory, chunked.trajectory
+        assert torch.equal(a.x1, b.x1) and torch.equal(a.step_logprobs, b.step_logprobs)
+        torch.testing.assert_close(a.x1_logprobs, b.x1_logprobs, atol=1e-5, rtol=0)
+        rep = training.trajectory_logprobs(model, None, a)
+        torch.testing.assert_close(rep.x1_logprobs, a.x1_logprobs, atol=1e-5, rtol=0)
