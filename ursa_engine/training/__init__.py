@@ -18,9 +18,24 @@ counter-based (§2.5), so equal seeds give equal noise on every rank.
 """
 
 from ..trajectory import Trajectory
-from .losses import IGNORE_INDEX, LatentLoss, latent_hidden, linear_cross_entropy
+from .lora import LoRAAdapter
+from .losses import IGNORE_INDEX, LatentLoss, latent_hidden, linear_cross_entropy, linear_logprobs
 from .noise import add_noise, expand_times, sample_frame_times
 from .replay import Replay, guided_logprobs, trajectory_logprobs
+from .rewards import digit_probability
 
-__all__ = ["IGNORE_INDEX", "LatentLoss", "Replay", "Trajectory", "add_noise", "expand_times", "guided_logprobs",
-           "latent_hidden", "linear_cross_entropy", "sample_frame_times", "trajectory_logprobs"]
+__all__ = ["IGNORE_INDEX", "GRPOConfig", "LatentLoss", "LoRAAdapter", "Replay", "Trajectory", "add_noise",
+           "clipped_objective", "digit_probability", "expand_times", "group_advantages", "guided_logprobs",
+           "latent_hidden", "linear_cross_entropy", "linear_logprobs", "sample_frame_times", "trajectory_logprobs"]
+
+_GRPO = ("GRPOConfig", "clipped_objective", "group_advantages")
+
+
+def __getattr__(name):
+    # GRPO's names load on first use: importing .grpo here would put it in sys.modules before
+    # ``python -m ursa_engine.training.grpo`` runs it (runpy's double-import warning)
+    if name in _GRPO:
+        from . import grpo
+
+        return getattr(grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
