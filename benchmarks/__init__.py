@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="SUITE", help=f"suites to run (default: all of {BENCHES})")
     p.add_argument("--mode", choices=MODES, default="smoke",
                    help="smoke: CPU, small shapes, seconds; cpu: native vs dense at D=1,024, K=64,000; "
-                        "gpu: DESIGN §6 real shapes")
+                        "gpu: docs/design.md §6 real shapes")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON results")
     p.add_argument("--budget", type=float, default=None, help="global time budget in seconds")
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # epoch seconds

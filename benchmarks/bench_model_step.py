@@ -78,7 +78,7 @@ def _resolved_attention(name: str, model, tokens: int) -> dict:
         out = {"attention_resolved": resolved, "cudnn_attention_safe": cudnn_attention_safe(tokens)}
         if resolved == "sdpa-cudnn" and not out["cudnn_attention_safe"]:
             out["warning"] = (f"cuDNN {torch.backends.cudnn.version()} < 9.15.1 and {tokens} % 128 != 0: "
-                              "cuDNN SDPA is known to give wrong results here (DESIGN §4); timing only")
+                              "cuDNN SDPA is known to give wrong results here (docs/design.md §4); timing only")
         return out
     except Exception as err:  # noqa: BLE001 - recorded; the timing itself will fail loudly
         return {"attention_resolved": None, "attention_error": str(err)}

@@ -9,7 +9,7 @@ way; no compute / communication overlap: an upper estimate).
 
 Single-GPU step: **no measured figure exists yet**. Without ``--single-gpu-step-s`` the DESIGN §6
 floor is used (the step's matmul FLOPs at 989 TFLOP/s dense bf16: 0.73 s guided) and every row
-says ``"single_gpu": "predicted (DESIGN §6 floor) - needs measured"``. Run
+says ``"single_gpu": "predicted (docs/design.md §6 floor) - needs measured"``. Run
 ``python -m ursa_engine.benchmarks.bench_parallel --single-gpu-step-s 1.05`` with the measured
 guided step (``bench_model_step``, 1.7B, 33,601 tokens × 2) once a GPU has measured it.
 
@@ -54,7 +54,7 @@ def rows(single_gpu_step_s: float | None = None, preset: str = "ursa-1.7b") -> l
             seqs = 2 if guided else 1
             predicted = cfg.forward_flops(L, batch=seqs, latent_tokens=n) / PEAK_FLOPS
             if single_gpu_step_s is None:
-                single, source = predicted, "predicted (DESIGN §6 floor) - needs measured"
+                single, source = predicted, "predicted (docs/design.md §6 floor) - needs measured"
             else:  # the measured guided step; unguided scaled by the FLOP ratio
                 guided_flops = cfg.forward_flops(L, batch=2, latent_tokens=n)
                 single = single_gpu_step_s * cfg.forward_flops(L, batch=seqs, latent_tokens=n) / guided_flops

@@ -1,4 +1,4 @@
-"""Tuning sweep of the Triton sampler kernels at the real sizes of DESIGN §6 (GPU only).
+"""Tuning sweep of the Triton sampler kernels at the real sizes of docs/design.md §6 (GPU only).
 
 The per-op benchmarks (``bench_metric_step`` & co., run by :mod:`ursa_engine.benchmarks.gpu_suite`) time the
 default configuration against the dense reference. This script times *candidate tilings* of the

@@ -53,7 +53,7 @@ NAME = "vae"
 # attention in the deepest down / first up block, no decoder_dtype: the authors' class defaults.
 IBQ1024 = {"block_out_channels": [128, 128, 256, 256, 512], "num_vq_embeddings": 131072, "vq_embed_dim": 256,
            "latent_channels": 256}
-IBQ1024_NOTE = ("block_out_channels / K / m from the paper and DESIGN §2.1 (stride 16, K = 131,072, m = 256); "
+IBQ1024_NOTE = ("block_out_channels / K / m from the paper and docs/design.md §2.1 (stride 16, K = 131,072, m = 256); "
                 "latent_channels = 256 assumed; layers_per_block = 2, attn_down_block = attn_up_block = False, "
                 "decoder_dtype = None are the authors' class defaults (the published vae/config.json was not "
                 "available)")

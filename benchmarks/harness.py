@@ -217,7 +217,7 @@ class Work:
         if self.flops:
             terms["matmul"] = self.flops / ceil.matmul_flops_per_s
         if self.exps and ceil.exp_per_s:
-            terms["exp (modelled, DESIGN §6)"] = self.exps / ceil.exp_per_s
+            terms["exp (modelled, docs/design.md §6)"] = self.exps / ceil.exp_per_s
         if not terms:
             return None, None
         bound = max(terms, key=terms.get)

@@ -1,7 +1,7 @@
 """Run benchmark suites and write one JSON per suite run (``python -m ursa_engine.benchmarks.run``).
 
 Modes: ``smoke`` (CPU, small shapes, seconds: CI), ``cpu`` (the native CPU backend against the
-dense reference at D = 1,024, K = 64,000), ``gpu`` (DESIGN §6 real shapes and smaller ones).
+dense reference at D = 1,024, K = 64,000), ``gpu`` (docs/design.md §6 real shapes and smaller ones).
 """
 
 from __future__ import annotations

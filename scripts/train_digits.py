@@ -6,7 +6,7 @@
 The bundled model: ``--minutes 55 --steps 5000`` on 2 cores shared with 3-4 other jobs, which
 gave 4,219 steps (~0.78 s a step; ~0.28 s on 2 idle cores, so 30 minutes there make ~6,000).
 
-What it builds (DESIGN §3 checkpoint layout, read back by ``ue.Engine.from_pretrained``)::
+What it builds (docs/design.md §3 checkpoint layout, read back by ``ue.Engine.from_pretrained``)::
 
     OUT/transformer/   config.json + diffusion_pytorch_model.safetensors (EMA weights, fp32)
     OUT/scheduler/     scheduler_config.json (alpha, c, shift) + scheduler_model.safetensors ("path.emb")

@@ -85,7 +85,7 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype, he
     if backend == "sdpa-cudnn" and seq_len is not None and not cudnn_attention_safe(seq_len):
         raise ValueError(f"attention backend 'sdpa-cudnn': cuDNN {torch.backends.cudnn.version()} gives wrong "
                          f"results for query length L={seq_len} (not a multiple of 128) before cuDNN 9.15.1 "
-                         f"({CUDNN_FIXED}); use 'sdpa' or 'auto', which leave cuDNN out there (DESIGN §4)")
+                         f"({CUDNN_FIXED}); use 'sdpa' or 'auto', which leave cuDNN out there (docs/design.md §4)")
     return backend
 
 

@@ -197,7 +197,7 @@ class TrainingPlan:
         lines.append(f"weights {_gb(self.weight_bytes)}, optimizer state {_gb(self.optimizer_state_bytes)}, "
                      f"gradients {_gb(self.gradient_bytes)}, saved for the backward {_gb(self.saved_bytes)}")
         if self.flops:
-            lines.append(f"FLOPs counted: {self.flops / 1e12:.1f} T (forward alone, DESIGN §6: "
+            lines.append(f"FLOPs counted: {self.flops / 1e12:.1f} T (forward alone, docs/design.md §6: "
                          f"{self.forward_flops / 1e12:.1f} T)")
         verdict = ("none" if not self.nk_buffers else
                    "; ".join(f"{b['phase']}: {tuple(b['shape'])} {b['dtype']} ({b['op']})" for b in self.nk_buffers))

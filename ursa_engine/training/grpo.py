@@ -1,4 +1,4 @@
-"""GRPO on the bundled digits model, end to end on the CPU (issue 18 item 4; DESIGN §9).
+"""GRPO on the bundled digits model, end to end on the CPU (issue 18 item 4; docs/design.md §9).
 
     python -m ursa_engine.training.grpo --out runs/grpo            # full fine-tuning, ~5 min on 2 cores
     python -m ursa_engine.training.grpo --out runs/grpo-lora --lora-rank 8
