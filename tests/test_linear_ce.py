@@ -373,3 +373,17 @@ def test_bench_smoke():
     out = bench_linear_ce.run(64, 16, 512, chunks=(16,), device="cpu", reps=1, budget_s=0.1)
     assert [(r["provider"], r["chunk"]) for r in out["rows"]] == [("dense", None), ("torch", 16)]
     assert out["rows"][1]["bytes_vs_dense"] < 0.5 and all(r["median_ms"] > 0 for r in out["rows"])
+
+
+def test_ignored_rows_with_an_infinite_upstream_gradient_stay_out():
+    """reduction="none": an ignored row's incoming gradient never reaches d hidden / d weight (no 0·inf)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 16, generator=g, requires_grad=True)
+    W = torch.randn(29, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 29, (6,), generator=g)
+    y[2] = training.IGNORE_INDEX
+    up = torch.ones(6)
+    up[2] = float("inf")
+    training.linear_cross_entropy(h, W, y, reduction="none", backend="torch").backward(up)
+    assert torch.isfinite(h.grad).all() and torch.isfinite(W.grad).all()
+    assert (h.grad[2] == 0).all()

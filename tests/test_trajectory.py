@@ -239,3 +239,80 @@ def test_fused_head_records_the_chunked_heads_trajectory(model):
         torch.testing.assert_close(a.x1_logprobs, b.x1_logprobs, atol=1e-5, rtol=0)
         rep = training.trajectory_logprobs(model, None, a)
         torch.testing.assert_close(rep.x1_logprobs, a.x1_logprobs, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+def test_replay_through_the_fused_linear_logprob_equals_the_rollout(model):
+    """Unguided, unfiltered calls replay through training.linear_logprobs: Triton (interpreter) and torch."""
+    from ursa_engine.triton_kernels.sampler import unavailable
+
+    if unavailable(torch.device("cpu")) is not None:
+        pytest.skip(unavailable(torch.device("cpu")))
+    _, out = rollout(model, "metric-table", "unguided-T")
+    t = out.trajectory
+    for backend in ("torch", "triton"):
+        rep = training.trajectory_logprobs(model, None, t, backend=backend, with_step_logprobs=False)
+        torch.testing.assert_close(rep.x1_logprobs, t.x1_logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", ["guided", "unguided-T"])
+def test_bf16_replay_equals_the_rollout(options):
+    """A bf16 rollout drew from logits rounded to bf16: the replay rounds them the same way."""
+    torch.manual_seed(0)
+    m = ue.URSATransformer(CFG, init_std=0.2).to(torch.bfloat16)
+    _, out = rollout(m, "mixture", options)
+    t = out.trajectory
+    rep = training.trajectory_logprobs(m, None, t, with_step_logprobs=False)
+    torch.testing.assert_close(rep.x1_logprobs, t.x1_logprobs, atol=1e-5, rtol=0)
+
+
+def test_guided_replay_gradient_splits_at_equal_logits():
+    """Where c == u (cond and uncond hidden states equal) z = u + s(c − u): d/dc = s·dz, d/du = (1 − s)·dz."""
+    from ursa_engine.training.replay import guided_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hc = torch.randn(5, 8, dtype=torch.float64, generator=g)
+    W = torch.randn(11, 8, dtype=torch.float64, generator=g)
+    x1 = torch.randint(0, 11, (5,), generator=g)
+    a, b = hc.clone().requires_grad_(True), hc.clone().requires_grad_(True)
+    guided_logprobs(a, W, x1, uncond_hidden=b, guidance_scale=3.0).sum().backward()
+    c, u = hc.clone().requires_grad_(True), hc.clone().requires_grad_(True)
+    z = u @ W.T + 3.0 * (c @ W.T - u @ W.T)
+    torch.log_softmax(z, -1).gather(-1, x1[:, None]).sum().backward()
+    torch.testing.assert_close(a.grad, c.grad)
+    torch.testing.assert_close(b.grad, u.grad)
+    assert a.grad.abs().sum() > 0
+
+
+def test_argmax_last_is_a_deterministic_choice(model):
+    _, out = rollout(model, "mixture", "guided", argmax_last=True)
+    t = out.trajectory
+    assert (t.x1_logprobs[:, -1] == 0).all() and (t.step_logprobs[:, -1] == 0).all()
+    assert (t.x1_logprobs[:, :-1] < 0).any()
+    rep = training.trajectory_logprobs(model, None, t)
+    torch.testing.assert_close(rep.x1_logprobs, t.x1_logprobs, atol=1e-5, rtol=0)
+
+
+def test_policy_mask_leaves_out_unmasked_and_frozen_tokens(model):
+    _, out = rollout(model, "mask", "guided")
+    t = out.trajectory
+    assert torch.equal(t.policy_mask, t.states == 63)
+    assert t.policy_mask[:, 0].all() and not t.policy_mask[:, -1].all()
+    eng = engine_for(model, scheds()["mixture"]())
+    cond = torch.randint(0, 63, (1, 1, 2, 3), generator=torch.Generator().manual_seed(2))
+    t = eng.generate(PROMPTS, NEG, SHAPE, cond_latents=cond, freeze_cond=True, return_trajectory=True).trajectory
+    assert not t.policy_mask[:, :, 0].any() and t.policy_mask[:, :, 1].all()
+
+
+def test_last_step_law_gives_minus_inf_to_any_other_outcome():
+    from ursa_engine.reference import logprobs as ref
+
+    x = torch.tensor([0, 5, 63, 63])
+    x1 = torch.tensor([3, 5, 7, 9])
+    params = torch.zeros(4, dtype=torch.float64)
+    assert ref.mixture_step_logprobs(x, x1, torch.tensor([3, 5, 7, 1]), params, last=True).tolist() == \
+        [0.0, 0.0, 0.0, -float("inf")]
+    assert ref.mask_step_logprobs(x, x1, torch.tensor([0, 5, 7, 9]), params, mask_id=63, last=True).tolist() == \
+        [0.0, 0.0, 0.0, 0.0]  # unmasked tokens stay, masked ones become x̂1
+    assert ref.mask_step_logprobs(x, x1, torch.tensor([3, 5, 63, 9]), params, mask_id=63,
+                                  last=True).tolist()[::2] == [-float("inf"), -float("inf")]

@@ -348,8 +348,10 @@ class Engine:
         prompt_length : override the engine's prompt length for this call
         return_trajectory : record every model call's state, x̂1, their log-probabilities and the
             transition's (``result.trajectory``, a :class:`ursa_engine.trajectory.Trajectory`; RL
-            rollouts, DESIGN §9). Steps then run eagerly (``mode="graph"`` is refused); tokens are
-            those of an unrecorded run. Not for the confidence sampler or a mesh
+            rollouts, DESIGN §9). Steps then run eagerly (``mode="graph"`` is refused) with the
+            transformer's norm / RoPE / SwiGLU on their torch twins (what a replay differentiates);
+            tokens are those of an unrecorded run (on a GPU up to §2.5's float ties). Not for the
+            confidence sampler or a mesh
 
         Returns
         -------
@@ -388,6 +390,7 @@ class Engine:
         self.configure(state, 2 * B if use_cfg else B)
         if return_trajectory:
             state.recorder = TrajectoryRecorder(B, n, device)
+            state.ops_backend = "torch"  # the differentiable norm / RoPE / SwiGLU the replay runs (no mismatch)
         runner = self._graph_runner(state) if mode == "graph" else None
         times, calls = [], 0
         timer = StepTimer(device)

@@ -40,6 +40,7 @@ class LoopState:
         self.backend = engine.sampler_backend  # the concrete one: set by Engine._sampler_backend
         self.fused_head = False  # x̂1 from the fused head kernel: set by Engine._fused_head
         self.recorder = None  # a trajectory.TrajectoryRecorder when the generation records (eager steps only)
+        self.ops_backend = None  # the model's norm / RoPE / SwiGLU backend for this generation (None: the model's)
 
     def graph_key(self):
         o = self.opts
@@ -69,7 +70,8 @@ class LoopState:
             self.sched.step(logits[:B], k, self.x, uncond_logits=logits[B:] if rows > B else None,
                             out=self.x_next, **common)
         else:
-            hidden = model.hidden_states(self.ids[:rows], rope=self.rope, latent_tokens=self.n)  # (rows, n, H)
+            hidden = model.hidden_states(self.ids[:rows], rope=self.rope, latent_tokens=self.n,
+                                         ops_backend=self.ops_backend)  # (rows, n, H)
             for s, e in self.chunks(rows):
                 self._head_step(hidden[:, s:e], k, rows, s, e, common)
         if self.recorder is not None:  # the law given x̂1 of the sampler's own output (before frozen write-back)
@@ -114,6 +116,7 @@ class LoopState:
         (issue 18): the fused head's ``logprobs=`` output, or the sampler backend's own draw
         (:meth:`Scheduler.draw`) and the log-softmax of the same range's logits."""
         B, model, rec = self.B, self.engine.model, self.recorder
+        argmax = self.argmax_last and k == self.sched.num_steps - 1
         if self.fused_head:
             H = hidden.shape[-1]
             lp = torch.empty(B * (e - s), dtype=torch.float32, device=hidden.device)
@@ -122,14 +125,14 @@ class LoopState:
                 uncond_hidden=hidden[B:].reshape(-1, H) if rows > B else None,
                 guidance_scale=self.opts["guidance_scale"], temperature=self.opts["temperature"], seeds=self.seeds,
                 row_len=e - s, step=self._rng_step(k), index_offset=s,
-                argmax=self.argmax_last and k == self.sched.num_steps - 1, logprobs=lp).view(B, e - s)
+                argmax=argmax, logprobs=lp).view(B, e - s)
         else:
             logits = model.lm_head(hidden)  # (rows, e − s, K)
             cond, uncond = logits[:B], logits[B:] if rows > B else None
             x1 = self.sched.draw(cond, k, self.x[:, s:e], uncond_logits=uncond, token_offset=s, **common)
             lp = logits_x1_logprobs(self.sched, cond, uncond, x1, self.opts)
         rec.x1[:, s:e] = x1.view(B, e - s)
-        rec.x1_logprobs[:, s:e] = lp.view(B, e - s)
+        rec.x1_logprobs[:, s:e] = 0.0 if argmax else lp.view(B, e - s)  # argmax: a deterministic choice
         return x1.view(B, e - s)
 
     def _rng_step(self, k) -> torch.Tensor:

@@ -20,8 +20,11 @@ moment anyway; the fused head hands out the log-sum-exp of its first pass (no ex
 Recording runs eagerly (no CUDA graphs) and costs one host-side copy of the tokens per call.
 
 Frozen tokens (``freeze_cond``) are not the policy's actions: their ``step_logprobs`` are 0 and
-``frozen`` marks them (leave them out of a loss). The confidence (MaskGIT) sampler couples a
-sample's tokens and has no per-token law: it records nothing and raises.
+``frozen`` marks them; :attr:`Trajectory.policy_mask` also leaves out the masked path's already
+unmasked tokens (their x̂1 never acts). With ``argmax_last`` the last call chooses deterministically:
+its ``x1_logprobs`` are 0. The model's norm / RoPE / SwiGLU run on their torch twins while recording
+(the ops a replay differentiates). The confidence (MaskGIT) sampler couples a sample's tokens and has
+no per-token law: recording it raises.
 """
 
 from __future__ import annotations
@@ -66,6 +69,21 @@ class Trajectory:
     @property
     def num_calls(self) -> int:
         return int(self.steps.numel())
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """(B, S, T, h, w) bool: the tokens whose x̂1 can move them — the terms a policy gradient needs.
+
+        False for frozen tokens, and on the masked path for tokens already unmasked (their x̂1 is drawn
+        but never used: including them adds variance, not signal).
+        """
+        mask = torch.ones_like(self.states, dtype=torch.bool)
+        path = getattr(self.scheduler, "path", None)
+        if isinstance(path, MaskPath):
+            mask = self.states == path.mask_id
+        if self.frozen is not None:
+            mask = mask & ~self.frozen[:, None]
+        return mask
 
     @property
     def action_logprobs(self) -> torch.Tensor:

@@ -13,7 +13,7 @@ For one model call at grid step ``k`` and one token with current id ``z0 = x_k``
   - mixture path: ``x̂1 = z0``: 0; else stayed ``−h·κ̇/(1−κ)``, jumped (to x̂1) ``log(1 − exp(−h·κ̇/(1−κ)))``;
   - masked path (Euler): a masked token unmasks (to x̂1) with ``q = min(1, h·κ̇/(1−κ))``: ``log q`` /
     ``log(1 − q)``; an unmasked token stays: 0;
-  - the last step (``x_N = x̂1``, or x̂1 at the masked tokens): 0.
+  - the last step (``x_N = x̂1``, or x̂1 at the masked tokens): 0 (−inf for any other ``x_N``).
 
   The law marginal over x̂1 costs O(K²) per token at the stay event and is not computed here.
   A transition the law cannot produce gives ``−inf`` (a caller's inconsistent inputs, never a
@@ -47,6 +47,11 @@ def x1_logprobs(cond: torch.Tensor, uncond: torch.Tensor | None, x1: torch.Tenso
     return out
 
 
+def _certain(taken: torch.Tensor) -> torch.Tensor:
+    """A deterministic transition: 0 where ``taken`` (the only outcome), −inf elsewhere; float64."""
+    return torch.where(taken, 0.0, -torch.inf).to(torch.float64)
+
+
 def _log_jump(rate_h: torch.Tensor) -> torch.Tensor:
     """``log(1 − exp(−rate_h))``, accurate for small and large ``rate_h`` (−inf at 0)."""
     return torch.log(-torch.expm1(-rate_h))
@@ -60,7 +65,7 @@ def metric_step_logprobs(x: torch.Tensor, x1: torch.Tensor, x_next: torch.Tensor
     """
     D = x.numel()
     if last:
-        return torch.zeros(D, dtype=torch.float64, device=x.device)
+        return _certain(x_next == x1)
     p = params.to(torch.float64)
     h, beta, beta_dot = p[P_H], p[P_BETA], p[P_BETA_DOT]
     e, sq = _table64(table)
@@ -83,9 +88,9 @@ def metric_step_logprobs(x: torch.Tensor, x1: torch.Tensor, x_next: torch.Tensor
 def mixture_step_logprobs(x: torch.Tensor, x1: torch.Tensor, x_next: torch.Tensor, params: torch.Tensor, *,
                           last: bool = False) -> torch.Tensor:
     """``log P(x_next | x, x̂1)`` of the mixture-path step (§2.4), float64 (D,)."""
-    zero = torch.zeros(x.numel(), dtype=torch.float64, device=x.device)
     if last:
-        return zero
+        return _certain(x_next == x1)
+    zero = torch.zeros(x.numel(), dtype=torch.float64, device=x.device)
     p = params.to(torch.float64)
     rh = p[P_H] * p[P_RATE]
     impossible = torch.full_like(zero, -torch.inf)
@@ -97,9 +102,9 @@ def mixture_step_logprobs(x: torch.Tensor, x1: torch.Tensor, x_next: torch.Tenso
 def mask_step_logprobs(x: torch.Tensor, x1: torch.Tensor, x_next: torch.Tensor, params: torch.Tensor, *,
                        mask_id: int, last: bool = False) -> torch.Tensor:
     """``log P(x_next | x, x̂1)`` of the masked-path Euler step (§2.4), float64 (D,)."""
+    if last:  # every masked token becomes x̂1, the others stay
+        return _certain(torch.where(x == mask_id, x_next == x1, x_next == x))
     zero = torch.zeros(x.numel(), dtype=torch.float64, device=x.device)
-    if last:
-        return zero
     p = params.to(torch.float64)
     q = torch.clamp(p[P_H] * p[P_RATE], max=1.0)
     impossible = torch.full_like(zero, -torch.inf)

@@ -104,7 +104,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     grad_w * grad_out.to(grad_w.dtype) if need_w else None) + (None,) * 8
         hidden, weight, safe, w, lse = ctx.saved_tensors
         cd, cs = lse.dtype, ctx.chunk_size
-        coef = w * grad_out.to(cd)
+        coef = torch.where(w != 0, w * grad_out.to(cd), 0.0)  # a weight-0 row contributes 0 (no 0·inf = NaN)
         wc = weight.to(cd)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(wc) if need_w else None
@@ -147,7 +147,7 @@ class _TritonLinearCE(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         valid = targets != ctx.ignore_index
         w = valid.to(torch.float32) if weights is None else torch.where(valid, weights.float(), 0.0)
-        coef = w * grad_out.float()
+        coef = torch.where(w != 0, w * grad_out.float(), 0.0)  # a weight-0 row contributes 0 (no 0·inf = NaN)
         if ctx.reduction == "mean":
             coef = coef / count
         dh, dw = torch.ops.ursa.linear_ce_backward(hidden, weight, targets, lse, coef, ctx.temperature, ctx.z_loss,

@@ -51,16 +51,22 @@ class Replay:
 def _range_logprobs(hc, hu, weight, x1, scale: float, temperature: float, top_k: int, top_p: float,
                     exclude: int | None) -> torch.Tensor:
     """``log softmax(z)[x̂1]`` (rows,) float64 for one range of rows: hc / hu (rows, H), x1 (rows,)."""
-    c = F.linear(hc, weight)  # the rollout's lm_head, in the model's dtype
+    c = F.linear(hc, weight)  # the rollout's lm_head, in the model's dtype (bf16 logits are rounded as sampled)
     u = None if hu is None else F.linear(hu, weight)
-    with torch.no_grad():  # which codes the filtering keeps (no gradient through a choice)
-        kept = guided_logits(c, u, guidance_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                             exclude=exclude) != -torch.inf
+    kept = None
+    if top_k or top_p < 1.0 or exclude is not None:
+        with torch.no_grad():  # which codes the filtering keeps (no gradient through a choice)
+            kept = guided_logits(c, u, guidance_scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 exclude=exclude) != -torch.inf
     z = c.double()
     if u is not None:
         u = u.double()
-        z = torch.where(z == u, u, u + scale * (z - u))
-    z = (z / temperature).masked_fill(~kept, -torch.inf)
+        # u + s(c − u) everywhere (where c == u its value is u and its gradient splits s / 1 − s); the
+        # sampler's "z = c where c == u" rule matters only for −inf codes, kept as such
+        z = torch.where((z == u) & torch.isinf(u), u, u + scale * (z - u))
+    z = z / temperature
+    if kept is not None:
+        z = z.masked_fill(~kept, -torch.inf)
     return torch.log_softmax(z, dim=-1).gather(-1, x1.unsqueeze(-1)).squeeze(-1)
 
 
@@ -84,9 +90,14 @@ def guided_logprobs(hidden: torch.Tensor, weight: torch.Tensor, x1: torch.Tensor
     (D,) float32 (float64 for float64 hidden states: gradient checks)
     """
     D, K = hidden.shape[0], weight.shape[0]
-    plain = uncond_hidden is None and not top_k and top_p >= 1.0 and exclude is None
+    # The fused linear log-prob works on fp32 logits: it equals the sampled law for fp32 / fp64 models. A
+    # bf16 / fp16 rollout drew from logits rounded to that dtype (lm_head's output, the fused head's
+    # rounding): those rows take the ranges below, which round the same way (no train–inference mismatch).
+    plain = (uncond_hidden is None and not top_k and top_p >= 1.0 and exclude is None
+             and hidden.dtype in (torch.float32, torch.float64))
     if plain:
-        return losses.linear_logprobs(hidden, weight, x1, temperature=temperature, backend=backend)
+        return losses.linear_logprobs(hidden, weight, x1, temperature=temperature, backend=backend,
+                                      **({"chunk_size": chunk_rows} if chunk_rows else {}))
     rows = chunk_rows or max(1, REPLAY_CHUNK_BYTES // (8 * K))
     parts = []
     for s in range(0, D, rows):
@@ -104,12 +115,15 @@ def guided_logprobs(hidden: torch.Tensor, weight: torch.Tensor, x1: torch.Tensor
 def _call_indices(steps, S: int) -> list[int]:
     if steps is None:
         return list(range(S))
-    if isinstance(steps, int):
+    if isinstance(steps, torch.Tensor):
+        steps = steps.reshape(-1).tolist()
+    elif isinstance(steps, int):
         steps = [steps]
     out = [int(s) for s in steps]
     bad = [s for s in out if not -S <= s < S]
     if bad:
-        raise ValueError(f"steps: call indices must be in [0, {S}) (the trajectory's model calls), got {bad}")
+        raise ValueError(f"steps: call indices must be in [-{S}, {S}) (the trajectory's {S} model calls; negative "
+                         f"counts from the end), got {bad}")
     return [s % S for s in out]
 
 
@@ -130,7 +144,8 @@ def trajectory_logprobs(model: URSATransformer, prompt_ids: torch.Tensor | None,
         both halves differentiate) when the trajectory says so
     negative_prompt_ids : (B or 1, P) for guided calls, or None for the trajectory's own
     guidance_scale, temperature, top_k, top_p : None: the rollout's options
-    ops_backend : the model's RMSNorm / RoPE / SwiGLU backend while replaying (``"torch"``: plain autograd)
+    ops_backend : the model's RMSNorm / RoPE / SwiGLU backend while replaying (``"torch"``: plain autograd;
+        a recording generation runs them on ``"torch"`` too, so the two agree)
     backend : the fused linear log-probability's backend (unguided, unfiltered calls)
     with_step_logprobs : also recompute ``step_logprobs`` (no θ in them, no gradient)
     chunk_rows : rows of logits a range (default: within :data:`REPLAY_CHUNK_BYTES` of float64)
@@ -138,7 +153,8 @@ def trajectory_logprobs(model: URSATransformer, prompt_ids: torch.Tensor | None,
     Returns
     -------
     :class:`Replay`; with the rollout's weights its ``x1_logprobs`` equal the trajectory's
-    ``x1_logprobs[:, steps]`` within float rounding (1e-5 in fp32).
+    ``x1_logprobs[:, steps]`` within float rounding (1e-5 in fp32) when the attention backend is the
+    rollout's. A last call under ``argmax_last`` chose deterministically: its entries are 0 (no gradient).
     """
     if not isinstance(trajectory, Trajectory):
         raise TypeError(f"trajectory: expected a ursa_engine.trajectory.Trajectory, got {type(trajectory).__name__}")
@@ -163,8 +179,13 @@ def trajectory_logprobs(model: URSATransformer, prompt_ids: torch.Tensor | None,
     cfg, weight = model.config, model.lm_head.weight
     P = prompt.shape[1]
     rope = model.rope_tables(latent_positions(P, shape, device=device))
+    argmax_call = (traj.scheduler.num_steps - 1 if opts.get("argmax_last") and traj.scheduler is not None
+                   else None)
     out = []
     for s in calls:
+        if int(traj.steps[s]) == argmax_call:  # a deterministic choice: log-probability 0, as recorded
+            out.append(torch.zeros((B, *shape), dtype=torch.float32, device=device))
+            continue
         x = traj.states[:, s].reshape(B, n).to(device)
         guided = bool(traj.guided[s]) and scale != 1.0
         rows = [prompt]
