@@ -88,7 +88,10 @@ video; 25 steps for one frame of a video tokenizer; --image / --video keep their
       --image bear.png --out bear_i2v.mp4
   ursa-engine generate ./URSA-1.7B-FSQ320 --prompt 'a bear in the snow' --motion 5 \\
       --video bear.mp4 --out bear_85f.mp4            (49 given + 36 new frames)""")
-    gen.add_argument("root", metavar="ROOT", help="checkpoint root: transformer/, scheduler/, tokenizer/, vae/")
+    gen.add_argument("root", metavar="ROOT", help="checkpoint root: transformer/, scheduler/, tokenizer/, vae/; or a "
+                                                  "hub id org/name (downloaded to the hub cache; HF_HUB_OFFLINE=1: "
+                                                  "the cache only)")
+    _add_checkpoint_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for a batch)")
     gen.add_argument("--negative-prompt", default=None,
                      help="default: the authors' README negative prompt ('worst quality, low quality, ...'); "
@@ -183,7 +186,8 @@ example:
   curl -s localhost:8000/v1/images/generations -H 'content-type: application/json' \\
        -d '{"prompt": "7", "response_format": "png", "seed": 1}' -o seven.png""")
     srv.add_argument("root", metavar="ROOT", nargs="?", default=None,
-                     help="checkpoint root (default: the bundled digits model)")
+                     help="checkpoint root or hub id org/name (default: the bundled digits model)")
+    _add_checkpoint_flags(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-rows", type=int, default=16, help="rows of one forward pass, cond + uncond (default 16)")
@@ -199,6 +203,14 @@ example:
     srv.add_argument("--log-level", default="info")
     _add_debug(srv)
     srv.set_defaults(handler=_serve)
+
+
+def _add_checkpoint_flags(parser) -> None:
+    parser.add_argument("--transformer-weights", default=None, metavar="PATH",
+                        help="a fine-tuned transformer-only state dict laid over ROOT's transformer (.safetensors, "
+                             ".bin, .pt or .pth file, or a folder; e.g. UDM-GRPO's transformer/"
+                             "diffusion_pytorch_model.bin); torch files are read with weights_only=True")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id ROOT (default: main)")
 
 
 def _serve(args) -> int:
@@ -220,10 +232,23 @@ def _serve(args) -> int:
         from .serve.batcher import DEFAULT_MAX_TOKENS
     except ImportError as err:
         raise UsageError(f"serve: needs FastAPI and uvicorn (pip install 'ursa-engine[serve]'): {err}") from None
+    if args.root is None and (args.transformer_weights is not None or args.revision is not None):
+        raise UsageError("--transformer-weights / --revision: need a checkpoint ROOT (the bundled digits model "
+                         "takes neither)")
+    from pathlib import Path
+
+    if args.transformer_weights is not None and not Path(args.transformer_weights).exists():
+        raise UsageError(f"--transformer-weights: {args.transformer_weights} does not exist")
+    from .hub import HubError
+
     try:
         serve(args.root, host=args.host, port=args.port, max_rows=args.max_rows, max_queue=args.max_queue,
               max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, policy=args.policy, device=args.device,
-              graphs=args.graphs, log_level=args.log_level)
+              graphs=args.graphs, log_level=args.log_level, transformer_weights=args.transformer_weights,
+              revision=args.revision)
+    except HubError as err:  # a hub id ROOT that cannot be resolved (nothing loaded yet)
+        msg = one_line(err)
+        raise UsageError("ROOT: " + msg[len("root: "):] if msg.startswith("root: ") else msg) from None
     except ValueError as err:
         if str(err).startswith("graphs:"):  # a CPU engine (the digits model) asked for CUDA graphs
             raise UsageError(f"--{err}") from None
@@ -242,7 +267,8 @@ def _add_plan(subparsers) -> None:
     plan.add_argument("--preset", default="ursa-1.7b", help="model preset (default: ursa-1.7b); see ModelConfig")
     plan.add_argument("--root", default=None, metavar="CKPT",
                       help="a checkpoint root instead of a preset: its configs (transformer, scheduler codebook, vae) "
-                           "are read, never its weights")
+                           "are read, never its weights); or a hub id org/name (only those files are downloaded)")
+    plan.add_argument("--revision", default=None, help="branch, tag or commit of a hub id --root (default: main)")
     plan.add_argument("--latents-shape", type=int, nargs="+", default=[13, 40, 64], metavar="N",
                       help="latent grid T H W or H W (default: 13 40 64 = 49 x 320 x 512 video)")
     plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -300,6 +326,9 @@ def _plan(args) -> int:
     if args.root is not None:
         from pathlib import Path
 
+        from .cli_generate import resolve_cli_root
+
+        args.root = str(resolve_cli_root(args.root, args.revision, flag="--root", weights=False))
         missing = [f for f in ("transformer/config.json", "scheduler/scheduler_config.json")
                    if not (Path(args.root) / f).is_file()]
         if missing:
@@ -307,6 +336,8 @@ def _plan(args) -> int:
     else:
         from .config import ModelConfig
 
+        if args.revision is not None:
+            raise UsageError("--revision: only applies to a hub id --root")
         if args.preset not in ModelConfig.PRESETS:
             raise UsageError(f"--preset: unknown {args.preset!r}, expected one of {sorted(ModelConfig.PRESETS)}")
     if args.training:

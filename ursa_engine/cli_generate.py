@@ -58,6 +58,7 @@ FLAGS = {
     "num_cond_frames": "--cond-frames", "image": "--image", "video": "--video", "fps": "--fps",
     "out": "--out", "attn_backend": "--attn", "mode": "--mode", "prompt_length": "--prompt-length",
     "freeze_cond": "--freeze-cond", "mesh": "--parallel", "parallel": "--parallel",
+    "transformer_weights": "--transformer-weights", "revision": "--revision",
 }
 _NAMED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): ")
 
@@ -117,8 +118,27 @@ def check_device(device: str | None) -> None:
         raise UsageError(f"--device: {device} requested but torch has no available {dev.type} backend")
 
 
-def _check_root(root: str) -> Path:
-    path = Path(root)
+def resolve_cli_root(root: str, revision: str | None = None, *, flag: str = "ROOT", weights: bool = True,
+                     transformer_weights: str | None = None) -> Path:
+    """``root`` as a local folder: itself, or a hub id ``org/name`` resolved through the hub cache
+    (:func:`ursa_engine.hub.resolve_root`; ``HF_HUB_OFFLINE=1``: the cache only). Errors name ``flag``."""
+    from .hub import HubError, is_hub_id, resolve_root
+
+    if transformer_weights is not None and not Path(transformer_weights).exists():
+        raise UsageError(f"--transformer-weights: {transformer_weights} does not exist")
+    if revision is not None and Path(root).exists():
+        raise UsageError(f"--revision: {root} is a local folder; --revision only applies to hub ids (org/name)")
+    if Path(root).exists() or not is_hub_id(root):
+        return Path(root)
+    try:
+        return resolve_root(root, revision=revision, weights=weights, transformer_weights=transformer_weights is None,
+                            name=flag)
+    except HubError as err:
+        raise UsageError(one_line(err)) from err
+
+
+def _check_root(root: str, revision: str | None = None, transformer_weights: str | None = None) -> Path:
+    path = resolve_cli_root(root, revision, transformer_weights=transformer_weights)
     if not path.exists():
         raise UsageError(f"ROOT: {root} does not exist")
     if not path.is_dir():
@@ -290,7 +310,7 @@ def _summary(paths, result, kind: str, frames, load_s: float, save_s: float) -> 
 # ---------------------------------------------------------------------------- the command
 def run(args) -> int:
     """``ursa-engine generate`` (flags: see ``ursa-engine generate --help``)."""
-    root = _check_root(args.root)
+    root = _check_root(args.root, getattr(args, "revision", None), getattr(args, "transformer_weights", None))
     with user_errors(ValueError, FileNotFoundError):
         kind = media.output_kind(args.out)
     has_vae = (root / "vae").is_dir()
@@ -342,7 +362,7 @@ def _generate(args, root: Path, kind: str, has_vae: bool, cond, fps, parallel, l
         engine = Engine.from_pretrained(root, dtype=getattr(torch, args.dtype) if args.dtype else None,
                                         device=args.device, shift=args.shift, mode=args.mode,
                                         attn_backend=args.attn, prompt_length=args.prompt_length, load_vae=load_vae,
-                                        mesh=parallel)
+                                        mesh=parallel, transformer_weights=getattr(args, "transformer_weights", None))
     loaded.append(engine)
     load_s = time.perf_counter() - t0
     vae = engine.vae  # None exactly when not load_vae (a vae/ that does not load raised above)

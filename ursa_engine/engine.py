@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,17 +141,29 @@ class Engine:
     @classmethod
     def from_pretrained(cls, root: str | os.PathLike, *, dtype: torch.dtype | None = None, device=None,
                         num_steps: int | None = None, shift: float | None = None, variant: str | None = None,
-                        load_vae: bool = True, **options) -> Engine:
+                        load_vae: bool = True, transformer_weights: str | os.PathLike | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool | None = None, token: str | bool | None = None,
+                        **options) -> Engine:
         """Load ``root/transformer``, ``root/scheduler`` (codebook, alpha, c, shift) and, when
         present, ``root/tokenizer`` (prompts) and ``root/vae`` (pixels, :func:`ursa_engine.vae.load_tokenizer`,
         in the engine's dtype and on its device). A given ``shift`` overrides the checkpoint's; without
         ``num_steps`` generation takes the authors' defaults (25 steps for images, 50 for video).
         ``variant`` picks ``*.<variant>.safetensors`` weights (transformer and vae); ``load_vae=False``
         skips the vae (tokens only).
+
+        ``root`` is a local folder or a hub id ``org/name`` (:func:`ursa_engine.hub.resolve_root`:
+        ``revision``, ``cache_dir``, ``local_files_only``, ``token``; only the files read are
+        downloaded). ``transformer_weights`` lays a transformer-only state dict (``.safetensors`` /
+        ``.bin`` / ``.pt`` / ``.pth`` file or folder, e.g. a fine-tuned ``diffusion_pytorch_model.bin``)
+        over ``root/transformer``: its ``config.json`` is kept, its weights are not read
+        (:func:`ursa_engine.checkpoint.read_weights`, DESIGN §9).
         """
         from .compat import KineticOptimalScheduler
+        from .hub import resolve_root
 
-        root = Path(root)
+        root = resolve_root(root, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                            token=token, variant=variant, transformer_weights=transformer_weights is None)
         for sub in ("transformer", "scheduler"):
             if not (root / sub).is_dir():
                 raise FileNotFoundError(f"root: {root} has no {sub}/ folder (expected transformer/, scheduler/, "
@@ -174,7 +185,15 @@ class Engine:
             if vae.codebook_size != loaded.path.size:
                 raise ValueError(f"root: {root / 'vae'} has a tokenizer of K={vae.codebook_size} codes but the "
                                  f"codebook of {root / 'scheduler'} has K={loaded.path.size}")
-        model = URSATransformer.from_pretrained(root / "transformer", dtype=dtype, device=device, variant=variant)
+        if transformer_weights is None:
+            model = URSATransformer.from_pretrained(root / "transformer", dtype=dtype, device=device, variant=variant)
+        else:
+            from .checkpoint import read_weights
+
+            cfg, state = read_weights(root / "transformer", dtype=dtype, device=device, overlay=transformer_weights)
+            model = URSATransformer(cfg, device="meta")
+            model.load_state_dict(state, strict=True, assign=True)
+            model.requires_grad_(False)
         if vae is not None and dtype is None:
             vae.to(dtype=model.dtype)  # the engine's dtype: the transformer checkpoint's own
         sched = Scheduler(loaded.path, num_steps or 50, shift=loaded.shift if shift is None else shift)

@@ -35,8 +35,8 @@ Differences from the authors' pipeline:
 - ``vae_batch_size`` is accepted; decoding always runs one sample at a time, memory-chunked inside
   the tokenizer (same values).
 - ``torch_dtype=None`` means bf16 on CUDA and the checkpoint's dtype on the CPU (diffusers: fp32).
-  ``from_pretrained`` reads a local folder (no download); ``device=`` loads the weights straight
-  there; ``.to`` moves them.
+  ``from_pretrained`` takes a local folder or a hub id (only the files read are downloaded);
+  ``device=`` loads the weights straight there; ``.to`` moves them.
 - The output also carries ``.result``: the engine's :class:`GenerationResult` (tokens, step and
   decode times, peak memory).
 
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,17 +87,27 @@ class URSAPipeline:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
                         device=None, variant: str | None = None, **kwargs) -> URSAPipeline:
-        """Load a local checkpoint folder (transformer/, scheduler/, vae/, tokenizer/).
+        """Load a checkpoint (transformer/, scheduler/, vae/, tokenizer/): a local folder or a hub id
+        such as ``"BAAI/URSA-1.7B-FSQ320"`` (diffusers' ``revision``, ``cache_dir``, ``local_files_only``,
+        ``token``; only the files read are downloaded, :func:`ursa_engine.hub.resolve_root`).
 
-        ``trust_remote_code`` is accepted and ignored; other keywords go to :meth:`Engine.from_pretrained`
-        (``mode``, ``attn_backend``, ``shift``...).
+        ``transformer_weights=PATH`` lays a fine-tuned transformer-only state dict over the
+        checkpoint's transformer (:meth:`Engine.from_pretrained`). ``trust_remote_code`` is accepted
+        and ignored; other keywords go to :meth:`Engine.from_pretrained` (``mode``, ``attn_backend``,
+        ``shift``...).
         """
+        from .hub import resolve_root
+
         kwargs.pop("trust_remote_code", None)
-        root = Path(pretrained_model_name_or_path)
+        if "use_auth_token" in kwargs:  # diffusers' older name of token=
+            kwargs.setdefault("token", kwargs.pop("use_auth_token"))
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs}
+        root = resolve_root(pretrained_model_name_or_path, variant=variant,
+                            transformer_weights=kwargs.get("transformer_weights") is None,
+                            name="pretrained_model_name_or_path", **hub)
         if not root.is_dir():
-            raise FileNotFoundError(f"pretrained_model_name_or_path: {root} is not a local folder (this pipeline "
-                                    "reads downloaded checkpoints, e.g. `huggingface-cli download "
-                                    "BAAI/URSA-1.7B-FSQ320 --local-dir URSA-1.7B-FSQ320`)")
+            raise FileNotFoundError(f"pretrained_model_name_or_path: {root} is not a folder (expected a checkpoint "
+                                    "root with transformer/, scheduler/, vae/ and tokenizer/)")
         return cls(Engine.from_pretrained(root, dtype=torch_dtype, device=device, variant=variant, **kwargs))
 
     # ------------------------------------------------------------------ components

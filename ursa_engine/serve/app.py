@@ -306,13 +306,30 @@ def prometheus(batcher: Batcher, model: str) -> str:
 
 def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16, max_queue: int = 64,
           max_tokens: int = DEFAULT_MAX_TOKENS, policy: str = "continuous", device=None, graphs: bool = False,
-          log_level: str = "info") -> None:
+          log_level: str = "info", transformer_weights=None, revision: str | None = None) -> None:
     """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted.
 
-    ``graphs``: CUDA graphs per (rows, shape) bucket (:mod:`.graphs`); a ValueError on a CPU engine."""
+    ``root`` may be a hub id ``org/name`` (``revision``; :func:`ursa_engine.hub.resolve_root`, served
+    under that name); ``transformer_weights`` lays a transformer-only state dict over its transformer
+    (:meth:`Engine.from_pretrained`). ``graphs``: CUDA graphs per (rows, shape) bucket (:mod:`.graphs`);
+    a ValueError on a CPU engine."""
+    from pathlib import Path
+
     import uvicorn
 
-    served = ServedModel.load(root, device=device)
+    from ..engine import Engine
+    from ..hub import is_hub_id, resolve_root
+
+    label = root if isinstance(root, str) and is_hub_id(root) and not Path(root).exists() else None
+    if root is not None:
+        root = resolve_root(root, revision=revision, transformer_weights=transformer_weights is None)
+    if transformer_weights is None:
+        served = ServedModel.load(root, device=device)
+    else:
+        served = ServedModel(Engine.from_pretrained(root, device=device, transformer_weights=transformer_weights),
+                             name=root.name)
+    if label is not None:
+        served.name = label
     if graphs and served.engine.device.type != "cuda":
         raise ValueError(f"graphs: CUDA graphs need a CUDA engine, this one runs on {served.engine.device} "
                          "(use --device cuda with an URSA checkpoint)")
