@@ -241,3 +241,10 @@ def test_pipeline_and_cli_take_the_overlay(root, tuned, tmp_path, capsys, monkey
     assert main([argv[0], str(root), *argv[1:], "--transformer-weights", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ursa-engine: error: --transformer-weights: ") and "missing weights: lm_head.weight" in err
+
+
+def test_legacy_non_zip_torch_file(root, tuned, tmp_path):
+    """A pre-1.6 (non-zip) torch file cannot be memory-mapped: it is read whole, still with weights_only=True."""
+    path = tmp_path / "legacy.pth"
+    torch.save(_published(tuned), path, _use_new_zipfile_serialization=False)
+    _assert_same_model(ue.Engine.from_pretrained(root, device="cpu", transformer_weights=path).model, tuned)
