@@ -244,3 +244,24 @@ def test_cli_generate_and_plan_take_ids(cache, offline, tmp_path, monkeypatch, c
     capsys.readouterr()
     assert main(["plan", "--root", "org/nope"]) == 2
     assert "ursa-engine: error: --root: org/nope (revision main)" in capsys.readouterr().err
+
+
+def test_serve_takes_ids_and_overlays(cache, offline, monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from ursa_engine.serve import app as app_mod
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache.dir))
+    served = []
+    original = app_mod.create_app
+    monkeypatch.setattr(app_mod, "create_app", lambda model, batcher: served.append(model) or original(model, batcher))
+    app_mod.serve("org/tiny", revision="v1", device="cpu")
+    app_mod.serve("org/tiny", device="cpu", transformer_weights=cache.v1 / "transformer")
+    assert len(started) == 2 and [m.name for m in served] == ["org/tiny", "org/tiny"]
+    v1 = ue.Engine.from_pretrained(cache.v1, device="cpu").model
+    assert _same_weights(served[0].engine.model, v1) and _same_weights(served[1].engine.model, v1)
+    assert main(["serve", "org/nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ursa-engine: error: ROOT: org/nope (revision main) is not in the hub cache"), err
