@@ -18,6 +18,15 @@ Loads are given as multiples of the sequential capacity (1 / one request's servi
 first), so the figures mean the same on a faster machine.
 
     python -m ursa_engine.benchmarks.bench_serve --out benchmarks/results
+
+``--lora-mix`` (issue 19): adapters per request under the same arrival trace, continuous policy.
+Traffic ``base`` (no adapter), ``merged`` (one adapter merged into the weights), ``single`` (every
+request picks the same per-request adapter: applied unmerged to all rows), ``mixed`` (requests
+cycle through ``--adapters`` per-request adapters and none: rows of several adapters in every
+forward pass). Random rank-``--lora-rank`` adapters on all seven targets. The figure of merit is
+throughput mixed / single (the price of serving several adapters at once instead of one).
+
+    python -m ursa_engine.benchmarks.bench_serve --lora-mix --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -47,18 +56,20 @@ def make_trace(n: int, rate: float, steps: list[int], seed: int) -> list[tuple[f
     return [(float(t[i]), i % 10, int(rng.choice(steps)), 1000 + i) for i in range(n)]
 
 
-def run_policy(engine, trace, policy: str, max_rows: int) -> dict:
-    """Replay ``trace`` against a fresh batcher; latencies and throughput."""
+def run_policy(engine, trace, policy: str, max_rows: int, *, loras: dict | None = None, pick=None) -> dict:
+    """Replay ``trace`` against a fresh batcher; latencies and throughput. ``loras``: per-request
+    adapters of the batcher; ``pick(i)``: the adapter name (or None) of request ``i``."""
     pad = engine.model.config.pad_token_id
     jobs = []
-    with Batcher(engine, max_rows=max_rows, max_queue=len(trace) + 1, policy=policy) as b:
+    with Batcher(engine, max_rows=max_rows, max_queue=len(trace) + 1, policy=policy, loras=loras) as b:
         t0 = time.perf_counter()
-        for at, label, steps, seed in trace:
+        for i, (at, label, steps, seed) in enumerate(trace):
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             req = GenerationRequest(prompt_ids=digits.prompt_ids([label], pad)[0], latents_shape=(1, 4, 8),
-                                    num_steps=steps, guidance_scale=3.0, guidance_trunc=0.9, seed=seed)
+                                    num_steps=steps, guidance_scale=3.0, guidance_trunc=0.9, seed=seed,
+                                    lora=pick(i) if pick is not None else None)
             jobs.append(b.submit(req))
         for j in jobs:
             j.future.result(timeout=600)
@@ -96,9 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--lora-mix", action="store_true", help="adapters per request: mixed vs single-adapter traffic")
+    p.add_argument("--adapters", type=int, default=4, help="--lora-mix: per-request adapters in the mixed traffic")
+    p.add_argument("--lora-rank", type=int, default=16, help="--lora-mix: rank of the random adapters")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = DigitsModel.load().engine
+    if args.lora_mix:
+        return lora_mix(engine, args, argv)
     mean_steps = float(np.mean(args.steps))
     t1 = service_time(engine, int(round(mean_steps)))
     capacity = 1.0 / t1
@@ -141,6 +157,85 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}")
     if not args.no_plot:
         print(f"wrote {plot(result, path.with_suffix('.png'))}")
+    return 0
+
+
+LORA_TRAFFIC = ("base", "merged", "single", "mixed")
+
+
+def lora_mix(engine, args, argv) -> int:
+    """Base / merged / single-adapter / mixed-adapter traffic on one arrival trace per load (continuous policy)."""
+    from ursa_engine.adapters import LoRAWeights
+
+    cfg = engine.model.config
+    names = [f"a{i}" for i in range(args.adapters)]
+    adapters = {n: LoRAWeights.random(cfg, r=args.lora_rank, alpha=2.0 * args.lora_rank, seed=i)
+                for i, n in enumerate(names)}
+    mean_steps = float(np.mean(args.steps))
+    t1 = service_time(engine, int(round(mean_steps)))
+    capacity = 1.0 / t1
+    print(f"one request alone ({mean_steps:.0f} steps): {t1 * 1e3:.1f} ms -> sequential capacity {capacity:.1f} req/s")
+    cycle = [*names, None]  # mixed: every adapter and the base model, in turn
+
+    def traffic(kind: str):
+        if kind == "base":
+            return None, None
+        if kind == "merged":
+            return None, None  # the adapter is merged into the weights around the run
+        if kind == "single":
+            return {names[0]: adapters[names[0]]}, (lambda i: names[0])
+        return dict(adapters), (lambda i: cycle[i % len(cycle)])
+
+    raw, runs = [], []
+    for max_rows in args.max_rows:
+        for load in args.loads:
+            trace = make_trace(args.requests, load * capacity, args.steps, args.seed)
+            for rep in range(args.reps):
+                for kind in LORA_TRAFFIC[rep % 4:] + LORA_TRAFFIC[: rep % 4]:
+                    loras, pick = traffic(kind)
+                    if kind == "merged":
+                        engine.load_lora(adapters[names[0]], name="bench")
+                    try:
+                        r = run_policy(engine, trace, "continuous", max_rows, loras=loras, pick=pick)
+                    finally:
+                        engine.unload_lora()
+                    r.update(traffic=kind, load=load, rate_rps=load * capacity, rep=rep, max_rows=max_rows)
+                    raw.append(r)
+                    print(f"max_rows {max_rows:>2} load {load:>4} x {kind:>7} rep {rep}: "
+                          f"{r['throughput_rps']:6.1f} req/s, p50 {r['latency_p50_s'] * 1e3:7.1f} ms, "
+                          f"step {r['step_ms_mean']:.2f} ms, {r['rows_per_step']:.1f} rows/step", flush=True)
+            for kind in LORA_TRAFFIC:
+                rs = [r for r in raw if r["load"] == load and r["traffic"] == kind and r["max_rows"] == max_rows]
+                med = {k: float(np.median([r[k] for r in rs])) for k in rs[0] if isinstance(rs[0][k], float)}
+                runs.append(dict(rs[0], **med, reps=len(rs)))
+                del runs[-1]["rep"]
+    ratios = []
+    for max_rows in args.max_rows:
+        for load in args.loads:
+            by = {r["traffic"]: r for r in runs if r["load"] == load and r["max_rows"] == max_rows}
+            ratio = {"max_rows": max_rows, "load": load,
+                     "throughput_mixed_over_single": by["mixed"]["throughput_rps"] / by["single"]["throughput_rps"],
+                     "throughput_single_over_base": by["single"]["throughput_rps"] / by["base"]["throughput_rps"],
+                     "throughput_merged_over_base": by["merged"]["throughput_rps"] / by["base"]["throughput_rps"],
+                     "step_ms_mixed_over_single": by["mixed"]["step_ms_mean"] / by["single"]["step_ms_mean"]}
+            ratios.append(ratio)
+            print("median " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in ratio.items()))
+    stamp = _dt.datetime.now(_dt.timezone.utc)
+    result = {"bench": "serve-lora", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+              "torch_threads": args.threads, "created": stamp.isoformat(timespec="seconds"),
+              "model": "bundled digits (ursa_engine/assets/digits)", "latents_shape": [1, 4, 8],
+              "steps_mix": args.steps, "guidance": 3.0, "guidance_trunc": 0.9, "requests_per_run": args.requests,
+              "policy": "continuous", "adapters": args.adapters, "lora_rank": args.lora_rank,
+              "lora_targets": "all seven (q, k, v, o, gate, up, down)", "max_rows": args.max_rows,
+              "single_request_s": t1, "sequential_capacity_rps": capacity,
+              "command": "python -m ursa_engine.benchmarks.bench_serve " + " ".join(sys.argv[1:] if argv is None
+                                                                                  else argv),
+              "ratios": ratios, "runs": runs, "raw_runs": raw, "reps": args.reps}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"serve-lora-cpu-{stamp:%Y%m%d}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 

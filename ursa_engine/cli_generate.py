@@ -317,6 +317,13 @@ def run(args) -> int:
     _check_args(args, kind, has_vae)
     check_device(args.device)
     _check_mode(args)
+    if getattr(args, "lora", None):
+        from .adapters import parse_lora_spec
+
+        try:
+            args.lora_specs = [parse_lora_spec(s) for s in args.lora]
+        except ValueError as err:  # its message names --lora
+            raise UsageError(str(err)) from None
     parallel = getattr(args, "parallel", None)
     if parallel is not None:
         _check_parallel(args)
@@ -364,6 +371,9 @@ def _generate(args, root: Path, kind: str, has_vae: bool, cond, fps, parallel, l
                                         attn_backend=args.attn, prompt_length=args.prompt_length, load_vae=load_vae,
                                         mesh=parallel, transformer_weights=getattr(args, "transformer_weights", None))
     loaded.append(engine)
+    for _, path, scale in getattr(args, "lora_specs", ()):
+        with user_errors(ValueError, flag="--lora"):
+            engine.load_lora(path, scale)
     load_s = time.perf_counter() - t0
     vae = engine.vae  # None exactly when not load_vae (a vae/ that does not load raised above)
     if args.latents_shape is not None or vae is None:

@@ -226,6 +226,46 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    # ------------------------------------------------------------------ LoRA adapters (DESIGN §9)
+    def load_lora(self, path, scale: float = 1.0, name: str | None = None) -> str:
+        """Merge a PEFT LoRA adapter into the transformer's weights (no per-step cost).
+
+        Several adapters may be loaded, each with its scale: the weights become
+        ``round(W + Σᵢ sᵢ·γᵢ·Bᵢ Aᵢ)`` (fp32 sum, one rounding; :mod:`ursa_engine.adapters`). Weights
+        are written in place, so cached CUDA graphs stay valid and replay the merged model.
+
+        Parameters
+        ----------
+        path : an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``)
+            or a :class:`ursa_engine.adapters.LoRAWeights`
+        scale : s (1.0: the adapter as trained)
+        name : its name for :meth:`unload_lora` (default: the folder's name)
+
+        Returns
+        -------
+        the adapter's name
+        """
+        from .adapters import MergedAdapters
+
+        if getattr(self, "_merged_loras", None) is None:
+            self._merged_loras = MergedAdapters(self.model)
+        return self._merged_loras.load(path, scale, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Unmerge one adapter (``None``: every one); with none left the weights are the base ones, bit for bit."""
+        merged = getattr(self, "_merged_loras", None)
+        if merged is None or not merged.loaded:
+            if name is not None:
+                raise ValueError(f"name: no adapter {name!r} is loaded (loaded: none)")
+            return
+        merged.unload(name)
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The merged adapters: name -> scale, in load order."""
+        merged = getattr(self, "_merged_loras", None)
+        return {} if merged is None else {n: s for n, (_, s) in merged.loaded.items()}
+
     # ------------------------------------------------------------------ inputs
     def encode_prompts(self, prompts, *, motion: float | None = None, name: str = "prompt_ids",
                        length: int | None = None) -> torch.Tensor:

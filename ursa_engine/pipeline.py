@@ -154,6 +154,28 @@ class URSAPipeline:
         """diffusers' switch for the denoising progress bar (shown by default)."""
         self._progress = not disable
 
+    # ------------------------------------------------------------------ LoRA (diffusers' names, DESIGN §9)
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          **kwargs) -> None:
+        """Load a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) into the
+        transformer: :meth:`Engine.load_lora` at scale 1, merged into the weights at once (diffusers keeps
+        it unfused until :meth:`fuse_lora`; here it costs nothing per step either way). Other keywords
+        are ignored."""
+        self.engine.load_lora(pretrained_model_name_or_path_or_dict, 1.0, adapter_name)
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None, **kwargs) -> None:
+        """Merge the loaded adapters (``adapter_names``, default all) at ``lora_scale``: the weights
+        become ``W + lora_scale·γ·B A`` per adapter (re-merged from the base weights, not compounded)."""
+        merged = getattr(self.engine, "_merged_loras", None)
+        if merged is None or not merged.loaded:
+            raise ValueError("fuse_lora: no LoRA is loaded (call load_lora_weights first)")
+        for name in adapter_names or merged.names:
+            merged.set_scale(lora_scale, name)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the transformer's weights are the base ones again, bit for bit."""
+        self.engine.unload_lora()
+
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, height=320, width=512, num_frames=1,

@@ -9,7 +9,8 @@ Endpoints
     JSON; "png" / "mp4": the bytes, n = 1; "tokens": the latent tokens as JSON), ``stream``
     (server-sent events: ``queued``, ``started``, ``step`` (in order), then ``result`` with the
     JSON body, or ``cancelled`` / ``failed``), ``request_id`` (else one is made; always in the
-    ``X-Request-Id`` header).
+    ``X-Request-Id`` header), ``lora`` (the name of an adapter the server was started with,
+    ``--lora NAME=PATH``; applied to this request's rows only; default none; ``/health`` lists them).
 ``GET /v1/requests/{id}`` (status), ``GET /v1/requests/{id}/events`` (SSE progress),
 ``DELETE /v1/requests/{id}`` (cancel: its rows leave at the next step boundary; a client that
 disconnects cancels its request too; a running one answers "cancelling" and GET tells its final
@@ -70,6 +71,7 @@ class ImageRequest(BaseModel):
     response_format: Literal["b64_json", "png", "mp4", "tokens"] = "b64_json"
     stream: bool = False
     request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    lora: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
@@ -129,7 +131,7 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
             latents_shape=shape, n=body.n, num_steps=body.steps,
             guidance_scale=served.default_guidance if body.guidance is None else body.guidance,
             guidance_trunc=body.guidance_trunc, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            seed=secrets.randbelow(2**31) if body.seed is None else body.seed)
+            seed=secrets.randbelow(2**31) if body.seed is None else body.seed, lora=body.lora)
 
     def render(job: Job, tokens, fmt: str) -> dict | Response:
         if fmt == "tokens":
@@ -268,7 +270,8 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
         body = {"status": "ok" if alive else "error", "worker_alive": alive, "model": served.name,
                 "device": str(served.engine.device), "policy": batcher.policy, "max_rows": batcher.max_rows,
                 "max_queue": batcher.max_queue, "max_tokens": batcher.max_tokens,
-                "uptime_s": round(time.time() - started, 1), **batcher.stats()}
+                "uptime_s": round(time.time() - started, 1), "loras": batcher.loras.names,
+                "merged_loras": served.engine.loras, **batcher.stats()}
         return body if alive else JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
@@ -306,13 +309,16 @@ def prometheus(batcher: Batcher, model: str) -> str:
 
 def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16, max_queue: int = 64,
           max_tokens: int = DEFAULT_MAX_TOKENS, policy: str = "continuous", device=None, graphs: bool = False,
-          log_level: str = "info", transformer_weights=None, revision: str | None = None) -> None:
+          log_level: str = "info", transformer_weights=None, revision: str | None = None,
+          loras: list | None = None) -> None:
     """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted.
 
     ``root`` may be a hub id ``org/name`` (``revision``; :func:`ursa_engine.hub.resolve_root`, served
     under that name); ``transformer_weights`` lays a transformer-only state dict over its transformer
     (:meth:`Engine.from_pretrained`). ``graphs``: CUDA graphs per (rows, shape) bucket (:mod:`.graphs`);
-    a ValueError on a CPU engine."""
+    a ValueError on a CPU engine. ``loras``: ``(name, path, scale)`` triples: name None merges the
+    adapter into the served model (every request); a name registers it for the requests that ask
+    ``"lora": name`` (applied unmerged to their rows, on top of the merged ones; DESIGN §9)."""
     from pathlib import Path
 
     import uvicorn
@@ -333,8 +339,16 @@ def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int
     if graphs and served.engine.device.type != "cuda":
         raise ValueError(f"graphs: CUDA graphs need a CUDA engine, this one runs on {served.engine.device} "
                          "(use --device cuda with an URSA checkpoint)")
+    per_request = {}
+    for name, path, scale in loras or ():
+        if name is None:
+            served.engine.load_lora(path, scale)
+        elif name in per_request:
+            raise ValueError(f"lora: the name {name!r} is given twice")
+        else:
+            per_request[name] = (path, scale)
     batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, max_tokens=max_tokens, policy=policy,
-                      graphs=graphs).start()
+                      graphs=graphs, loras=per_request).start()
     try:
         uvicorn.run(create_app(served, batcher), host=host, port=port, log_level=log_level)
     finally:

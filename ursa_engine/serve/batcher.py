@@ -21,6 +21,13 @@ Policies (for the benchmark): ``"continuous"`` (above), ``"static"`` (a batch is
 when nothing runs, and runs to its end) and ``"sequential"`` (one request at a time).
 
 CUDA graphs (``graphs=True`` on a CUDA engine): see :mod:`ursa_engine.serve.graphs`.
+
+Adapters per request (issue 19, DESIGN §9): :meth:`Batcher.add_lora` registers LoRA adapters by
+name; a request's ``lora`` picks one (or none). Rows of different adapters share the forward pass:
+each adapter's low-rank delta is applied unmerged to its own rows (cond and uncond rows of a
+request alike; :class:`ursa_engine.adapters.RowAdapters`, a segmented matmul per contiguous run of
+rows: jobs are ordered so that the rows of one adapter sit side by side). Adapters merged into the
+engine (:meth:`Engine.load_lora`) are part of the served model: per-request deltas add to them.
 """
 
 from __future__ import annotations
@@ -65,11 +72,12 @@ class Batcher:
     graphs : CUDA graphs per (rows, shape) bucket (:mod:`.graphs`; CUDA engines only)
     per_row_sampler : every sampler call through :func:`ursa_engine.rowwise.step_rows` (each row its
         own k); default: jobs at the same step and options share one scalar-k call (same tokens)
+    loras : per-request adapters, ``{name: folder}`` or ``{name: (folder, scale)}`` (see :meth:`add_lora`)
     """
 
     def __init__(self, engine, *, max_rows: int = 16, max_queue: int = 64, max_tokens: int = DEFAULT_MAX_TOKENS,
                  policy: str = "continuous", backend: str | None = None, graphs: bool = False,
-                 per_row_sampler: bool = False):
+                 per_row_sampler: bool = False, loras: dict | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
         for name, v in (("max_rows", max_rows), ("max_queue", max_queue), ("max_tokens", max_tokens)):
@@ -89,6 +97,12 @@ class Batcher:
         self._stop = False
         self._rope: OrderedDict = OrderedDict()
         self._turn = itertools.count()
+        from ..adapters import RowAdapters
+
+        self.loras = RowAdapters(engine.model)
+        for name, spec in (loras or {}).items():
+            path, scale = spec if isinstance(spec, tuple) else (spec, 1.0)
+            self.add_lora(name, path, scale)
         self.graphs = None
         if graphs:
             from .graphs import GraphCache
@@ -123,6 +137,21 @@ class Batcher:
     def __exit__(self, *exc):
         self.stop()
 
+    # ------------------------------------------------------------------ adapters
+    def add_lora(self, name: str, path, scale: float = 1.0) -> None:
+        """Register a PEFT LoRA folder (or :class:`~ursa_engine.adapters.LoRAWeights`) that requests pick
+        by ``lora=name``; applied unmerged to their rows only, times ``scale``."""
+        with self._lock:
+            self.loras.add(name, path, scale)
+
+    def remove_lora(self, name: str) -> None:
+        """Forget an adapter; refused while a queued or running request uses it."""
+        with self._lock:
+            users = [j.id for j in list(self._queue) + self._running if j.request.lora == name]
+            if users:
+                raise ValueError(f"name: adapter {name!r} is used by {len(users)} pending request(s)")
+            self.loras.remove(name)
+
     # ------------------------------------------------------------------ requests
     def check_size(self, shape, n: int, rows: int | None = None, *, field: str = "latents_shape") -> None:
         """Refuse a request over ``max_tokens`` (``n`` samples of ``shape``; ``rows`` forward rows at its
@@ -151,6 +180,9 @@ class Batcher:
         if isinstance(request.n, bool) or not isinstance(request.n, int) or request.n < 1:
             raise ValueError(f"n: expected an int >= 1, got {request.n!r}")
         self.check_size(shape, request.n)  # before anything is allocated
+        if request.lora is not None and request.lora not in self.loras.adapters:
+            have = ", ".join(self.loras.names) or "none"
+            raise ValueError(f"lora: no adapter {request.lora!r} on this server (it has: {have})")
         sched = e.scheduler_for(request.num_steps, request.shift, shape[0])
         if sched.mask_sampler == "confidence":
             raise ValueError("sampler: the confidence sampler ranks whole samples; serve it with Engine.generate")
@@ -352,8 +384,9 @@ class Batcher:
 
     def _forward_and_step(self, jobs: list[Job]) -> int:
         model = self.engine.model
-        # guided jobs first: their uncond rows R .. R + G align with cond rows 0 .. G
-        jobs = sorted(jobs, key=step_key)
+        # guided jobs first: their uncond rows R .. R + G align with cond rows 0 .. G; within one
+        # sampler group the rows of one adapter side by side (one run each for the segmented matmul)
+        jobs = sorted(jobs, key=lambda j: (*step_key(j), j.request.lora or ""))
         shape = jobs[0].shape
         n = math.prod(shape)
         x = torch.cat([j.x for j in jobs])  # (R, n)
@@ -368,7 +401,9 @@ class Batcher:
         if self.graphs is not None and self.graphs.usable(jobs):
             x_next = self.graphs.run(jobs, ids, x, G, rope)
         else:
-            x_next = self._eager_step(jobs, ids, x, G, rope, n)
+            cond = rep([j.request.lora for j in jobs], [j.request.n for j in jobs])
+            with self.loras.rows(cond + cond[:G]):  # uncond rows R + i take cond row i's adapter
+                x_next = self._eager_step(jobs, ids, x, G, rope, n)
         r = 0
         for j in jobs:
             j.x = x_next[r : r + j.request.n]

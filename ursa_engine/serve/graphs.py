@@ -18,6 +18,10 @@ options keeps one graph per (Rp, Gp, shape). Graphs share one memory pool (repla
 every value that outlives a replay is a static buffer allocated outside the graphs) and the least
 recently used bucket is dropped past ``max_graphs``. Replays give the eager step's tokens (a GPU
 test: tests/test_serve_batcher.py).
+
+Per-request LoRA adapters (DESIGN §9): the rows each adapter covers are python slices of the
+captured step, so the (adapter, rows) runs and the batcher's adapter set (``RowAdapters.version``)
+are part of the key too; traffic that mixes adapters in changing orders captures more buckets.
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ class _Bucket:
         self.rope = None
         self.pool = pool
         self.replay = None
+        self.loras: list = [None] * (Rp + Gp)  # each row's adapter in the captured step
 
     def body(self) -> None:
         """One step on the static buffers (captured): forward, head by token ranges, per-row step."""
         model, Rp, Gp, n = self.batcher.engine.model, self.Rp, self.Gp, self.n
-        hidden = model.hidden_states(self.ids, rope=self.rope, latent_tokens=n)
+        with self.batcher.loras.rows(self.loras):  # captured: the adapters' deltas on their rows
+            hidden = model.hidden_states(self.ids, rope=self.rope, latent_tokens=n)
         K, itemsize = model.config.lm_head_size, model.dtype.itemsize
         for s, e in token_chunks(n, (Rp + Gp) * K * itemsize, self.batcher.engine.logits_budget):
             logits = model.lm_head(hidden[:, s:e])
@@ -106,8 +112,11 @@ class GraphCache:
         R, L = x.shape[0], ids.shape[1]
         Rp, Gp = _bucket(R, b.max_rows), _bucket(G, b.max_rows)
         layout = self._layout(jobs, Rp)
+        cond = [lora for j in jobs for lora in [j.request.lora] * j.request.n]
+        loras = cond + [None] * (Rp - R) + cond[:G] + [None] * (Gp - G)  # uncond row Rp + i: cond row i's
         key = (Rp, Gp, jobs[0].shape, L,
-               tuple((a, c, id(o[0]), tuple(o[1]), tuple(o[2]), *o[3:]) for a, c, o in layout))
+               tuple((a, c, id(o[0]), tuple(o[1]), tuple(o[2]), *o[3:]) for a, c, o in layout),
+               b.loras.version, tuple(b.loras.runs(loras)))
         bucket = self.buckets.get(key)
         fresh = bucket is None
         if fresh:
@@ -115,7 +124,7 @@ class GraphCache:
                 with ops_library.on_device(x.device):
                     self.pool = torch.cuda.graph_pool_handle()
             bucket = _Bucket(b, layout, Rp, Gp, jobs[0].shape, L, self.pool)
-            bucket.rope = rope
+            bucket.rope, bucket.loras = rope, loras
         else:
             self.buckets.move_to_end(key)
         # inputs into the static buffers (host lists -> device copies, outside any capture)

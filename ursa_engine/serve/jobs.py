@@ -23,7 +23,8 @@ class GenerationRequest:
     """What one request asks for: ``n`` samples of one prompt (prompt ids already encoded).
 
     ``prompt_ids`` (P,) int64 and ``negative_ids`` (P,) (the empty prompt when None); sample ``b``
-    uses seed ``seed + b`` (as :meth:`Engine.generate`).
+    uses seed ``seed + b`` (as :meth:`Engine.generate`). ``lora`` names an adapter registered with
+    :meth:`Batcher.add_lora`: its cond and uncond rows get that adapter's delta (DESIGN §9).
     """
 
     prompt_ids: torch.Tensor
@@ -39,6 +40,7 @@ class GenerationRequest:
     top_p: float = 1.0
     argmax_last: bool = False
     seed: int = 0
+    lora: str | None = None  # a per-request adapter of the batcher (Batcher.add_lora), or the model as loaded
 
 
 @dataclass(eq=False)  # identity semantics: jobs are compared (queue.remove, `in`) as objects, never by tensors

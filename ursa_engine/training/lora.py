@@ -18,38 +18,26 @@ untouched and the engine samples the adapted model as it is::
     adapter.merge()                       # folds B A into the weights, removes the hooks
 
 Saved keys: ``base_model.model.<module path>.lora_A.weight`` / ``lora_B.weight`` with the published
-path, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``.
+path, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. The math, the fused
+sites and the PEFT files are those of :mod:`ursa_engine.adapters` (one implementation for training,
+the engine's merged adapters and the server's per-request ones): a saved adapter loads with
+``Engine.load_lora`` / ``ursa-engine generate --lora``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+from .. import adapters as _adapters
+from ..adapters import CONFIG_NAME, TARGETS, WEIGHTS_NAME, LoRAWeights, read_adapter
 
-
-def _published_parts(model) -> list[tuple[str, list[tuple[str, int]]]]:
-    """(model module path, [(published path, rows)]) of every linear that LoRA may target."""
-    cfg = model.config
-    d, hq, hkv, inter = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    out = []
-    for n in range(cfg.num_hidden_layers):
-        a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
-        out += [(a + "qkv_proj", [(a + "q_proj", hq * d), (a + "k_proj", hkv * d), (a + "v_proj", hkv * d)]),
-                (a + "o_proj", [(a + "o_proj", cfg.hidden_size)]),
-                (m + "gate_up_proj", [(m + "gate_proj", inter), (m + "up_proj", inter)]),
-                (m + "down_proj", [(m + "down_proj", cfg.hidden_size)])]
-    return out
+__all__ = ["CONFIG_NAME", "LoRAAdapter", "TARGETS", "WEIGHTS_NAME"]
+_PREFIX = _adapters.PREFIX
 
 
 def _key(path: str) -> str:
@@ -86,24 +74,24 @@ class LoRAAdapter(nn.Module):
             raise ValueError(f"targets: expected a non-empty subset of {TARGETS}, got {targets}")
         self.rank, self.alpha = rank, float(2 * rank if alpha is None else alpha)
         self.targets, self.rslora = targets, rslora
-        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.scaling = _adapters.lora_scaling(self.alpha, rank, rslora)
         self.scale, self.enabled, self.merged = 1.0, True, False
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         gen = torch.Generator().manual_seed(seed)
-        self._sites: list[tuple[nn.Linear, list[tuple[str, int]]]] = []  # the fused linear, its parts
+        self._sites: list[tuple[nn.Linear, tuple]] = []  # the fused linear, its parts (adapters.Part)
         self._hooks = []
-        for mpath, parts in _published_parts(model):
+        for mpath, parts in _adapters.fused_sites(model.config):
             linear = model.get_submodule(mpath)
-            if not any(p.rsplit(".", 1)[1] in targets for p, _ in parts):
+            if not any(p.name in targets for p in parts):
                 continue
             w = linear.weight
-            for path, rows in parts:
-                if path.rsplit(".", 1)[1] not in targets:
+            for p in parts:
+                if p.name not in targets:
                     continue
                 bound = 1.0 / math.sqrt(w.shape[1])  # kaiming_uniform_(a=√5), as nn.Linear and PEFT
                 A = (torch.rand(rank, w.shape[1], generator=gen) * 2 - 1) * bound
-                self.lora_A[_key(path)] = nn.Parameter(A.to(w.device, w.dtype))
-                self.lora_B[_key(path)] = nn.Parameter(torch.zeros(rows, rank, device=w.device, dtype=w.dtype))
+                self.lora_A[_key(p.path)] = nn.Parameter(A.to(w.device, w.dtype))
+                self.lora_B[_key(p.path)] = nn.Parameter(torch.zeros(p.rows, rank, device=w.device, dtype=w.dtype))
             self._sites.append((linear, parts))
             self._hooks.append(linear.register_forward_hook(self._hook(parts)))
 
@@ -112,15 +100,16 @@ class LoRAAdapter(nn.Module):
             if not self.enabled:
                 return out
             x = args[0]
+            gain = self.scale * self.scaling
             pieces = []
-            for path, rows in parts:
-                k = _key(path)
+            for p in parts:
+                k = _key(p.path)
                 if k in self.lora_A:
-                    pieces.append((x @ self.lora_A[k].t()) @ self.lora_B[k].t())
+                    pieces.append(_adapters.lora_delta(x, self.lora_A[k], self.lora_B[k], gain))
                 else:
-                    pieces.append(x.new_zeros(*x.shape[:-1], rows))
+                    pieces.append(x.new_zeros(*x.shape[:-1], p.rows))
             delta = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
-            return out + (self.scale * self.scaling) * delta
+            return out + delta  # out of place: autograd records through it
 
         return add_delta
 
@@ -136,7 +125,7 @@ class LoRAAdapter(nn.Module):
     def delta(self, path: str) -> torch.Tensor:
         """``s (α/r) B A`` (rows, in) of one published module path."""
         k = _key(path)
-        return (self.scale * self.scaling) * (self.lora_B[k] @ self.lora_A[k])
+        return _adapters.weight_delta(self.lora_A[k], self.lora_B[k], self.scale * self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -144,11 +133,9 @@ class LoRAAdapter(nn.Module):
         if self.merged:
             raise RuntimeError("merge: this adapter was already merged")
         for linear, parts in self._sites:
-            start = 0
-            for path, rows in parts:
-                if _key(path) in self.lora_A:
-                    linear.weight[start : start + rows] += self.delta(path).to(linear.weight.dtype)
-                start += rows
+            for p in parts:
+                if _key(p.path) in self.lora_A:
+                    linear.weight[p.start : p.start + p.rows] += self.delta(p.path).to(linear.weight.dtype)
         self.remove()
         self.merged = True
 
@@ -159,51 +146,35 @@ class LoRAAdapter(nn.Module):
         self._hooks.clear()
 
     # ------------------------------------------------------------------ PEFT layout
+    def as_weights(self) -> LoRAWeights:
+        """The adapter's current A / B (detached) as :class:`ursa_engine.adapters.LoRAWeights`."""
+        weights = {k.replace("__", "."): (A.detach(), self.lora_B[k].detach()) for k, A in self.lora_A.items()}
+        return LoRAWeights(self.rank, self.alpha, self.rslora, weights, source="LoRAAdapter")
+
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """``base_model.model.<published path>.lora_{A,B}.weight`` -> tensor (detached)."""
-        out = {}
-        for k, A in self.lora_A.items():
-            path = k.replace("__", ".")
-            out[f"{_PREFIX}{path}.lora_A.weight"] = A.detach()
-            out[f"{_PREFIX}{path}.lora_B.weight"] = self.lora_B[k].detach()
-        return out
+        return self.as_weights().state_dict()
 
     def peft_config(self) -> dict:
-        return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "use_rslora": self.rslora,
-                "target_modules": list(self.targets), "lora_dropout": 0.0, "bias": "none",
-                "fan_in_fan_out": False, "init_lora_weights": True, "task_type": None}
+        return self.as_weights().config()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (PEFT's names) to ``folder``."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.to("cpu").contiguous() for k, v in self.peft_state_dict().items()}
-        save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        with open(folder / CONFIG_NAME, "w") as f:
-            json.dump(self.peft_config(), f, indent=2)
+        self.as_weights().save_pretrained(folder)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, folder: str | os.PathLike) -> LoRAAdapter:
-        """Attach a saved adapter (this module's or PEFT's, same keys) to ``model``."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        with open(folder / CONFIG_NAME) as f:
-            cfg = json.load(f)
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"{folder}: not a LoRA adapter (peft_type {cfg.get('peft_type')!r})")
-        adapter = cls(model, int(cfg["r"]), float(cfg["lora_alpha"]), targets=cfg["target_modules"],
-                      rslora=bool(cfg.get("use_rslora", False)))
-        state = load_file(folder / WEIGHTS_NAME)
-        expected = adapter.peft_state_dict()
-        if set(state) != set(expected):
-            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise ValueError(f"{folder}: adapter keys differ: missing {missing[:4]}, unexpected {extra[:4]}")
+        """Attach a saved adapter (this module's or PEFT's, same keys; checked by
+        :func:`ursa_engine.adapters.read_adapter`) to ``model``, unmerged and trainable."""
+        saved = read_adapter(folder, model.config)
+        adapter = cls(model, saved.r, saved.alpha, targets=saved.targets, rslora=saved.rslora)
+        missing = sorted(set(adapter.as_weights().weights) - set(saved.weights))
+        if missing:
+            adapter.remove()
+            raise ValueError(f"{folder}: adapter keys differ: missing {missing[:4]} ({len(missing)} in all)")
         with torch.no_grad():
             for k in adapter.lora_A:
-                path = _PREFIX + k.replace("__", ".")
-                adapter.lora_A[k].copy_(state[path + ".lora_A.weight"])
-                adapter.lora_B[k].copy_(state[path + ".lora_B.weight"])
+                A, B = saved.weights[k.replace("__", ".")]
+                adapter.lora_A[k].copy_(A)
+                adapter.lora_B[k].copy_(B)
         return adapter
