@@ -16,7 +16,8 @@ a PNG plot and the comparison with the paper's latencies.
 import argparse
 from pathlib import Path
 
-BENCHES = ("metric_step", "mixture_step", "metric_sample", "model_step", "generate", "vae", "memory_plan")
+BENCHES = ("metric_step", "mixture_step", "metric_sample", "model_step", "generate", "vae", "memory_plan",
+           "linear_ce")
 MODES = ("smoke", "cpu", "gpu")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

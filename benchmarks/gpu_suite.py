@@ -49,7 +49,7 @@ from . import BENCHES
 ROOT = Path(__file__).resolve().parent.parent
 # share of the benchmark time left when a suite starts (unused time flows to the next ones)
 WEIGHTS = {"metric_step": 3, "mixture_step": 2, "metric_sample": 2, "model_step": 9, "generate": 6, "vae": 3,
-           "memory_plan": 2}
+           "memory_plan": 2, "linear_ce": 3}
 
 
 class Suite:

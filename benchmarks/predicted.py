@@ -1,4 +1,5 @@
-"""Predicted H100 SXM times of the sampler kernels, from the compile report and DESIGN §6 (issue 12).
+"""Predicted H100 SXM times of the sampler kernels (issue 12) and the fused linear cross-entropy (issue 18),
+from the compile report and DESIGN §6.
 
 Contract (``benchmarks/gpu_suite.py`` calls :func:`compare`):
 
@@ -169,7 +170,78 @@ def predicted_rows(report: dict | None = None) -> list[dict]:
                          spill_bytes=nat["spill_store_bytes"] + nat["spill_load_bytes"],
                          note="550 GB of table reads a step from DRAM (the table exceeds the 50 MB L2); "
                               "~0.1 s if L2 serves the blocks sweeping it in step"))
+    rows += linear_ce_rows(rep)
     return rows
+
+
+# fused linear cross-entropy (issue 18): the 1.7B training step of DESIGN §6
+LCE_N, LCE_H, LCE_K = 33_280, 2_048, 64_000
+HBM_BPS = 3.35e12  # H100 SXM datasheet HBM3 (the kernel docstring's backward figure only)
+# per the kernel docstring (triton_kernels/linear_ce.py), when the compile report predates the kernels
+LCE_DOCSTRING = {"linear_ce_fwd_kernel": (156, 1, 8), "linear_ce_dh_kernel": (242, 1, 8),
+                 "linear_ce_dw_kernel": (247, 1, 8)}  # registers, blocks / SM, warps
+
+
+def _lce_kernel(rep: dict, kernel: str) -> dict:
+    try:
+        return _find(rep, kernel, "train-1.7b")
+    except KeyError:
+        regs, blocks, warps = LCE_DOCSTRING[kernel]
+        return dict(registers=regs, blocks_per_sm=blocks, num_warps=warps, spill_store_bytes=0, spill_load_bytes=0,
+                    source="kernel docstring")
+
+
+def linear_ce_rows(rep: dict) -> list[dict]:
+    """Fused linear cross-entropy at n = 33,280, H = 2,048, K = 64,000 bf16 (``bench_linear_ce`` gpu case).
+
+    The kernel docstring's model (``triton_kernels/linear_ce.py``), at this module's rates:
+
+    * forward (``triton-forward``): 2·nHK = 8.72 TFLOP on the tensor cores at 0.70 of 989 TFLOP/s
+      (Triton wgmma, one block an SM): ~12.6 ms (docstring: ~12.5 ms);
+    * backward, each of the dh and dW kernels: max(tensor 2 × 8.72 TFLOP — recompute + product —,
+      the fp32 accumulators read and written once a swept tile: 136 GB) — the docstring overlaps the two
+      inside a kernel — plus zeroing / scaling / casting the fp32 gradients (3.6 GB). The accumulator
+      traffic binds: 2 × 45 ms at the 3.0 TB/s copy rate used throughout this module (the docstring's
+      ~80 ms uses the 3.35 TB/s datasheet HBM rate);
+    * ``triton`` row: forward + backward; ``dense`` row: cuBLAS logits and the two gradient GEMMs
+      (3 × 8.72 TFLOP at 0.70) plus four passes over the 4.3 GB of bf16 logits (docstring: ≈ 42 ms).
+
+    Floors: the FLOPs at 989 TFLOP/s (DESIGN §6): 2·nHK forward, 10·nHK fused forward + backward,
+    6·nHK dense (:mod:`.bench_linear_ce`).
+    """
+    n, H, K = LCE_N, LCE_H, LCE_K
+    gemm = 2.0 * n * H * K  # one (n, H) × (H, K) product
+    tensor_rate = BF16_FLOPS * efficiency("tensor", 8)
+    fwd, dh, dw = (_lce_kernel(rep, f"linear_ce_{k}_kernel") for k in ("fwd", "dh", "dw"))
+    fwd_s = gemm / tensor_rate + LAUNCH_S
+    accum = {"dh": (n / 64) * (K / 256) * 2 * 64 * H * 4, "dw": (K / 64) * (n / 256) * 2 * 64 * H * 4}
+    kernel_s = {k: max(2 * gemm / tensor_rate, b / COPY_BPS) + LAUNCH_S for k, b in accum.items()}
+    grads = (n + K) * H * 4.0  # fp32 d(hidden) + d(weight) bytes
+    epilogue_s = 4.5 * grads / COPY_BPS + 4 * LAUNCH_S  # zero (1×), scale (2×), cast to bf16 (1.5×)
+    bwd_s = sum(kernel_s.values()) + epilogue_s
+    logits = n * K * BF16
+    dense_s = 3 * gemm / tensor_rate + 4 * logits / COPY_BPS + 6 * LAUNCH_S
+    spills = sum(c["spill_store_bytes"] + c["spill_load_bytes"] for c in (fwd, dh, dw))
+    src = "" if "source" not in fwd else " (registers / blocks per SM: kernel docstring; no compile report rows)"
+    case = "train-1.7b-33280"
+    return [
+        dict(kernel="linear_ce_fwd_kernel", case=case, suite="linear_ce", provider="triton-forward",
+             predicted_s=fwd_s, floor_s=_floor(Work(flops=gemm)), bound="tensor",
+             blocks_per_sm=fwd["blocks_per_sm"], registers=fwd["registers"],
+             spill_bytes=fwd["spill_store_bytes"] + fwd["spill_load_bytes"],
+             note="8.72 TFLOP at 0.70 of 989 TFLOP/s" + src),
+        dict(kernel="linear_ce fwd + dh + dW", case=case, suite="linear_ce", provider="triton",
+             predicted_s=fwd_s + bwd_s, floor_s=_floor(Work(flops=5 * gemm)), bound="memory (fp32 accumulators)",
+             blocks_per_sm=dh["blocks_per_sm"], registers=max(dh["registers"], dw["registers"]), spill_bytes=spills,
+             note=f"forward {fwd_s * 1e3:.1f} ms + backward {bwd_s * 1e3:.1f} ms (dh {kernel_s['dh'] * 1e3:.1f}, "
+                  f"dW {kernel_s['dw'] * 1e3:.1f}: 136 GB of accumulator traffic each; epilogue "
+                  f"{epilogue_s * 1e3:.1f}); at the 3.35 TB/s datasheet HBM rate the backward would be "
+                  f"{(sum(accum.values()) + grads * 4.5) / HBM_BPS * 1e3:.0f} ms" + src),
+        dict(kernel="dense logits + F.cross_entropy (cuBLAS)", case=case, suite="linear_ce", provider="dense",
+             predicted_s=dense_s, floor_s=_floor(Work(flops=3 * gemm)), bound="tensor",
+             blocks_per_sm="–", registers="–", spill_bytes="–",
+             note="3 GEMMs at 0.70 of 989 TFLOP/s + 4 passes over 4.3 GB of bf16 logits"),
+    ]
 
 
 def compare(records: list[dict], rows: list[dict] | None = None) -> list[dict]:

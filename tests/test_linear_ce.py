@@ -387,3 +387,103 @@ def test_ignored_rows_with_an_infinite_upstream_gradient_stay_out():
     training.linear_cross_entropy(h, W, y, reduction="none", backend="torch").backward(up)
     assert torch.isfinite(h.grad).all() and torch.isfinite(W.grad).all()
     assert (h.grad[2] == 0).all()
+
+
+# ------------------------------------------------------------------ CUDA (the gpu marker: benchmarks/gpu_suite.py)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_on_cuda_matches_the_twin_at_a_mid_size(dtype):
+    """n = 4,096, H = 512, K = 32,000 on the GPU: the compiled kernels (production tiles: wgmma for bf16,
+    an exact dot for fp32; many programs of each kernel, partial K tile) against the chunked torch twin,
+    both against autograd of the fp64 dense formula on the same values, with the module docstring's
+    bounds: fp32 within 1e-5 of each tensor's scale (and of each other); bf16 within 2× the error of
+    the dense formula run by torch in bf16. Also: same bits run to run (each program owns its outputs),
+    and no tensor the size of the logits is allocated."""
+    n, K, H = 4_096, 32_000, 512
+    h, w, y, wt = problem(n, K, H, seed=5, dtype=dtype)
+    opts = dict(weights=wt, temperature=0.7, z_loss=1e-3, reduction="mean")
+    got = {}
+    for backend in ("torch", "triton"):
+        loss = linear_cross_entropy(h, w, y, backend=backend, chunk_size=1024, **opts)
+        got[backend] = (loss, *grads(loss, h, w))
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = ref.linear_cross_entropy(h64, w64, y, **opts)
+    want = (exact, *grads(exact, h64, w64))
+    names = ("loss", "d hidden", "d weight")
+    if dtype == torch.float32:
+        for backend in ("torch", "triton"):
+            for a, b, name in zip(got[backend], want, names, strict=True):
+                close(a, b, TOL["fp32"], f"{backend} {name}")
+        for a, b, name in zip(got["triton"], got["torch"], names, strict=True):
+            close(a, b, TOL["fp32"], f"triton vs torch {name}")
+    else:
+        dense = ref.linear_cross_entropy(h, w, y, **opts)
+        own = (dense, *grads(dense, h, w))
+        for backend in ("torch", "triton"):
+            for a, t, e, name in zip(got[backend], own, want, names, strict=True):
+                err = (a.double() - e).abs().max().item()
+                bound = 2 * (t.double() - e).abs().max().item()
+                assert err <= bound, f"{backend} {name}: {err:.3g} > 2 × torch's own bf16 error ({bound / 2:.3g})"
+    again = linear_cross_entropy(h, w, y, backend="triton", **opts)
+    for a, b in zip((again, *grads(again, h, w)), got["triton"], strict=True):
+        assert torch.equal(a, b)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads(linear_cross_entropy(h, w, y, backend="triton", **opts), h, w)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < n * K * h.element_size(), f"{extra} bytes: as much as the logits"
+
+
+def test_bench_suite_records_ratios_and_turns_an_oom_into_a_skipped_row(tmp_path, monkeypatch):
+    """The linear_ce suite (smoke case): each row carries TFLOP/s, peak bytes and its ratios to the FLOP
+    floor (10·nHK at 989 TFLOP/s) and to dense; a dense call that runs out of memory is a skipped row
+    saying so, and the other providers are still timed. The gpu case is the DESIGN §6 training step,
+    with predictions for it in benchmarks/predicted.py."""
+    from ursa_engine.benchmarks import bench_linear_ce as B
+    from ursa_engine.benchmarks import predicted
+    from ursa_engine.benchmarks.harness import Deadline
+    from ursa_engine.benchmarks.records import BenchContext, ResultWriter
+
+    header = {"device": {"name": "cpu"}, "software": {}, "commit": "x", "mode": "smoke",
+              "created": "2026-01-01T00:00:00Z"}
+
+    def suite(path):
+        ctx = BenchContext(suite=B.NAME, mode="smoke", device=torch.device("cpu"), deadline=Deadline(60),
+                           ceilings=None, header=header, writer=ResultWriter(path, header, None), quiet=True)
+        B.run(ctx)
+        return {r["provider"]: r for r in ctx.writer.records}
+
+    (case,) = B.cases("smoke")
+    nhk = case.n * case.H * case.K
+    rows = suite(tmp_path / "a.json")
+    assert set(rows) == {"dense", "torch"} and all(r["status"] == "ok" for r in rows.values())
+    for r in rows.values():
+        assert r["flop_floor_ms"] == pytest.approx(10 * nhk / 989e12 * 1e3)
+        assert r["ratio_to_flop_floor"] == pytest.approx(r["median_ms"] / r["flop_floor_ms"])
+        assert r["tflops"] == pytest.approx(6 * nhk / (r["median_ms"] * 1e-3) / 1e12) and r["peak_extra_bytes"] > 0
+    assert rows["torch"]["speedup_vs_dense"] == pytest.approx(rows["dense"]["median_ms"] / rows["torch"]["median_ms"])
+    assert rows["torch"]["bytes_vs_dense"] == pytest.approx(rows["torch"]["peak_extra_bytes"]
+                                                            / rows["dense"]["peak_extra_bytes"])
+    real = B.step_fn
+
+    def dense_oom(provider, *args, **kw):
+        if provider != "dense":
+            return real(provider, *args, **kw)
+
+        def fn(i):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return fn
+
+    monkeypatch.setattr(B, "step_fn", dense_oom)
+    rows = suite(tmp_path / "b.json")
+    assert rows["dense"]["status"] == "skipped" and rows["dense"]["reason"].startswith("out of memory")
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["ratio_to_dense"] is None
+    (gpu,) = B.cases("gpu")
+    assert (gpu.n, gpu.H, gpu.K, gpu.dtype) == (33_280, 2_048, 64_000, torch.bfloat16) and gpu.providers[0] == "dense"
+    pred = {r["provider"]: r for r in predicted.predicted_rows() if r["suite"] == B.NAME and r["case"] == gpu.name}
+    assert set(pred) <= set(gpu.providers) and {"triton", "triton-forward", "dense"} <= set(pred)
+    assert pred["triton"]["floor_s"] == pytest.approx(10 * gpu.n * gpu.H * gpu.K / 989e12)
+    assert pred["triton-forward"]["predicted_s"] == pytest.approx(12.5e-3, rel=0.05)  # the kernel docstring

@@ -316,3 +316,66 @@ def test_last_step_law_gives_minus_inf_to_any_other_outcome():
         [0.0, 0.0, 0.0, 0.0]  # unmasked tokens stay, masked ones become x̂1
     assert ref.mask_step_logprobs(x, x1, torch.tensor([3, 5, 63, 9]), params, mask_id=63,
                                   last=True).tolist()[::2] == [-float("inf"), -float("inf")]
+
+
+# ------------------------------------------------------------------------------------------ CUDA, bf16
+def _max_logit(m, t):
+    """max |c|, |u| over every recorded call: the rollout's lm_head outputs (cond and uncond rows)."""
+    dev = m.lm_head.weight.device
+    B, n = t.states.shape[0], t.states[0, 0].numel()
+    rope = m.rope_tables(latent_positions(P, SHAPE, device=dev))
+    top = 0.0
+    with torch.no_grad():
+        for s in range(t.num_calls):
+            x = t.states[:, s].reshape(B, n).to(dev)
+            for prompt in (t.prompt_ids.to(dev), t.negative_prompt_ids.to(dev).expand(B, -1)):
+                hid = m.hidden_states(sequence_ids(prompt, x, CFG), rope=rope, latent_tokens=n, ops_backend="torch")
+                top = max(top, (hid @ m.lm_head.weight.T).float().abs().max().item())
+    return top
+
+
+def _bf16_replay_close(got, want, *, max_logit, guidance_scale, temperature):
+    """The bf16 tolerance. The replay rounds the logits to bf16 as the rollout did (same lm_head rounding,
+    DESIGN §9.2), so log-probs agree to float32 rounding: |Δ| ≤ 5e-5 (a few 1e-5). One exception, rare: a
+    logit whose fp32 sum, accumulated in another order (the fused head's Triton tiles, or another cuBLAS
+    kernel for another row count), lands on the other bf16 neighbour moves by one ulp of |z| before
+    guidance, i.e. log-probs by at most 2·(|s| + |1 − s|)·ulp / T. At most 1% of the entries may do so."""
+    err = (got.detach().float().cpu() - want.float().cpu()).abs()
+    ulp = 2.0 ** (torch.tensor(max(max_logit, 1e-30)).log2().floor().item() - 7)
+    flip = 2 * (abs(guidance_scale) + abs(1 - guidance_scale)) * ulp / temperature
+    far = err > 5e-5
+    assert far.float().mean().item() <= 0.01, f"{int(far.sum())} of {err.numel()} log-probs off by > 5e-5"
+    assert err.max().item() <= flip, f"max error {err.max().item():.3g} > one-ulp rounding bound {flip:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["metric-fsq", "mixture"])
+@pytest.mark.parametrize("head,sampler", [("fused", "auto"), ("chunked", "triton")], ids=["fused-head", "triton"])
+def test_cuda_bf16_rollout_replays_and_differentiates(path, head, sampler):
+    """A bf16 rollout on CUDA (guided calls, then unguided ones past the truncation; T = 0.8) through the
+    fused head (x̂1 and its log-prob drawn inside the lm_head GEMM) and through the chunked head + the
+    Triton sampler; training.trajectory_logprobs equals the recorded x1_logprobs within the bf16
+    tolerance of :func:`_bf16_replay_close`, step_logprobs within 1e-5, and a backward pass runs."""
+    from ursa_engine.ops_library import head_draw_unavailable
+
+    dev = torch.device("cuda")
+    if head == "fused" and head_draw_unavailable(dev) is not None:
+        pytest.skip(head_draw_unavailable(dev))
+    torch.manual_seed(0)
+    m = ue.URSATransformer(CFG, init_std=0.2).to(dev, torch.bfloat16)
+    opts = dict(guidance_scale=3.0, guidance_trunc=0.5, temperature=0.8)
+    eng = engine_for(m, scheds()[path](), head=head, sampler_backend=sampler)
+    out = eng.generate(PROMPTS, NEG, SHAPE, seed=5, return_trajectory=True, **opts)
+    t = out.trajectory
+    assert t.guided.any() and not t.guided.all()
+    assert torch.isfinite(t.x1_logprobs).all() and (t.x1_logprobs <= 0).all()
+    m.requires_grad_(True)
+    rep = training.trajectory_logprobs(m, None, t)
+    assert rep.x1_logprobs.device.type == "cuda" and rep.x1_logprobs.dtype == torch.float32
+    _bf16_replay_close(rep.x1_logprobs, t.x1_logprobs, max_logit=_max_logit(m, t), guidance_scale=3.0,
+                       temperature=0.8)
+    torch.testing.assert_close(rep.step_logprobs.cpu(), t.step_logprobs.cpu(), atol=1e-5, rtol=0)
+    rep.x1_logprobs.sum().backward()
+    for p in (m.lm_head.weight, m.model.layers[0].self_attn.qkv_proj.weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
