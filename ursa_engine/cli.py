@@ -144,6 +144,9 @@ video; 25 steps for one frame of a video tokenizer; --image / --video keep their
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--parallel", default=None, metavar="dp=N,cfg=N,sp=N",
                      help="several processes under torchrun (README, Many GPUs); rank 0 writes --out")
+    gen.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                     help="a PEFT LoRA adapter folder merged into the transformer, times SCALE (default 1); repeat "
+                          "for several (docs/design.md §9)")
     _add_debug(gen)
     gen.set_defaults(handler=_generate)
 
@@ -201,8 +204,22 @@ example:
                      help="CUDA graphs per (rows, shape) bucket (CUDA engines only: an error on the CPU)")
     srv.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
     srv.add_argument("--log-level", default="info")
+    srv.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]",
+                     help="a PEFT LoRA adapter folder, repeatable: PATH[:SCALE] is merged into the served model (every "
+                          "request); NAME=PATH[:SCALE] is applied per request, to the requests that send "
+                          "\"lora\": \"NAME\" (rows of different adapters share each forward pass)")
     _add_debug(srv)
     srv.set_defaults(handler=_serve)
+
+
+def _lora_specs(specs, *, named: bool) -> list:
+    """``--lora`` values -> (name, path, scale) triples; a UsageError names the flag."""
+    from .adapters import parse_lora_spec
+
+    try:
+        return [parse_lora_spec(s, named=named) for s in specs or ()]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _add_checkpoint_flags(parser) -> None:
@@ -244,6 +261,7 @@ def _serve(args) -> int:
     try:
         serve(args.root, host=args.host, port=args.port, max_rows=args.max_rows, max_queue=args.max_queue,
               max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, policy=args.policy, device=args.device,
+              loras=_lora_specs(args.lora, named=True),
               graphs=args.graphs, log_level=args.log_level, transformer_weights=args.transformer_weights,
               revision=args.revision)
     except HubError as err:  # a hub id ROOT that cannot be resolved (nothing loaded yet)
@@ -252,6 +270,8 @@ def _serve(args) -> int:
     except ValueError as err:
         if str(err).startswith("graphs:"):  # a CPU engine (the digits model) asked for CUDA graphs
             raise UsageError(f"--{err}") from None
+        if str(err).startswith(("path:", "lora:", "name:")):  # an adapter of --lora that does not apply
+            raise UsageError(f"--lora: {one_line(err).split(': ', 1)[1]}") from None
         raise
     return 0
 
