@@ -1,4 +1,4 @@
-"""The ``ursa-engine`` command line (DESIGN §8).
+"""The ``ursa-engine`` command line (docs/design.md §8).
 
 ``ursa-engine generate ROOT --prompt ... --out out.png|out.mp4|out.pt``: images, videos or tokens
 (see :mod:`ursa_engine.cli_generate`);
