@@ -50,6 +50,22 @@ import torch
 from . import rewards as rewards_mod
 from .lora import LoRAAdapter
 
+
+def _provenance() -> dict:
+    """The code a report came from: ``commit`` and ``dirty`` of the checkout holding this package (None outside one)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10, check=False).stdout
+        return {"commit": sha, "dirty": bool(status.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
 EVAL_SEED = 10**9  # held-out seeds start here; rollout seeds stay below (checked)
 
 
@@ -310,7 +326,7 @@ def _run(out: Path, cfg: GRPOConfig, *, root, reward_fn: Callable, log) -> dict:
         "reward_fn": getattr(reward_fn, "__qualname__", repr(reward_fn)),
         "minutes": (time.perf_counter() - t0) / 60, "train_minutes": result["train_seconds"] / 60,
         "iterations_run": len(result["curve"]), "torch_threads": torch.get_num_threads(),
-        "config": dataclasses.asdict(cfg), "curve": result["curve"],
+        "config": dataclasses.asdict(cfg), **_provenance(), "curve": result["curve"],
     }
     with open(out / "report.json", "w") as f:
         json.dump(report, f, indent=2)
