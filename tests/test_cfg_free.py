@@ -6,6 +6,7 @@ the guided control run shows the spy sees unconditional rows when there are some
 
 import pytest
 import torch
+from engine_fakes import fake_graph_mode
 from roots import write_tiny_root
 
 import ursa_engine as ue
@@ -53,19 +54,6 @@ def negatives(monkeypatch):
     return seen
 
 
-def _fake_graph_mode(eng, monkeypatch):
-    """Graph mode on the CPU (as tests/test_engine.py): 'capture' runs the body twice, 'replay' runs it again."""
-    import ursa_engine.graphs as graphs
-
-    def fake_capture(fn, pool):
-        fn()
-        fn()
-        return fn
-
-    monkeypatch.setattr(graphs, "cuda_graph_capture", fake_capture)
-    monkeypatch.setattr(eng, "_resolve_mode", lambda mode, sched: "graph")
-
-
 @pytest.mark.parametrize("trunc", [0.9, 1.0])
 def test_eager_steps_carry_no_unconditional_rows(engine, rows, negatives, trunc):
     out = engine.generate(PROMPTS, negative_prompt_ids="worst quality", latents_shape=SHAPE, guidance_scale=1.0,
@@ -83,7 +71,7 @@ def test_eager_steps_carry_no_unconditional_rows(engine, rows, negatives, trunc)
 def test_graph_body_is_captured_without_unconditional_rows(engine, rows, negatives, monkeypatch):
     eager = engine.generate(PROMPTS, latents_shape=SHAPE, guidance_scale=1.0, seed=5, decode=False).tokens
     rows.clear()
-    _fake_graph_mode(engine, monkeypatch)
+    fake_graph_mode(engine, monkeypatch)
     out = engine.generate(PROMPTS, latents_shape=SHAPE, guidance_scale=1.0, seed=5, decode=False, keep_graphs=True)
     assert out.mode == "graph" and torch.equal(out.tokens, eager)
     assert rows and set(rows) == {2} and not negatives

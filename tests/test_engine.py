@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from engine_fakes import fake_graph_mode
 
 import ursa_engine as ue
 from ursa_engine.checkpoint import save_transformer
@@ -303,24 +304,12 @@ def test_cli_generate(tmp_path, model, capsys):
     assert torch.load(out).shape == (2, 1, 3, 4)
 
 
-def _fake_graph_mode(eng, monkeypatch):
-    import ursa_engine.graphs as graphs
-
-    def fake_capture(fn, pool):
-        fn()
-        fn()
-        return fn
-
-    monkeypatch.setattr(graphs, "cuda_graph_capture", fake_capture)
-    monkeypatch.setattr(eng, "_resolve_mode", lambda mode, sched: "graph")
-
-
 def test_graph_runner_reused_for_another_latent_shape_uses_its_rope(model, monkeypatch):
     """Same token count, other (T, H, W): a reused runner must replay the new 3D rope positions."""
     eng = engine_for(model, metric_sched(steps=6))
     kw = {"guidance_scale": 3.0, "guidance_trunc": 0.5, "seed": 4}
     eager = [eng.generate(PROMPTS, NEG, s, **kw).tokens for s in ((2, 3, 4), (2, 4, 3))]
-    _fake_graph_mode(eng, monkeypatch)
+    fake_graph_mode(eng, monkeypatch)
     first = eng.generate(PROMPTS, NEG, (2, 3, 4), **kw)
     runner = next(iter(eng._graphs.values()))
     second = eng.generate(PROMPTS, NEG, (2, 4, 3), **kw)
@@ -343,7 +332,7 @@ def test_sampler_backend_auto_is_tuned_once_per_generate_and_used_by_every_step(
     monkeypatch.setattr(sched, "tune", lambda *a, **kw: tuned.append(1) or "torch")
     monkeypatch.setattr(sched, "step", lambda *a, **kw: backends.append(kw["backend"]) or step(*a, **kw))
     if graph:
-        _fake_graph_mode(eng, monkeypatch)
+        fake_graph_mode(eng, monkeypatch)
     out = eng.generate(PROMPTS, NEG, SHAPE, guidance_scale=3.0, guidance_trunc=0.5, seed=4)
     assert out.mode == ("graph" if graph else "eager")
     assert len(tuned) == 1 and backends and set(backends) == {"torch"}
@@ -375,7 +364,7 @@ def test_graphs_are_released_before_decoding_unless_kept(tmp_path, monkeypatch, 
 
     root = write_tiny_root(tmp_path / "root", family="ibq")
     eng = ue.Engine.from_pretrained(root, device="cpu", dtype=torch.float32, prompt_length=8, num_steps=3)
-    _fake_graph_mode(eng, monkeypatch)
+    fake_graph_mode(eng, monkeypatch)
     out = eng.generate("a bear", latents_shape=(1, 2, 2), keep_graphs=keep)
     assert out.mode == "graph" and out.frames.shape == (1, 1, 8, 8, 3)
     assert bool(eng._graphs) == bool(keep)
@@ -417,8 +406,8 @@ def test_head_and_sampler_by_token_range_give_the_unchunked_tokens(model, monkey
     sched = _paths()[path]()
     ranged = engine_for(model, sched, logits_budget=5 * 4 * 64 * 4, head="chunked")  # 5 tokens of 4 rows, fp32
     if graph:
-        _fake_graph_mode(whole, monkeypatch)
-        _fake_graph_mode(ranged, monkeypatch)
+        fake_graph_mode(whole, monkeypatch)
+        fake_graph_mode(ranged, monkeypatch)
     ref = whole.generate(PROMPTS, NEG, SHAPE, **kw)
     offsets = _offsets(sched, monkeypatch)
     out = ranged.generate(PROMPTS, NEG, SHAPE, **kw)
@@ -462,8 +451,8 @@ def test_fused_head_gives_the_tokens_of_the_chunked_head(model, monkeypatch, pat
     chunked = engine_for(model, _paths()[path](), head="chunked")
     fused = engine_for(model, _paths()[path](), head="fused", logits_budget=2 * (8 * 1 + 12) * 10)  # 10 tokens
     if graph:
-        _fake_graph_mode(chunked, monkeypatch)
-        _fake_graph_mode(fused, monkeypatch)
+        fake_graph_mode(chunked, monkeypatch)
+        fake_graph_mode(fused, monkeypatch)
     ref = chunked.generate(PROMPTS, NEG, SHAPE, **kw)
     out = fused.generate(PROMPTS, NEG, SHAPE, **kw)
     assert torch.equal(out.tokens, ref.tokens)
