@@ -34,3 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda for gpu, else cpu)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report", action="store_true", help="also write summary.md and a plot in --out")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="write results from a tree with uncommitted changes (stamped so; refused otherwise, "
+                        "except --mode smoke: benchmarks/provenance.py)")

@@ -37,7 +37,6 @@ Standalone (the figure of DESIGN §6, "0.66× the time and 0.20× the peak memor
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from ursa_engine.memory import LiveBytes
 from ursa_engine.training import linear_cross_entropy
 
+from . import provenance
 from .harness import Work, measure, peak_memory, synchronize
 from .records import BenchContext
 
@@ -233,7 +233,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", help="write the result here")
+    provenance.add_argument(ap)
     a = ap.parse_args(argv)
+    try:
+        stamp = provenance.check(allow_dirty=a.allow_dirty) if a.json else None
+    except provenance.DirtyTree as err:
+        return provenance.refuse(err)
     out = standalone(a.n, a.hidden, a.K, chunks=tuple(a.chunk), dtype=getattr(torch, a.dtype), reps=a.reps)
     print(f"n={out['n']} H={out['hidden']} K={out['K']} {out['dtype']} on {out['device']} "
           f"({out['threads']} threads); fp32 logits would be {out['logits_bytes_fp32'] / 2**20:.0f} MiB")
@@ -243,8 +248,7 @@ def main(argv=None) -> int:
               f"{r['tflops']:7.3f} TFLOP/s  peak {r['peak_bytes'] / 2**20:8.1f} MiB   "
               f"time ×{r['time_vs_dense']:.2f}  bytes ×{r['bytes_vs_dense']}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        provenance.write_json(a.json, out, stamp)
     return 0
 
 

@@ -25,13 +25,13 @@ scaled); this script is the full-size, agreement-checking twin.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from . import provenance
 from .harness import fresh_generator, measure
 
 NUM_STEPS, K_STEP = 50, 25
@@ -115,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dense-reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=9, help="validate: interleaved rounds of kernel / kernel + error=")
     p.add_argument("--out", type=Path, default=None, help="folder for a JSON record")
+    provenance.add_argument(p)
     args = p.parse_args(argv)
+    try:
+        stamp = provenance.check(allow_dirty=args.allow_dirty) if args.out is not None else None
+    except provenance.DirtyTree as err:
+        return provenance.refuse(err)
     providers = [v for v in args.providers.split(",") if v]
     if not providers or set(providers) - set(PROVIDERS):
         p.error(f"--providers: expected a subset of {PROVIDERS}, got {args.providers!r}")
@@ -174,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"validate=False {v['step_no_validate_ms']:.1f} ms")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"native_cpu-{args.dtype}-{record['when'].replace(':', '')}.json"
-        path.write_text(json.dumps(record, indent=2))
+        path = provenance.write_json(args.out / f"native_cpu-{args.dtype}-{record['when'].replace(':', '')}.json",
+                                     record, stamp, indent=2)
         print(f"wrote {path}")
     return 0
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import subprocess
 from pathlib import Path
+
+from ursa_engine.benchmarks import provenance
 
 from ursa_engine.config import ModelConfig
 from ursa_engine.distributed.cost import expected_step_s
@@ -75,14 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-gpu-step-s", type=float, default=None,
                         help="measured single-GPU guided step (1.7B, 13x40x64, bf16) in seconds")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
+    provenance.add_argument(parser)
     args = parser.parse_args(argv)
+    try:
+        stamp = provenance.check(allow_dirty=args.allow_dirty)
+    except provenance.DirtyTree as err:
+        return provenance.refuse(err)
     table = rows(args.single_gpu_step_s)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
     path = Path(args.out) / f"parallel-bytes-{date}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"suite": "parallel-bytes", "commit": _commit(), "date": date, "gpus": 8, "link_bytes_per_s": NVLINK,
               "peak_flops": PEAK_FLOPS, "note": "computed from the config; step times are estimates"}
-    path.write_text(json.dumps({"header": header, "rows": table}, indent=1) + "\n")
+    provenance.write_json(path, {"header": header, "rows": table}, stamp)
     print(f"{'layout':<18}{'step':<9}{'ulysses MB':>11}{'cfg MB':>8}{'logits MB':>10}{'tokens MB':>10}"
           f"{'step s':>8}{'x1 GPU':>7}{'samples':>8}")
     for r in table:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 import sys
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ursa_engine.benchmarks import provenance
 
 from ursa_engine import digits
 from ursa_engine.demo import DigitsModel
@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-mix", action="store_true", help="adapters per request: mixed vs single-adapter traffic")
     p.add_argument("--adapters", type=int, default=4, help="--lora-mix: per-request adapters in the mixed traffic")
     p.add_argument("--lora-rank", type=int, default=16, help="--lora-mix: rank of the random adapters")
+    provenance.add_argument(p)
     args = p.parse_args(argv)
+    try:
+        args.stamp = provenance.check(allow_dirty=args.allow_dirty)
+    except provenance.DirtyTree as err:
+        return provenance.refuse(err)
     torch.set_num_threads(args.threads)
     engine = DigitsModel.load().engine
     if args.lora_mix:
@@ -152,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   else argv), "runs": runs,
               "raw_runs": raw, "reps": args.reps}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve-cpu-{stamp:%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = provenance.write_json(args.out / f"serve-cpu-{stamp:%Y%m%d}.json", result, args.stamp)
     print(f"wrote {path}")
     if not args.no_plot:
         print(f"wrote {plot(result, path.with_suffix('.png'))}")
@@ -233,8 +237,7 @@ def lora_mix(engine, args, argv) -> int:
                                                                                   else argv),
               "ratios": ratios, "runs": runs, "raw_runs": raw, "reps": args.reps}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serve-lora-cpu-{stamp:%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = provenance.write_json(args.out / f"serve-lora-cpu-{stamp:%Y%m%d}.json", result, args.stamp)
     print(f"wrote {path}")
     return 0
 

@@ -53,9 +53,11 @@ def parse_ptxas(log: str) -> list[dict]:
         regs = re.search(r"Used (\d+) registers", block)
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", block)
         smem = re.search(r"(\d+) bytes smem", block)
+        stack = re.search(r"(\d+) bytes stack frame", block)
         rows.append(dict(kernel=kernel, variant=targs, mangled=mangled, registers=int(regs.group(1)) if regs else None,
                          spill_store_bytes=int(spill.group(1)) if spill else 0,
                          spill_load_bytes=int(spill.group(2)) if spill else 0,
+                         stack_frame_bytes=int(stack.group(1)) if stack else None,
                          static_smem_bytes=int(smem.group(1)) if smem else 0))
     return rows
 

@@ -8,10 +8,12 @@ assembled by the ptxas in Triton's wheel with ``-v`` (:mod:`.compile_head_draw`)
 of ``csrc/cuda`` is compiled with ``nvcc -Xptxas -v -arch=sm_90a`` (:mod:`.compile_cuda`).
 
 One row a kernel variant: ``kernel, case, config, registers, spill_store_bytes, spill_load_bytes,
-shared_bytes, num_warps, blocks_per_sm, limit`` (which resource bounds the blocks), and ``claimed``
-(blocks an SM the kernel is built for: :data:`CLAIMED_BLOCKS_PER_SM`, the one table of the
-occupancy claims of the kernels' docstrings) and ``hot`` (a kernel of the timed sampler / model
-path: it must not spill). Blocks an SM on an H100 (sm_90): :func:`blocks_per_sm`.
+stack_frame_bytes, shared_bytes, num_warps, blocks_per_sm, limit`` (which resource bounds the
+blocks), and ``claimed`` (blocks an SM the kernel is built for: :data:`CLAIMED_BLOCKS_PER_SM`, the
+one table of the occupancy claims of the kernels' docstrings) and ``hot`` (a kernel of the timed
+sampler / model path). No kernel may spill, hot or not (issue 20); a stack frame (ptxas's "bytes
+stack frame": local memory a thread uses, spills or local arrays) must be zero or within
+:data:`STACK_FRAME_BYTES_MAX`. Blocks an SM on an H100 (sm_90): :func:`blocks_per_sm`.
 
     python -m ursa_engine.benchmarks.compile_report [--json PATH] [--markdown]
 
@@ -22,7 +24,6 @@ Writes ``benchmarks/results/compile_report-sm90a-<commit>.json`` with ``--write`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -75,6 +76,11 @@ CLAIMED_BLOCKS_PER_SM = {
 }
 
 
+# Stack frame bytes a thread a kernel may use (ptxas -v "bytes stack frame"): 0 for every kernel
+# not listed here. An entry needs the reason its local memory is there and is harmless.
+STACK_FRAME_BYTES_MAX: dict[str, int] = {}
+
+
 def blocks_per_sm(registers: int, num_warps: int, shared_bytes: int) -> tuple[int, str]:
     """Resident blocks an SM on an H100 and the resource that bounds them ("regs", "smem", "warps", "blocks")."""
     per_warp = math.ceil(max(registers, 1) * 32 / H100["reg_unit"]) * H100["reg_unit"]
@@ -96,7 +102,8 @@ def _row(r: dict, case: str, hot: bool, label: str | None = None) -> dict:
     return dict(kernel=kernel, variant=label or "", case=case, hot=hot, config=r.get("config", {}),
                 num_warps=r["num_warps"], num_stages=r.get("num_stages"), maxnreg=r.get("maxnreg"),
                 registers=r["registers"], spill_store_bytes=r["spill_store_bytes"],
-                spill_load_bytes=r["spill_load_bytes"], shared_bytes=r["shared_bytes"], blocks_per_sm=blocks,
+                spill_load_bytes=r["spill_load_bytes"], stack_frame_bytes=r.get("stack_frame_bytes"),
+                shared_bytes=r["shared_bytes"], blocks_per_sm=blocks,
                 limit=limit, claimed=CLAIMED_BLOCKS_PER_SM.get(kernel))
 
 
@@ -307,6 +314,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from . import provenance
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--write", action="store_true",
@@ -314,11 +323,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer variants")
     ap.add_argument("--no-cuda", action="store_true", help="skip nvcc on csrc/cuda")
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
+    provenance.add_argument(ap)
     a = ap.parse_args(argv)
+    try:
+        stamp = provenance.check(allow_dirty=a.allow_dirty) if a.json or a.write else None
+    except provenance.DirtyTree as err:
+        return provenance.refuse(err)
     doc = report(quick=a.quick, cuda=not a.no_cuda)
     for r in doc["rows"]:
         print(f"{r['kernel']:28s} {r['variant']:14s} {r['case']:11s} warps {r['num_warps']:2d}: "
               f"{r['registers']} regs, {r['spill_store_bytes'] + r['spill_load_bytes']} B spills, "
+              f"{r['stack_frame_bytes']} B stack, "
               f"{r['shared_bytes']} B smem -> {r['blocks_per_sm']} blocks/SM ({r['limit']}; claimed {r['claimed']})")
     for k, why in doc["skipped"].items():
         print(f"skipped {k}: {why}")
@@ -328,7 +343,7 @@ def main(argv=None) -> int:
     if a.write:
         paths.append(ROOT / "benchmarks" / "results" / f"compile_report-sm90a-{doc['commit']}.json")
     for p in paths:
-        p.write_text(json.dumps(doc, indent=1))
+        provenance.write_json(p, doc, stamp)
         print(f"wrote {p}")
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import BENCHES, DEFAULT_OUT, add_arguments, telemetry  # noqa: F401
+from . import BENCHES, DEFAULT_OUT, add_arguments, provenance, telemetry  # noqa: F401
 from .harness import Ceilings, Deadline, measure_ceilings
 from .records import BenchContext, ResultWriter, result_path
 
@@ -41,14 +41,19 @@ def ceilings_for(device: torch.device, mode: str) -> Ceilings:
 
 
 def run_suite(name: str, *, mode: str, out_dir: Path, device: torch.device | None = None,
-              deadline: Deadline | None = None, quiet: bool = False, options: dict | None = None) -> Path:
+              deadline: Deadline | None = None, quiet: bool = False, options: dict | None = None,
+              allow_dirty: bool = False) -> Path:
     """Run ``benchmarks/bench_<name>.py`` and return the path of the JSON it wrote.
 
-    Failures never escape: a suite that breaks leaves an ``error`` record with the traceback.
+    Failures never escape: a suite that breaks leaves an ``error`` record with the traceback. The
+    provenance rule (:mod:`.provenance`) is checked first: outside ``smoke`` mode a dirty tree raises
+    :class:`~.provenance.DirtyTree` unless ``allow_dirty``; the header carries the stamp.
     """
+    stamp = provenance.check(allow_dirty=allow_dirty, result=mode != "smoke")
     device = device or default_device(mode)
     deadline = deadline or Deadline(None)
     header = telemetry.run_header(device, mode)
+    header["provenance"] = stamp
     header["suite"] = name
     header["options"] = options or {}
     try:
@@ -98,10 +103,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     device = torch.device(args.device) if args.device else default_device(args.mode)
     deadline = Deadline(at=args.deadline) if args.deadline else Deadline(args.budget)
+    try:
+        provenance.check(allow_dirty=args.allow_dirty, result=args.mode != "smoke")
+    except provenance.DirtyTree as err:
+        return provenance.refuse(err)
     paths = []
     for name in names:
         paths.append(run_suite(name, mode=args.mode, out_dir=args.out, device=device, deadline=deadline,
-                               quiet=args.quiet))
+                               quiet=args.quiet, allow_dirty=args.allow_dirty))
         print(f"wrote {paths[-1]}", flush=True)
     if args.report:
         from . import report

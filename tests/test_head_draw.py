@@ -11,7 +11,9 @@ chunks, padded code / hidden tails and many finish tiles all run). Checks:
 * the kernel agrees with the twin on ≥ 99% of tokens (K = 97 and 1,000; the rates are printed with
   ``-s``: disagreements need the target within float rounding of a CDF boundary);
 * the kernel's empirical law against the exact softmax(z), TV bound of ``test_sampler_laws`` fixed
-  in advance; argmax, temperature, guidance on / off, index_offset chunking, odd sizes, bad input;
+  in advance, and a χ² test with power (K = 8, 4 × 20,000 draws in one launch: the right temperature
+  passes, temperature × 1.05 fails); argmax, temperature, guidance on / off, index_offset chunking,
+  odd sizes, bad input;
 * the twin never holds a (D, K) buffer at production size (fake tensors);
 * ``logprobs`` (DESIGN §9 ``x1_logprobs``): both implementations and the custom op against the dense
   ``torch.log_softmax(guided z / T)`` gathered at the drawn ids, drawing and argmax; tokens unchanged
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # must precede the first @triton.jit decoration
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from law_stats import assert_follows
+from law_stats import assert_follows, chi2_rejects, chi2_statistic
 
 from ursa_engine.reference import head_draw as ref_hd  # noqa: E402
 from ursa_engine.reference import sampler as ref  # noqa: E402
@@ -228,6 +230,59 @@ def test_head_draw_triton_follows_exact_law(opt):
     r = rng_args(S * N_REP, rows=S, seed=31)
     got = run_triton(tk, rep(h), w, rep(hu), cfg=dict(BLOCK_K=32, BLOCK_M=2048, BLOCK_M2=1024), **r, **o)
     assert_follows(got, law)
+
+
+# The law test with power: few codes, many draws in one launch, χ² at a level fixed in advance.
+POWER_S, POWER_K, POWER_H, POWER_N = 4, 8, 16, 20_000  # states, codes, hidden, draws a state (80,000 tokens)
+POWER_ALPHA = 1e-6  # the χ² level: an exact kernel fails with probability 1e-6 (the seeds are fixed anyway)
+POWER_ERROR = 1.05  # a 5 % temperature error must be rejected
+
+
+def _power_case():
+    """hidden (S, H), weight (K, H) whose logits are exact in fp32: each state's z a permutation of
+    K evenly spaced values in [0, 3.2], at temperature 0.8 (z / T spans 4 nats: every code ≥ 0.8 % likely)."""
+    g = torch.Generator().manual_seed(41)
+    z = torch.stack([torch.linspace(0, 3.2, POWER_K)[torch.randperm(POWER_K, generator=g)] for _ in range(POWER_S)])
+    h, w = torch.zeros(POWER_S, POWER_H), torch.zeros(POWER_K, POWER_H)
+    h[:, :POWER_K], w[:, :POWER_K] = z, torch.eye(POWER_K)
+    return h.to(DEVICE), w.to(DEVICE), 0.8
+
+
+def _power_draws(tk, h, w, temperature):
+    rep = h.repeat_interleave(POWER_N, 0).contiguous()
+    r = rng_args(POWER_S * POWER_N, rows=POWER_S, seed=57)
+    return run_triton(tk, rep, w, cfg=dict(BLOCK_K=16, BLOCK_M=4096, BLOCK_M2=2048), temperature=temperature, **r)
+
+
+def test_head_draw_law_test_has_power_against_a_5pct_temperature_error():
+    """The χ² law test accepts the kernel at the right temperature and rejects it at temperature × 1.05.
+
+    Before drawing, the design is checked: the non-central χ² of a 5 % error (non-centrality
+    ``N·Σ (p' − p)² / p``) exceeds the critical value with probability ≥ 0.999 (issue 20: the TV
+    bound of the test above, 3 states × 3,000 draws of K = 97, let a 10 % temperature error pass).
+    """
+    from scipy.stats import chi2, ncx2
+
+    tk = _triton()
+    h, w, T = _power_case()
+    z = F.linear(h, w).double()
+    law, wrong = torch.softmax(z / T, -1), torch.softmax(z / (T * POWER_ERROR), -1)
+    lam = float((POWER_N * (wrong - law) ** 2 / law).sum())
+    df = POWER_S * (POWER_K - 1)
+    crit = float(chi2.isf(POWER_ALPHA, df))
+    power = float(ncx2.sf(crit, df, lam))
+    assert law.min() * POWER_N >= 5, "every code needs ~5 expected draws (no pooled bins)"
+    assert power >= 0.999, f"design power {power:.4f} (non-centrality {lam:.0f}, critical value {crit:.0f})"
+
+    right = _power_draws(tk, h, w, T)
+    rejected, stat, crit = chi2_rejects(right, law.float(), POWER_ALPHA)
+    print(f"\nT exact: χ² {stat:.1f} (df {df}, critical {crit:.1f}); design power at T × {POWER_ERROR}: {power:.6f}")
+    assert not rejected, f"the kernel's law at T: χ² {stat:.1f} > {crit:.1f}"
+    off = _power_draws(tk, h, w, T * POWER_ERROR)
+    rejected, stat, crit = chi2_rejects(off, law.float(), POWER_ALPHA)
+    print(f"T × {POWER_ERROR}: χ² {stat:.1f} (critical {crit:.1f})")
+    assert rejected, f"a 5 % temperature error passed the law test: χ² {stat:.1f} <= {crit:.1f}"
+    assert chi2_statistic(off, wrong.float())[0] <= crit  # it is the law of T × 1.05 that it follows
 
 
 def test_head_draw_index_offset_chunks_equal_unchunked():

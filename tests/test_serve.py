@@ -3,7 +3,8 @@
 
 Outputs of concurrent requests equal each request alone (and :meth:`Engine.generate`); SSE progress
 arrives in order; cancellation (DELETE and client disconnect) frees the rows; 429 and 4xx; a bounded
-load run loses no request.
+load run loses no request; a spy on the transformer's forward shows that one pass carried the rows
+of two requests at different steps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
+
+from serve_spy import ForwardSpy  # noqa: E402
 
 from ursa_engine import digits  # noqa: E402
 from ursa_engine.serve import Batcher  # noqa: E402
@@ -111,20 +114,48 @@ def test_health_metrics_and_png(server):
         assert served >= 3
 
 
-def test_concurrent_requests_equal_alone_and_engine(server, served):
+def test_concurrent_requests_equal_alone_and_engine(server, served, monkeypatch):
     cases = [dict(prompt=str(i % 10), seed=100 + i, n=1 + i % 2, steps=STEPS + i % 3) for i in range(8)]
     with httpx.Client(base_url=server.url, timeout=120) as c:
         alone = [tokens_of(c.post("/v1/images/generations", json=body(**cs))) for cs in cases]
+        spy = ForwardSpy(server.batcher, served.engine.model, monkeypatch)
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda cs: tokens_of(c.post("/v1/images/generations", json=body(**cs))), cases))
     assert together == alone
-    assert server.batcher.metrics.max_rows_seen > 2  # they did share forward passes
+    shared = spy.shared()
+    assert shared, f"no forward pass carried the rows of two requests: {[p['rows'] for p in spy.passes]}"
+    for p in shared:  # the forward's batch is every job's cond rows plus the guided ones' uncond rows
+        assert p["rows"] == sum(n * (1 + g) for _, _, n, g in p["jobs"])
     e = served.engine
     for cs, toks in zip(cases[:3], alone[:3], strict=True):
         ref = e.generate(digits.prompt_ids([int(cs["prompt"])] * cs["n"], e.model.config.pad_token_id),
                          latents_shape=(1, 4, 8), num_steps=cs["steps"], guidance_scale=3.0, seed=cs["seed"],
                          decode=False).tokens
         assert torch.equal(ref, torch.tensor(toks))
+
+
+def test_one_forward_pass_carries_two_requests_at_different_steps(server, served, monkeypatch):
+    """The default path (continuous policy, scalar-k sampler calls): request B, queued while A's first
+    step runs, joins at the next step boundary; from then on one forward pass carries the rows of
+    both, at different step indices (the forward's input holds both prompts), and both outputs equal
+    their runs alone."""
+    a, b = body("2", seed=41, steps=STEPS + 2), body("5", seed=42, steps=STEPS)
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        alone = [tokens_of(c.post("/v1/images/generations", json=x)) for x in (a, b)]
+        spy = ForwardSpy(server.batcher, served.engine.model, monkeypatch, hold=True)
+        with ThreadPoolExecutor(2) as pool:
+            fa = pool.submit(lambda: tokens_of(c.post("/v1/images/generations", json=a)))
+            assert spy.entered.wait(30), "request A never reached the model"
+            fb = pool.submit(lambda: tokens_of(c.post("/v1/images/generations", json=b)))
+            deadline = time.time() + 30
+            while server.batcher.stats()["queued"] < 1 and time.time() < deadline:
+                time.sleep(0.01)  # B waits in the queue while A's step 0 is held
+            spy.go.set()
+            together = [fa.result(120), fb.result(120)]
+    assert together == alone
+    mixed = [p for p in spy.shared() if len({k for _, k, _, _ in p["jobs"]}) >= 2]
+    assert mixed, f"no forward pass mixed the step indices of two requests: {[p['jobs'] for p in spy.passes]}"
+    assert len(mixed[0]["prompts"]) == 2 and len(mixed[0]["jobs"]) == 2
 
 
 def _sse(lines) -> list[tuple[str, dict]]:

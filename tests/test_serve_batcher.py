@@ -1,5 +1,7 @@
 """The continuous batcher without HTTP (issue 14): tokens independent of the batch, joins at step
-boundaries, the row budget, uncond rows only for guided rows, policies, and (GPU) CUDA graph buckets."""
+boundaries, the row budget, uncond rows only for guided rows, policies, and (GPU) CUDA graph buckets.
+Spies on the model's forward and the scheduler's step show that batching happened: one forward pass
+carried the rows of two requests at different steps, and the per-row sampler mixed steps in one call."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import time
 
 import pytest
 import torch
+from serve_spy import ForwardSpy, SamplerSpy
 
 from ursa_engine import digits, rowwise
 from ursa_engine.demo import DigitsModel
@@ -42,13 +45,15 @@ def run_all(batcher, engine, cases, stagger=0.0):
     return [j.future.result(120) for j in jobs]
 
 
-def test_tokens_do_not_depend_on_the_batch(engine):
+def test_tokens_do_not_depend_on_the_batch(engine, monkeypatch):
     alone = []
     with Batcher(engine, max_rows=8, policy="sequential") as b:
         alone = run_all(b, engine, CASES)
     with Batcher(engine, max_rows=8) as b:
+        spy = ForwardSpy(b, engine.model, monkeypatch)
         together = run_all(b, engine, CASES, stagger=0.003)  # joins at varied steps
-        assert b.metrics.max_rows_seen > 2
+        assert spy.shared(), "no forward pass carried the rows of two requests"
+        monkeypatch.undo()
     with Batcher(engine, max_rows=8, per_row_sampler=True) as b:  # rowwise.step_rows: each row its own k
         per_row = run_all(b, engine, CASES)
     with Batcher(engine, max_rows=16, policy="static") as b:
@@ -61,6 +66,42 @@ def test_tokens_do_not_depend_on_the_batch(engine):
                               guidance_scale=c.get("guidance", 3.0), guidance_trunc=c.get("trunc", 0.9),
                               temperature=c.get("temperature", 1.0), seed=c["seed"], decode=False).tokens
         assert torch.equal(ref, a), c
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar-k", "per-row"])
+def test_batching_happened_spied_on_forward_and_sampler(engine, monkeypatch, per_row):
+    """B is queued while A's first forward pass is held; after it joins, one forward pass carries the
+    rows of A and B (two prompts in the forward's input) at different step indices. The default
+    sampler path (``per_row_sampler=False``) then makes one scalar-k call per step index of that
+    pass (never mixing steps in one call, by design: :func:`~ursa_engine.serve.jobs.row_groups`);
+    ``per_row_sampler=True`` makes one call whose rows carry both step indices. Tokens equal alone."""
+    cases = [dict(label=2, seed=41, steps=8), dict(label=5, seed=42, steps=8)]  # one scheduler: one row group
+    with Batcher(engine, max_rows=8, policy="sequential") as b:
+        alone = run_all(b, engine, cases)
+    with Batcher(engine, max_rows=8, per_row_sampler=per_row) as b:
+        fwd = ForwardSpy(b, engine.model, monkeypatch, hold=True)
+        calls = SamplerSpy(monkeypatch, fwd)
+        ja = b.submit(request(engine, **cases[0]))
+        assert fwd.entered.wait(30), "request A never reached the model"
+        jb = b.submit(request(engine, **cases[1]))  # queued: the worker is held inside A's first forward
+        fwd.go.set()
+        together = [ja.future.result(120), jb.future.result(120)]
+        monkeypatch.undo()
+    assert all(torch.equal(x, y) for x, y in zip(alone, together, strict=True))
+    mixed = [i for i, p in enumerate(fwd.passes) if p in fwd.shared() and len({j[1] for j in p["jobs"]}) >= 2]
+    assert mixed, f"no forward pass mixed two requests' steps: {[p['jobs'] for p in fwd.passes]}"
+    for i in mixed:
+        p = fwd.passes[i]
+        assert p["rows"] == sum(n * (1 + g) for _, _, n, g in p["jobs"])
+        steps = sorted({j[1] for j in p["jobs"]})
+        its = [c for c in calls.calls if c["forward"] == i]
+        assert sorted({k for c in its for k in c["ks"]}) == steps, (steps, its)  # every row was stepped
+        if per_row:  # one call carries the rows of both steps
+            assert any(c["ks"] == steps for c in its), its
+        else:  # one scalar-k call per step index
+            assert all(len(c["ks"]) == 1 for c in its), its
+    if not per_row:
+        assert all(len(c["ks"]) == 1 for c in calls.calls)
 
 
 def test_budget_join_and_uncond_rows(engine):
