@@ -265,3 +265,20 @@ def test_serve_takes_ids_and_overlays(cache, offline, monkeypatch, capsys):
     assert main(["serve", "org/nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ursa-engine: error: ROOT: org/nope (revision main) is not in the hub cache"), err
+
+
+def test_revision_with_a_local_folder_is_refused(cache):
+    with pytest.raises(HubError, match="revision: applies to hub ids only"):
+        resolve_root(cache.main, revision="v9")
+
+
+def test_snapshot_cached_without_weights_is_named_offline(cache, offline, tmp_path):
+    """A configs-only snapshot (what `plan --root ID` fetches) cannot serve a full load: the error says how."""
+    configs = tmp_path / "configs"
+    shutil.copytree(cache.main, configs)
+    for f in (configs / "transformer").glob("*.safetensors"):
+        f.unlink()
+    add_snapshot(tmp_path / "c", "org/configs", configs, COMMIT)
+    assert resolve_root("org/configs", cache_dir=tmp_path / "c", weights=False)  # enough for a plan
+    with pytest.raises(HubError, match=r"no transformer/ weights .*hf download org/configs"):
+        resolve_root("org/configs", cache_dir=tmp_path / "c")

@@ -151,7 +151,9 @@ def write_config(folder, **over):
 @pytest.mark.parametrize("over, words", [
     ({"use_dora": True}, "use_dora"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"peft_type": "LOHA"}, "LOHA"), ({"bias": "all"}, "bias"), ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"), ({"r": 0}, "r must")])
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"), ({"r": 0}, "r must"),
+    ({"init_lora_weights": "pissa"}, "pissa"), ({"init_lora_weights": "olora"}, "olora"),
+    ({"init_lora_weights": "corda"}, "corda"), ({"loftq_config": {"loftq_bits": 4}}, "LoftQ")])
 def test_unsupported_configs_are_refused_by_name(tmp_path, over, words):
     _, folder = peft_adapter(tiny_model(), tmp_path / "a", targets=("q_proj",))
     write_config(folder, **over)
@@ -310,3 +312,18 @@ def test_cli_generate_lora_flag(tmp_path, monkeypatch, capsys):
     assert main(argv + ["--lora", str(folder)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("ursa-engine: error: --lora: ") and "use_dora" in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncated-safetensors", "garbage-bin", "config-list"])
+def test_corrupt_adapter_files_are_one_adapter_error(tmp_path, damage):
+    _, folder = peft_adapter(tiny_model(), tmp_path / "a", targets=("q_proj",))
+    weights = folder / "adapter_model.safetensors"
+    if damage == "truncated-safetensors":
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif damage == "garbage-bin":
+        weights.unlink()
+        (folder / "adapter_model.bin").write_bytes(b"not a torch file at all")
+    else:
+        (folder / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(AdapterError, match=str(folder)):
+        read_adapter(folder, CFG)

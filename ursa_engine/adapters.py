@@ -228,6 +228,14 @@ def check_config(cfg: dict, where: str) -> tuple[int, float, bool]:
         if on]
     if cfg.get("bias", "none") != "none":
         refused.append(f"bias={cfg['bias']!r} (trained biases)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva")):
+        # these change the base weights when the adapter is made: B A is a delta from a residual base that
+        # PEFT rebuilds at load time, not from the published weights
+        refused.append(f"init_lora_weights={init!r} (convert it to a plain LoRA with PEFT's "
+                       "path_initial_model_for_weight_conversion when saving)")
+    if cfg.get("loftq_config"):
+        refused.append("loftq_config (LoftQ: a quantized residual base)")
     if refused:
         raise AdapterError(f"{where}: not supported: {', '.join(refused)} (plain LoRA on {', '.join(TARGETS)} only)")
     targets = cfg.get("target_modules")
@@ -252,6 +260,9 @@ def _load_pickle(path: Path) -> dict:
         raise AdapterError(f"{path}: refused: this pickle needs more than tensors to load, and only "
                            f"torch.load(weights_only=True) is used (it said: {str(err).splitlines()[0]}); "
                            "convert it to adapter_model.safetensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated / not a torch file
+        raise AdapterError(f"{path}: not a readable torch file ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def read_adapter(path: str | os.PathLike, model_config=None) -> LoRAWeights:
@@ -271,13 +282,19 @@ def read_adapter(path: str | os.PathLike, model_config=None) -> LoRAWeights:
         raise AdapterError(f"{folder}: not a PEFT adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         cfg = json.loads((folder / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{folder / CONFIG_NAME}: not valid JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{folder / CONFIG_NAME}: expected a JSON object, got {type(cfg).__name__}")
     r, alpha, rslora = check_config(cfg, str(folder))
     if (folder / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file
 
-        state = load_file(folder / WEIGHTS_NAME)
+        try:
+            state = load_file(folder / WEIGHTS_NAME)
+        except Exception as err:  # a truncated or corrupt file: safetensors raises its own error types
+            raise AdapterError(f"{folder / WEIGHTS_NAME}: not a readable safetensors file "
+                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     else:
         found = [folder / n for n in PICKLE_NAMES if (folder / n).is_file()]
         if not found:

@@ -123,6 +123,8 @@ def resolve_root(name_or_path: str | os.PathLike, *, revision: str | None = None
     if path.exists() or not is_hub_id(os.fspath(name_or_path)):
         if not path.exists():
             raise HubError(f"{name}: {name_or_path} is neither a local folder nor a hub id (org/name)")
+        if revision is not None:
+            raise HubError(f"revision: applies to hub ids only; {name} {name_or_path} is a local folder")
         return path
     repo_id = os.fspath(name_or_path)
     try:
@@ -172,8 +174,14 @@ def resolve_root(name_or_path: str | os.PathLike, *, revision: str | None = None
                                                         local_files_only=True))
     except Exception as err:  # noqa: BLE001 - LocalEntryNotFoundError and friends
         raise HubError(f"{name}: {where} is not in the hub cache {cache} and {unreachable}; fetch it with "
-                       f"{fetch}, or pass a local folder") from err
+                       f"{fetch}, or pass a local folder (there is none at {path.resolve()})") from err
     missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if weights:  # a snapshot cached by a configs-only load (plan) or under an overlay lacks the weights
+        cached = [str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()]
+        picked = set(root_files(cached, variant=variant, weights=True, transformer_weights=transformer_weights))
+        for sub in ("transformer",) * transformer_weights + ("vae",) * (folder / "vae").is_dir():
+            if not any(f.startswith(f"{sub}/") and f.endswith((".safetensors", ".bin")) for f in picked):
+                missing.append(f"{sub}/ weights" + (f" (variant {variant})" if variant else ""))
     if missing:
         raise HubError(f"{name}: the cached snapshot {folder} of {where} has no {' and no '.join(missing)} and "
                        f"{unreachable}; fetch it with {fetch}")
