@@ -117,7 +117,9 @@ def _plan_record(ctx: BenchContext, case: Case, plan) -> dict:
              "dk_elements": plan.dk_elements, "dk_buffers": len(plan.dk_buffers), "dk_buffer_phases": plan.dk_buffers,
              "head": plan.head, "head_chunks": plan.head_chunks, "sampler": plan.sampler,
              "mlp_chunks": plan.mlp_chunks, "qkv_chunks": plan.qkv_chunks, "logits_budget": plan.logits_budget,
-             "activation_budget": plan.activation_budget, "attention": plan.attention, "granularity": plan.granularity,
+             "activation_budget": plan.activation_budget, "attention": plan.attention,
+             "attention_backend": plan.attention_backend, "kv_expansion_bytes": plan.kv_expansion_bytes,
+             "dk_tensors": plan.dk_tensors, "unphased_bytes": plan.unphased_bytes, "granularity": plan.granularity,
              "notes": plan.notes,
              "peak_source": "plan: FakeTensorMode on the CPU + LiveBytes, weights included (peak_mem = everything "
                             "live; peak_extra = above the weights); undeclared kernel workspaces not included",
@@ -210,6 +212,7 @@ def _training_record(ctx: BenchContext, case: TrainingCase, plan) -> dict:
              "optimizer_state_bytes": plan.optimizer_state_bytes, "saved_bytes": plan.saved_bytes,
              "nk_elements": plan.nk_elements, "nk_buffers": len(plan.nk_buffers), "nk_buffer_list": plan.nk_buffers,
              "loss": plan.loss, "custom_ops": plan.custom_ops, "attention": plan.attention,
+             "attention_backend": plan.attention_backend, "kv_expansion_bytes": plan.kv_expansion_bytes,
              "flops_counted": plan.flops, "forward_flops": plan.forward_flops, "granularity": plan.granularity,
              "notes": plan.notes,
              "peak_source": "plan: FakeTensorMode on the CPU + LiveBytes, backend choices as on a GPU (peak_mem = "

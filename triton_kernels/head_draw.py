@@ -113,6 +113,7 @@ import triton.language as tl
 from .categorical import NEG_BIG, crossing
 from .philox import TAG_STEP, to_uniform, token_words
 from .sampler import LOG2E, _interp_rows, _pow2, unavailable
+from .workspaces import head_draw_workspace
 
 __all__ = ["head_draw", "head_config", "unavailable"]
 
@@ -450,16 +451,14 @@ def _head_draw(hidden, weight, *, uncond_hidden, guidance_scale, temperature, se
     strides = dict(stride_h=hidden.stride(0), stride_hu=hu.stride(0), stride_w=weight.stride(0))
     cuda = device.type == "cuda"
 
-    mstat = torch.empty((D, nc), dtype=torch.float32, device=device)
-    sstat = torch.empty((D, nc), dtype=torch.float32, device=device)
+    # scratch from the one declaration of its sizes (.workspaces.head_draw_workspace: the plans read it too)
+    ws = head_draw_workspace(D, nc).allocate(device)
+    mstat, sstat, chunk, resid, mx = (ws.pop(k) for k in ("chunk_max", "chunk_sum", "chunk", "resid", "max"))
     opts = dict(num_warps=c["stats_warps"], num_stages=c["stats_stages"]) if cuda else {}
     head_stats_kernel[(math.ceil(D / c["BLOCK_M"]) * nc,)](
         hidden, hu, weight, mstat, sstat, D, K, nc, **strides, gs=gs, zs=zs, H=H, **flags, BLOCK_M=c["BLOCK_M"],
         GROUP_M=c["GROUP_M"], **opts)
 
-    chunk = torch.empty(D, dtype=torch.int32, device=device)
-    resid = torch.empty(D, dtype=torch.float32, device=device)
-    mx = torch.empty(D, dtype=torch.float32, device=device)
     want_lp = logprobs is not None
     lp = logprobs if want_lp else mx  # never touched without LOGPROB
     head_select_kernel[(math.ceil(D / c["ROWS"]),)](

@@ -80,6 +80,7 @@ from .tiles import (  # noqa: F401 - re-exported (tests, benchmarks, head_draw)
     table_config,
     table_groups,
 )
+from .workspaces import table_sample_workspace, table_step_workspace
 
 
 # ----------------------------------------------------------------------------- availability
@@ -168,9 +169,8 @@ def _metric_sample(x1, beta, table, *, power, levels, seeds, row_len, out, index
         return out
     m = table.shape[1]
     table = table.contiguous()
-    c = table_config(D, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
-                     splits=cfg.get("SPLITS"), precision=cfg.get("DOT_PRECISION"))
-    ts = torch.empty((D, c["NT"]), dtype=torch.float32, device=device)
+    ws = table_sample_workspace(D, K, m, device, table.dtype, cfg=cfg)  # the plans' declaration too
+    c, ts = ws.config, ws.allocate(device)["tile_sums"]
     table_pass_kernel[(math.ceil(D / c["BM"]), c["SPLITS"])](
         table, _sq_norms(table), x1, x1, x1, x1, beta, beta, ts, ts, D, K, m, c["NT"], c["SPLITS"], TPS=c["TPS"],
         RATES=False, POWER=power, BM=c["BM"], BN=c["BN"], M_P2=c["M_P2"], BKM=c["BKM"],
@@ -271,21 +271,18 @@ def _metric_step(cond, uncond, x, table, params, step, *, seeds, row_len, guidan
     m = table.shape[1]
     # Token groups: the draw of group g+1 (memory-bound) runs while the tensor-core pass of
     # group g (compute-bound) runs on a side stream. A captured CUDA graph keeps the fork/join.
-    bounds = table_groups(D, device, cfg)
+    # Scratch of the whole step, allocated once from the one declaration of its sizes
+    # (.workspaces.table_step_workspace, which the memory plans read too): the rates of one group at
+    # a time run on one stream (side or main), so every group reuses the same tile sums (n_max, NT)
+    # and split normalizers (n_max, SPLITS) (before: one pair per group, all alive in a graph's pool).
+    ws = table_step_workspace(D, K, m, device, table.dtype, x1_given=x1 is not None, cfg=cfg)
+    c, bounds = ws.config, ws.config["bounds"]
     groups = len(bounds) - 1
-    n_max = max(bounds[g + 1] - bounds[g] for g in range(groups))
-    c = table_config(n_max, K, m, device, table.dtype, bm=cfg.get("BM"), bn=cfg.get("BN"), r=cfg.get("R"),
-                     splits=cfg.get("SPLITS"), precision=cfg.get("DOT_PRECISION"))
     side = torch.cuda.Stream(device) if device.type == "cuda" and groups > 1 else None
     main = torch.cuda.current_stream(device) if side is not None else None
-    # Scratch of the whole step, allocated once: the rates of one group at a time run on one
-    # stream (side or main), so every group reuses the same tile sums (n_max, NT) and split
-    # normalizers (n_max, SPLITS) (before: one pair per group, all alive in a graph's pool).
-    x1_buf = x1 if x1 is not None else torch.empty_like(x)
-    lst = torch.empty_like(x)
-    count = torch.zeros(groups, dtype=torch.int32, device=device)
-    ts = torch.empty((n_max, c["NT"]), dtype=torch.float32, device=device)
-    zp = torch.empty((n_max, c["SPLITS"]), dtype=torch.float32, device=device)
+    buf = ws.allocate(device)
+    x1_buf = x1 if x1 is not None else buf["x1"]
+    lst, count, ts, zp = buf["list"], buf["count"], buf["tile_sums"], buf["split_z"]
     if side is not None:
         for t in (x1_buf, lst, count, ts, zp):
             t.record_stream(side)

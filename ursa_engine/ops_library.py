@@ -4,8 +4,9 @@ Why: a custom op is one opaque node to ``torch.compile`` (it traces a step body 
 breaks on our kernels) and its fake implementation lets a whole generation step run on
 ``FakeTensorMode`` tensors at real size on any CPU (:mod:`ursa_engine.memory.generation`).
 Every fake allocates exactly the tensors the real launcher returns; scratch memory a launcher
-allocates and frees inside the call is declared by :func:`workspace_bytes` (what
-:class:`~ursa_engine.memory.LiveBytes` adds to the live bytes while the op runs).
+allocates and frees inside the call is declared by :func:`workspace_buffers` from the same
+function the launcher sizes its buffers with (``ursa_engine.triton_kernels.workspaces``; what
+:class:`~ursa_engine.memory.LiveBytes` adds to the live tensors while the op runs).
 
 Ops (namespace ``ursa``):
 
@@ -391,36 +392,99 @@ def head_draw(hidden: Tensor, weight: Tensor, *, uncond_hidden: Tensor | None = 
 
 
 # ----------------------------------------------------------------------------- scratch memory
-_TABLE_BN = 64  # codes a table-pass tile covers (triton_kernels.sampler.table_config): one fp32 partial each
-HEAD_CHUNK = 128  # codes a head-draw chunk covers on a GPU (ursa_engine.triton_kernels.head_draw.head_config)
+PLAN_SMS = 132  # SMs of the GPU the plans model (an H100 SXM): sizes the table pass's K splits
+_WS_LABELS = {"metric_step": "table metric step: x̂1, moving list, group counts, tile sums, split sums",
+              "metric_sample": "table path sample: tile sums", "head_draw": "head draw: per-chunk max and sum"}
 
 
+def _workspaces():
+    # triton-free (torch + tiles): plans import it without Triton
+    return importlib.import_module("ursa_engine.triton_kernels.workspaces")
+
+
+def _plan_device(t: Tensor) -> torch.device:
+    """The device a launcher would run on: CUDA inside :func:`as_gpu` (fake planning), else the tensor's."""
+    return torch.device("cuda") if gpu_planning() else t.device
+
+
+def _head_chunks(D: int, K: int, H: int, device: torch.device, dtype: torch.dtype) -> int:
+    """NC of the fused head draw: :func:`ursa_engine.triton_kernels.head_draw.head_config`'s own tiling."""
+    return _triton("head_draw").head_config(D, K, H, device, dtype)["NC"]
+
+
+def head_draw_workspace(D: int, K: int, H: int = 64, *, device="cuda", dtype: torch.dtype = torch.bfloat16):
+    """The fused head draw's :class:`~ursa_engine.triton_kernels.workspaces.Workspace` on D tokens (the
+    launcher allocates exactly its buffers; on a GPU by default)."""
+    device = torch.device(device)
+    return _workspaces().head_draw_workspace(D, _head_chunks(D, K, H, device, dtype))
+
+
+@torch.compiler.assume_constant_result  # a trace-time constant for torch.compile (step bodies size ranges with it)
 def head_draw_scratch(D: int, K: int) -> int:
-    """Peak scratch bytes of the fused head draw on D tokens (see :func:`workspace_bytes`)."""
-    return D * (8 * math.ceil(K / HEAD_CHUNK) + 12)
+    """Peak scratch bytes of the fused head draw on D tokens on a GPU (:func:`head_draw_workspace`)."""
+    return _head_draw_scratch(int(D), int(K))
 
 
-def workspace_bytes(func, args, kwargs) -> tuple[int, str] | None:
-    """Scratch bytes a launcher allocates and frees inside ``func`` (our ops only), and a label.
+@functools.cache
+def _head_draw_scratch(D: int, K: int) -> int:
+    return head_draw_workspace(D, K).peak_bytes()
 
-    Modelled on the GPU launchers: the Triton table metric step (explicit codebook, not the last
-    step) keeps the x̂1 and moving-token lists (2 × D int64) and a (D, K / BN) fp32 partial-sum
-    buffer (the FSQ step and the uniform steps keep nothing); the fused head draw keeps a
-    per-(token, 128-code chunk) max and sum (fp32, D × NC each) and, alive with them, the chosen
-    chunk (int32), the remaining target and the max (fp32) per token; then the sort (int32 values,
-    int64 order). Log-probabilities (``logprobs``) add nothing: the caller's buffer carries the
-    log-sum-exp from the select kernel to the finish kernel.
+
+def op_workspace(func, args, kwargs):
+    """The :class:`~ursa_engine.triton_kernels.workspaces.Workspace` a launcher of ``func`` (our custom
+    ops) allocates and frees inside the call, or None: the same function the launcher sizes its
+    buffers with (``ursa_engine.triton_kernels.workspaces``), fed with the op's arguments.
+
+    Declared: the Triton table metric step (explicit codebook, not the last step; no x̂1 buffer when
+    ``x1`` is given; token groups on CUDA), the Triton table path sample and the fused head draw
+    (per-chunk statistics, then the sort). Nothing else allocates scratch through torch: the FSQ and
+    uniform kernels keep none, the native kernels keep host / per-thread scratch of O(threads · K)
+    outside torch (not device memory), and ``linear_ce`` allocates only what it returns (and (1,)
+    scalars).
     """
     name = getattr(func, "name", lambda: "")()
     if name == "ursa::metric_step":
-        backend, x, table, levels, last = args[0], args[3], args[4], args[14], args[15]
-        if backend != "triton" or levels is not None or last:
+        backend, cond, x, table, levels, last, x1 = args[0], args[1], args[3], args[4], args[14], args[15], args[18]
+        if backend != "triton" or levels is not None or last or table is None or table.dim() != 2:
             return None
-        D, K = x.numel(), table.shape[0]
-        return 2 * D * 8 + D * math.ceil(K / _TABLE_BN) * 4, "table metric step: x̂1, moving list, partial sums"
+        device = _plan_device(x)
+        K = cond.shape[-1] if cond is not None else table.shape[0]
+        return _workspaces().table_step_workspace(x.numel(), K, table.shape[1], device, table.dtype,
+                                                  x1_given=x1 is not None,
+                                                  num_sms=PLAN_SMS if device.type == "cuda" else None)
+    if name == "ursa::metric_sample":
+        backend, x1, table, levels = args[0], args[1], args[3], args[5]
+        if backend != "triton" or levels is not None or table.dim() != 2:
+            return None
+        device = _plan_device(x1)
+        return _workspaces().table_sample_workspace(x1.shape[0], table.shape[0], table.shape[1], device, table.dtype,
+                                                    num_sms=PLAN_SMS if device.type == "cuda" else None)
     if name == "ursa::head_draw":
-        return head_draw_scratch(args[0].shape[0], args[1].shape[0]), "head draw: per-chunk max and sum"
+        hidden, weight = args[0], args[1]
+        D, H = hidden.shape
+        nc = _head_chunks(D, weight.shape[0], H, _plan_device(hidden), hidden.dtype)
+        return _workspaces().head_draw_workspace(D, nc)
     return None
+
+
+def workspace_buffers(func, args, kwargs) -> tuple[list[tuple[tuple[int, ...], torch.dtype]], str] | None:
+    """Scratch tensors a launcher allocates and frees inside ``func`` (our ops only), at the call's
+    largest stage, as ``[(shape, dtype), ...]``, and a label: the ``workspace`` callable of
+    :class:`~ursa_engine.memory.LiveBytes` (each counted as a live tensor while the op runs)."""
+    ws = op_workspace(func, args, kwargs)
+    if ws is None or not ws.buffers:
+        return None
+    label = _WS_LABELS[str(func.name()).split("::")[1]]
+    return [(b.shape, b.dtype) for b in ws.peak_stage()], label
+
+
+def workspace_bytes(func, args, kwargs) -> tuple[int, str] | None:
+    """Peak scratch bytes of ``func`` (our ops) and a label: :func:`workspace_buffers` summed."""
+    found = workspace_buffers(func, args, kwargs)
+    if found is None:
+        return None
+    bufs, label = found
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in bufs), label
 
 
 # ----------------------------------------------------------------------------- fused linear cross-entropy

@@ -7,9 +7,11 @@ allocated — with :class:`~.tracker.LiveBytes` counting every live storage from
 Backend choices are those of a CUDA device (:func:`ursa_engine.ops_library.as_gpu`): the Triton
 model ops, the fused head + x̂1 draw and the fused sampler, each a ``torch.library`` custom op whose
 fake allocates what the kernel returns and whose scratch memory is declared
-(:func:`ursa_engine.ops_library.workspace_bytes`). Attention is the fused kind (flash-attn, or
-SDPA's flash / memory-efficient kernels): output and log-sum-exp, no L × L buffer, k / v not
-expanded to the query heads.
+(:func:`ursa_engine.ops_library.workspace_buffers`: the same functions the launchers size their
+scratch with, each buffer counted as a tensor). Attention is the backend
+:func:`ursa_engine.attention.resolve_attention` picks on a CUDA device (:mod:`.attention`):
+flash-attn (GQA native) when importable, else SDPA's fused kernels with k / v expanded to the
+query heads as :func:`ursa_engine.attention.attention` does on CUDA (those bytes counted).
 
 Phases (each figure is live bytes **including** everything resident: the peak
 ``torch.cuda.max_memory_allocated`` would show from an empty device, minus kernel workspaces that
@@ -17,16 +19,23 @@ no op declares — cuBLAS, flash-attn tiles — and the CUDA context):
 
 * ``weights``: the transformer, the tokenizer (encoder and decoder: the engine keeps both) and the
   codebook table on the device;
-* ``inputs``: the loop's static buffers (ids of the 2B rows, tokens, rope tables, seeds);
+* ``inputs``: the loop's static buffers (ids of the 2B rows, tokens, rope tables, seeds, the
+  engine's and the loop state's own buffers);
+* ``step``: the whole loop body (:meth:`~ursa_engine.graphs.LoopState.body`); the phases below
+  are nested in it (reported without the ``step/`` prefix) and what none claims is its own
+  (``own_allocated_bytes``): nothing the step allocates falls outside a phase (``unphased_bytes``);
 * ``activations``: the transformer forward, with ``activations/attention`` (the self-attention
   blocks: q / k / v projection, QK-norm + RoPE, attention, output projection) and
   ``activations/mlp`` nested in it;
-* ``head + sampler``: ``lm_head`` + x̂1 draw and the sampler step, by token range;
+* ``head + sampler``: ``lm_head`` + x̂1 draw and the sampler step, by token range (``lm_head``
+  nested: the chunked head's logits; a top-level ``lm_head``: whole logits of a confidence sampler);
 * ``decode``: the tokenizer's decode of the final tokens (the step's buffers are freed first).
 
 For every phase: its peak, the largest storage created in it and the one with the most elements;
-``dk_buffers`` lists the phases after the weights that created a storage of at least D·K elements
-(D = latent tokens × rows, K = the codebook size): none is the goal of issue 11.
+``dk_tensors`` lists every storage and declared workspace tensor the step created with at least
+n·K elements (n = latent tokens of one sample, K = the codebook size: the logits of one sample in
+one pass, so a whole pass's logits under CFG cannot hide below 2·n·K), ``dk_buffers`` their
+phases: none is the goal of issues 11 and 20.
 """
 
 from __future__ import annotations
@@ -42,9 +51,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..engine import LOGITS_BUDGET
 from ..model import ACTIVATION_BUDGET
+from .attention import attending, planned_attention
 from .tracker import CUDA_GRANULARITY, LiveBytes
 
-PHASES = ("weights", "inputs", "activations", "activations/attention", "activations/mlp", "head + sampler", "decode")
+PHASES = ("weights", "inputs", "step", "activations", "activations/attention", "activations/mlp", "lm_head",
+          "head + sampler", "head + sampler/lm_head", "decode")
 FSQ_LEVELS = (8, 8, 8, 5, 5, 5)  # Cosmos FSQ, K = 64,000 (DESIGN §2.1)
 IBQ_K, IBQ_DIM = 131_072, 256  # IBQ codebook (DESIGN §2.1)
 # URSA's IBQ1024 image tokenizer (as benchmarks/bench_vae.py plans it): stride 16, K = 131,072, m = 256;
@@ -84,8 +95,12 @@ class GenerationPlan:
     peak_tensors: list[dict]
     weight_bytes: dict  # transformer, tokenizer, codebook
     phases: dict  # name -> {"peak_bytes", "start_bytes", "largest", "most_elements"}
-    dk_elements: int  # D·K
-    dk_buffers: list[str]  # phases that created a storage of >= D·K elements (goal: none)
+    dk_elements: int  # n·K: one sample's logits of one pass
+    dk_buffers: list[str]  # phases that created a storage or declared workspace of >= n·K elements (goal: none)
+    dk_tensors: list[dict] = field(default_factory=list)  # those storages / workspace tensors
+    attention_backend: str = ""  # what ursa_engine.attention picks on a CUDA device
+    kv_expansion_bytes: int = 0  # k / v expanded to the query heads by SDPA on CUDA, a layer (counted)
+    unphased_bytes: int = 0  # bytes created outside every phase (0: every allocation is in one)
     granularity: int = CUDA_GRANULARITY
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -117,9 +132,15 @@ class GenerationPlan:
         lines.append(f"{'peak':<24}{_gb(self.peak_bytes):>12}  in {self.peak_phase!r} at {self.peak_op}")
         lines.append(f"weights: transformer {_gb(self.weight_bytes['transformer'])}, tokenizer "
                      f"{_gb(self.weight_bytes['tokenizer'])}, codebook {_gb(self.weight_bytes['codebook'])}")
-        lines.append(f"(D, K) buffers (>= {self.dk_elements:,} elements): "
-                     + (", ".join(self.dk_buffers) if self.dk_buffers else "none"))
+        lines.append(f"(n, K) buffers (>= n·K = {self.dk_elements:,} elements, storages and declared workspaces of "
+                     "the step): " + ("; ".join(f"{t['phase']}: {tuple(t['shape'])} {t['dtype']} ({t['op']})"
+                                               for t in self.dk_tensors) if self.dk_tensors else "none"))
         return "\n".join(lines)
+
+
+def _unstep(phase: str) -> str:
+    """Phase names nested in the loop body's "step" phase, as reported (``step/activations`` -> ``activations``)."""
+    return phase[len("step/"):] if phase.startswith("step/") else phase
 
 
 def _gb(n: int) -> str:
@@ -213,7 +234,8 @@ def plan_generation(preset: str = "ursa-1.7b", latents_shape=(13, 40, 64), *, dt
         with torch.device("meta"):
             tok = tok_spec[0](tok_spec[1]).to(dtype).eval()
     table = path.codebook.normalized if hasattr(path, "codebook") else None
-    mem = LiveBytes(granularity=granularity, workspace=ops_library.workspace_bytes)
+    attn_name, attn_label, attn_expand, attend = planned_attention(model, dtype, rows, L)
+    mem = LiveBytes(granularity=granularity, workspace=ops_library.workspace_buffers, watch=n * K)
     notes = []
     with FakeTensorMode(allow_non_fake_inputs=True), ops_library.as_gpu(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # latent frames left out by the authors' decode tiling: said in the notes
@@ -230,11 +252,11 @@ def plan_generation(preset: str = "ursa-1.7b", latents_shape=(13, 40, 64), *, dt
                 rope = model.rope_tables(latent_positions(prompt_length, (T, H, W)))
                 seeds = torch.zeros(B, dtype=torch.long)
                 k = torch.ones((), dtype=torch.long)  # a graph-style step: index in device memory
-            engine = Engine(model, sched, mode="eager", head=head, logits_budget=logits_budget)
-            opts = {"guidance_scale": 7.0 if cfg else 1.0, "guidance_trunc": 0.9, "temperature": 1.0, "top_k": 0,
-                    "top_p": 1.0}
-            state = LoopState(engine, sched, ids, x, rope, seeds, None, opts, False, n, B)
-            engine.configure(state, rows)
+                engine = Engine(model, sched, mode="eager", head=head, logits_budget=logits_budget)
+                opts = {"guidance_scale": 7.0 if cfg else 1.0, "guidance_trunc": 0.9, "temperature": 1.0,
+                        "top_k": 0, "top_p": 1.0}
+                state = LoopState(engine, sched, ids, x, rope, seeds, None, opts, False, n, B)
+                engine.configure(state, rows)
             fused, backend, head_chunks = state.fused_head, state.backend, len(state.chunks(rows))
             head_step = state._head_step
 
@@ -244,10 +266,15 @@ def plan_generation(preset: str = "ursa-1.7b", latents_shape=(13, 40, 64), *, dt
 
             state._head_step = phased_head_step  # this plan's own state: the phase wraps each token range
             layers = model.model.layers
-            with mem.phase_of([model.model.embed_tokens, *layers, model.model.norm], "activations"), \
+            # the whole loop body is the phase "step": what no nested phase claims (the body's own
+            # buffers, the write-back) is its own; lm_head outside the head step (whole logits) is "lm_head"
+            mem.watching = True
+            with mem.phase("step"), attending(model, attend), \
+                    mem.phase_of([model.model.embed_tokens, *layers, model.model.norm], "activations"), \
                     mem.phase_of([layer.self_attn for layer in layers], "attention"), \
-                    mem.phase_of([layer.mlp for layer in layers], "mlp"):
+                    mem.phase_of([layer.mlp for layer in layers], "mlp"), mem.phase_of([model.lm_head], "lm_head"):
                 state.body(k, rows)
+            mem.watching = False
             del state, engine
             tokens = x.view(B, T, H, W)
             if tok is not None:
@@ -258,13 +285,14 @@ def plan_generation(preset: str = "ursa-1.7b", latents_shape=(13, 40, 64), *, dt
                              + (", IBQ1024 sizes" if kind == "ibq" and root is None else "") + ")")
             del table_dev
     chunks = model.activation_chunks(rows, L, dtype.itemsize) if activation_budget is not None else {}
-    dk = n * rows * K
+    dk = n * K  # one sample's logits of one pass: the check is per pass, not 2·n·K under CFG
     phases = {}
     for key, stats in mem.phases.items():
-        phases[key] = {"peak_bytes": stats.peak, "start_bytes": stats.start, "end_bytes": stats.end,
-                       "largest": stats.largest, "most_elements": stats.most_elements}
-    dk_buffers = [key for key, p in phases.items()  # the weights are the model's own (K·hidden at most)
-                  if key != "weights" and p["most_elements"] is not None and p["most_elements"]["numel"] >= dk]
+        phases[_unstep(key)] = {"peak_bytes": stats.peak, "start_bytes": stats.start, "end_bytes": stats.end,
+                        "largest": stats.largest, "most_elements": stats.most_elements,
+                        "allocated_bytes": stats.allocated, "own_allocated_bytes": stats.own_allocated}
+    dk_tensors = [dict(t, phase=_unstep(t["phase"])) for t in mem.big]
+    dk_buffers = list(dict.fromkeys(t["phase"] for t in dk_tensors))
     weights = {"transformer": sum(_nbytes(p) for p in model.parameters()),
                "tokenizer": sum(_nbytes(p) for p in tok.parameters()) if tok is not None else 0,
                "codebook": _nbytes(table) if table is not None else 0}
@@ -276,9 +304,9 @@ def plan_generation(preset: str = "ursa-1.7b", latents_shape=(13, 40, 64), *, dt
         activation_budget=activation_budget,
         mlp_chunks=len(chunks.get("mlp_chunks") or [0]), qkv_chunks=len(chunks.get("qkv_chunks") or [0]),
         tokenizer=type(tok).__name__ if tok is not None else None,
-        attention="fused (output + log-sum-exp; no L x L buffer; k / v not expanded)",
-        peak_bytes=mem.peak, peak_phase=mem.peak_at["phase"], peak_op=mem.peak_at["op"],
+        attention=attn_label, attention_backend=attn_name, kv_expansion_bytes=attn_expand,
+        peak_bytes=mem.peak, peak_phase=_unstep(mem.peak_at["phase"]), peak_op=mem.peak_at["op"],
         peak_tensors=mem.peak_tensors, weight_bytes=weights, phases=phases, dk_elements=dk, dk_buffers=dk_buffers,
-        granularity=granularity, notes=notes)
+        dk_tensors=dk_tensors, unphased_bytes=mem.unphased, granularity=granularity, notes=notes)
     plan.seconds = time.perf_counter() - t0
     return plan

@@ -25,7 +25,7 @@ The same code on real tensors gives the same figures (tested): the tracker only 
 
 What it does not see: scratch memory that a kernel allocates and frees inside one op (cuDNN /
 cuBLAS workspaces, im2col buffers, a fused attention kernel's tiles) — except where a
-``workspace`` callable declares it (our custom ops: :func:`ursa_engine.ops_library.workspace_bytes`);
+``workspace`` callable declares it (our custom ops: :func:`ursa_engine.ops_library.workspace_buffers`);
 those bytes count as live while the op runs. A fake run follows the
 CPU's op choices: ``scaled_dot_product_attention`` becomes the CPU's fused kernel (output and
 log-sum-exp only, like CUDA's flash / memory-efficient kernels); under
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class PhaseStats:
     allocated: int = 0  # bytes of every storage created in it (freed or not)
     ops: int = 0  # aten ops run in it
     largest: dict | None = None  # the largest storage created in it (bytes): {"bytes", "numel", "op", "shape", ...}
-    most_elements: dict | None = None  # the storage of the most elements created in it (declared workspaces aside)
+    most_elements: dict | None = None  # the storage (or declared workspace tensor) of the most elements created in it
+    own_allocated: int = 0  # bytes created while it was the innermost phase (not in a nested one)
 
 
 @dataclass
@@ -89,9 +91,12 @@ class LiveBytes(TorchDispatchMode):
     granularity : round every storage up to a multiple of this many bytes (1: exact; use
         :data:`CUDA_GRANULARITY` to mirror what ``torch.cuda.memory_allocated`` reports)
     top : how many of the largest live storages to keep at the peak (:attr:`peak_tensors`)
-    workspace : optional ``(func, args, kwargs) -> (bytes, label) | None``: scratch bytes an op
-        allocates and frees inside itself, counted as live while it runs (e.g.
-        :func:`ursa_engine.ops_library.workspace_bytes` for our custom ops)
+    workspace : optional ``(func, args, kwargs) -> (buffers, label) | None``: scratch an op allocates
+        and frees inside itself, counted as live while it runs; ``buffers`` a list of ``(shape, dtype)``
+        (each booked like a storage: phase records, ``watch``) or a number of bytes (e.g.
+        :func:`ursa_engine.ops_library.workspace_buffers` for our custom ops)
+    watch : optional element count: while :attr:`watching`, every storage or declared workspace
+        tensor of at least this many elements is listed in :attr:`big` (the (n, K) checks)
 
     Attributes
     ----------
@@ -101,11 +106,15 @@ class LiveBytes(TorchDispatchMode):
     peak_tensors : the largest storages live at the peak: ``{"bytes", "op", "shape", "dtype", "phase", "module"}``
     allocated : bytes of every storage created (the traffic a run must at least write)
     phases : :class:`PhaseStats` per phase name (nested phases are named ``outer/inner``)
+    unphased : bytes of storages created while no phase was open
+    big : descriptions of the watched storages (see ``watch``)
     """
 
-    def __init__(self, *, granularity: int = 1, top: int = 8, workspace=None):
+    def __init__(self, *, granularity: int = 1, top: int = 8, workspace=None, watch: int | None = None):
         super().__init__()
         self.workspace = workspace
+        self.watch, self.watching, self.big = (None if watch is None else int(watch)), False, []
+        self.unphased = 0  # bytes of storages created while no phase was open
         if int(granularity) < 1:
             raise ValueError(f"granularity: expected a positive number of bytes, got {granularity!r}")
         self.granularity = int(granularity)
@@ -187,13 +196,14 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         scratch = self.workspace(func, args, kwargs) if self.workspace is not None else None
-        if scratch:
-            with self._scratch(func, *scratch):
-                out = func(*args, **kwargs)
-        else:
+        with self._scratch(func, *scratch) if scratch else contextlib.nullcontext():
             out = func(*args, **kwargs)
-        if func in _CONSTANTS:
-            return out
+            if func in _CONSTANTS:
+                return out
+            self._outputs(func, args, kwargs, out)  # the outputs exist while the scratch does
+        return out
+
+    def _outputs(self, func, args, kwargs, out) -> None:
         held = {_key(s) for s in map(_storage, tree_leaves((args, kwargs))) if s is not None}
         for stats in self._active():
             stats.ops += 1
@@ -210,7 +220,6 @@ class LiveBytes(TorchDispatchMode):
                     self._add(grown, func, entry)
             elif key not in held:  # a new storage (not an input's: not a view, in-place or out= result)
                 self._track(st, key, leaf, func)
-        return out
 
     def _track(self, st, key: int, tensor: torch.Tensor, func) -> None:
         nbytes = self._round(st.nbytes())
@@ -225,31 +234,56 @@ class LiveBytes(TorchDispatchMode):
                          numel=int(st.nbytes()) // max(tensor.element_size(), 1))
         self._live[key] = entry
         self.allocated += nbytes
-        for stats in self._active():
-            stats.allocated += nbytes
-            if stats.largest is None or nbytes > stats.largest["bytes"]:
+        self._created(entry)
+        self._add(nbytes, func, entry)
+
+    def _created(self, entry: _Storage) -> None:
+        """Book a new storage or declared workspace tensor: phase records and the ``watch`` list."""
+        active = self._active()
+        if not active:
+            self.unphased += entry.nbytes
+        else:
+            active[-1].own_allocated += entry.nbytes
+        for stats in active:
+            stats.allocated += entry.nbytes
+            if stats.largest is None or entry.nbytes > stats.largest["bytes"]:
                 stats.largest = entry.describe()
             if stats.most_elements is None or entry.numel > stats.most_elements["numel"]:
                 stats.most_elements = entry.describe()
-        self._add(nbytes, func, entry)
+        if self.watch is not None and self.watching and entry.numel >= self.watch:
+            self.big.append(entry.describe())
 
     @contextlib.contextmanager
-    def _scratch(self, func, nbytes: int, label: str) -> Iterator[None]:
-        """Declared scratch bytes of one op: live while it runs (a pseudo storage, no elements)."""
-        nbytes = self._round(nbytes)
-        entry = _Storage(nbytes, f"{_op_name(func)} workspace: {label}", (), "workspace", self.phase_name,
-                         self._modules[-1] if self._modules else None, None)
-        key = -id(entry)  # never a storage address
-        self._live[key] = entry
-        for stats in self._active():
-            if stats.largest is None or nbytes > stats.largest["bytes"]:
-                stats.largest = entry.describe()
-        self._add(nbytes, func, entry)
+    def _scratch(self, func, spec, label: str) -> Iterator[None]:
+        """Declared scratch of one op, live while it runs: ``spec`` is a list of ``(shape, dtype)``
+        (each a pseudo storage with its elements, booked like a storage: phase records, ``watch``)
+        or a number of bytes (one pseudo storage without elements)."""
+        if isinstance(spec, int | float):
+            specs = [((), None, self._round(spec))]
+        else:
+            specs = []
+            for shape, dtype in spec:
+                numel = math.prod(int(d) for d in shape)
+                specs.append((tuple(int(d) for d in shape), dtype, self._round(numel * dtype.itemsize)))
+        keys, total = [], 0
         try:
+            for shape, dtype, nbytes in specs:
+                entry = _Storage(nbytes, f"{_op_name(func)} workspace: {label}", shape,
+                                 "workspace" if dtype is None else str(dtype).replace("torch.", ""), self.phase_name,
+                                 self._modules[-1] if self._modules else None, None,
+                                 numel=0 if dtype is None else math.prod(shape))
+                key = -id(entry)  # never a storage address
+                self._live[key] = entry
+                keys.append(key)
+                total += nbytes
+                self.allocated += nbytes
+                self._created(entry)
+                self._add(nbytes, func, entry)
             yield
         finally:
-            self._live.pop(key, None)
-            self.current -= nbytes
+            for key in keys:
+                self._live.pop(key, None)
+            self.current -= total
 
     def _add(self, nbytes: int, func, entry: _Storage) -> None:
         self.current += nbytes

@@ -6,11 +6,12 @@ mixed-precision AdamW update — on ``FakeTensorMode`` tensors, weights included
 :class:`~.tracker.LiveBytes` counting every live storage. Backend choices are those of a CUDA
 device (:func:`ursa_engine.ops_library.as_gpu`): the loss runs whatever its ``backend="auto"``
 picks there (the fused linear cross-entropy custom op where registered, whose fake allocates what
-the kernel returns and whose scratch is declared by :func:`ursa_engine.ops_library.workspace_bytes`;
+the kernel returns and whose scratch is declared by :func:`ursa_engine.ops_library.workspace_buffers`;
 else the chunked torch twin); the model's norm / RoPE / SwiGLU run in plain torch (``LatentLoss``'s
-``ops_backend`` for training); attention is the fused kind (output and log-sum-exp saved for the
-backward, no L × L buffer, k / v not expanded: flash-attn; SDPA on CUDA expands k / v, which this
-plan does not count).
+``ops_backend`` for training); attention is what :func:`ursa_engine.attention.resolve_attention`
+picks on a CUDA device (:mod:`.attention`): flash-attn (GQA native) when importable, else SDPA's
+fused kernels (output and log-sum-exp saved for the backward, no L × L buffer) with k / v expanded
+to the query heads as on CUDA, those bytes counted (and saved for the backward).
 
 What one step is (the steady state, step ≥ 2 of a loop):
 
@@ -30,10 +31,10 @@ What one step is (the steady state, step ≥ 2 of a loop):
 
 The **(n, K) check**: n = latent tokens of one sample, K = the codebook size; every storage
 created by the step (forward, loss, backward, optimizer; not the resident weights and states) of
-n·K elements or more is listed in ``nk_buffers``, and so is every declared kernel workspace of
-2·n·K bytes or more (as many bf16 elements). Issue 18's goal: none. The check cannot tell logits
-from a parameter's gradient when a parameter has n·K elements or more (tiny models only): the plan
-says so in its notes.
+n·K elements or more is listed in ``nk_buffers``, and so is every declared kernel workspace tensor
+of n·K elements or more (:func:`ursa_engine.ops_library.workspace_buffers`). Issue 18's goal: none.
+The check cannot tell logits from a parameter's gradient when a parameter has n·K elements or
+more (tiny models only): the plan says so in its notes.
 
 Figures are live bytes as ``torch.cuda.memory_allocated`` would count them (blocks of 512 bytes),
 minus kernel scratch no op declares (cuBLAS, flash-attn tiles) and the CUDA context.
@@ -54,6 +55,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from .attention import attending, planned_attention
 from .tracker import CUDA_GRANULARITY, LiveBytes
 
 STEP_PHASES = ("forward", "loss", "backward", "optimizer")
@@ -162,6 +164,8 @@ class TrainingPlan:
     granularity: int = CUDA_GRANULARITY
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    attention_backend: str = ""  # what ursa_engine.attention picks on a CUDA device
+    kv_expansion_bytes: int = 0  # k / v expanded to the query heads by SDPA on CUDA, a layer (counted)
 
     @property
     def has_nk_buffer(self) -> bool:
@@ -207,32 +211,17 @@ class TrainingPlan:
 
 
 class _StepBytes(LiveBytes):
-    """LiveBytes that also lists every storage of ``watch`` elements or more (and every declared
-    workspace of 2·watch bytes or more) created while :attr:`watching`, and the ``ursa`` custom ops
-    run in each top-level phase."""
+    """LiveBytes (watching storages and declared workspace tensors of ``watch`` elements or more)
+    that also lists the ``ursa`` custom ops run in each top-level phase."""
 
-    def __init__(self, *, watch: int, **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.watch, self.watching, self.big, self.custom_ops = int(watch), False, [], {}
+        self.custom_ops = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if getattr(func, "namespace", None) == "ursa":
             self.custom_ops.setdefault(self._phases[0] if self._phases else "", set()).add(str(func.name()))
         return super().__torch_dispatch__(func, types, args, kwargs)
-
-    def _track(self, st, key, tensor, func) -> None:
-        super()._track(st, key, tensor, func)
-        entry = self._live[key]
-        if self.watching and entry.numel >= self.watch:
-            self.big.append(entry.describe())
-
-    @contextlib.contextmanager
-    def _scratch(self, func, nbytes: int, label: str) -> Iterator[None]:
-        if self.watching and nbytes >= 2 * self.watch:
-            self.big.append({"bytes": int(nbytes), "numel": int(nbytes) // 2, "op": f"{func} workspace: {label}",
-                             "shape": [], "dtype": "workspace", "phase": self.phase_name, "module": None})
-        with super()._scratch(func, nbytes, label):
-            yield
 
 
 def _cpu_flash(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -317,7 +306,8 @@ def plan_training_step(config="ursa-1.7b", latents_shape=(13, 40, 64), *, batch:
     master = bool(optimizer) and (dtype != torch.float32 if master_weights is None else bool(master_weights))
     model = URSATransformer(cfg, dtype=dtype, device="meta")
     model.gradient_checkpointing = bool(checkpointing)
-    mem = _StepBytes(watch=n * K, granularity=granularity, workspace=ops_library.workspace_bytes)
+    attn_name, attn_label, attn_expand, attend = planned_attention(model, dtype, B, L, "cuda" if gpu else "cpu")
+    mem = _StepBytes(watch=n * K, granularity=granularity, workspace=ops_library.workspace_buffers)
     notes: list[str] = []
     placement = ops_library.as_gpu() if gpu else contextlib.nullcontext()
     with FakeTensorMode(allow_non_fake_inputs=True), placement, _values_unchecked():
@@ -335,7 +325,7 @@ def plan_training_step(config="ursa-1.7b", latents_shape=(13, 40, 64), *, batch:
                 x1 = torch.zeros((B, T, H, W), dtype=torch.long)
             mem.watching = True
             layers = model.model.layers
-            with mem.phase_of([layer.self_attn for layer in layers], "attention"), \
+            with attending(model, attend), mem.phase_of([layer.self_attn for layer in layers], "attention"), \
                     mem.phase_of([layer.mlp for layer in layers], "mlp"), _phase_switch(mem) as switch:
                 switch("forward")
                 hook = model.model.norm.register_forward_hook(lambda *args: switch("loss"))
@@ -380,7 +370,7 @@ def plan_training_step(config="ursa-1.7b", latents_shape=(13, 40, 64), *, batch:
         latents_shape=[T, H, W], batch=B, prompt_length=prompt_length, seq_len=L, latent_tokens=n, codebook_size=K,
         dtype=str(dtype).replace("torch.", ""), checkpointing=bool(checkpointing), optimizer=optimizer,
         master_weights=master, loss=loss_name,
-        attention="fused (output + log-sum-exp saved; no L x L buffer; k / v not expanded)",
+        attention=attn_label, attention_backend=attn_name, kv_expansion_bytes=attn_expand,
         peak_bytes=mem.peak, peak_above_resident_bytes=mem.peak - resident, resident_bytes=resident,
         peak_phase=mem.peak_at["phase"].split("/")[0], peak_at=dict(mem.peak_at), peak_tensors=mem.peak_tensors,
         weight_bytes=sum(_nbytes(p) for p in model.parameters()), gradient_bytes=grads,
