@@ -248,3 +248,10 @@ def test_legacy_non_zip_torch_file(root, tuned, tmp_path):
     path = tmp_path / "legacy.pth"
     torch.save(_published(tuned), path, _use_new_zipfile_serialization=False)
     _assert_same_model(ue.Engine.from_pretrained(root, device="cpu", transformer_weights=path).model, tuned)
+
+
+def test_serve_names_the_flag_of_a_bad_overlay(root, tuned, tmp_path, capsys):
+    bad = _write({k: v for k, v in _published(tuned).items() if k != "lm_head.weight"}, tmp_path / "bad.bin")
+    assert main(["serve", str(root), "--device", "cpu", "--transformer-weights", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ursa-engine: error: --transformer-weights: ") and "lm_head.weight" in err

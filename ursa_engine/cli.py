@@ -272,6 +272,8 @@ def _serve(args) -> int:
             raise UsageError(f"--{err}") from None
         if str(err).startswith(("path:", "lora:", "name:")):  # an adapter of --lora that does not apply
             raise UsageError(f"--lora: {one_line(err).split(': ', 1)[1]}") from None
+        if str(err).startswith("transformer_weights:"):  # the overlay's keys or file (one line, the flag's name)
+            raise UsageError("--transformer-weights:" + one_line(err)[len("transformer_weights:"):]) from None
         raise
     return 0
 
