@@ -327,3 +327,20 @@ def test_corrupt_adapter_files_are_one_adapter_error(tmp_path, damage):
         (folder / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(AdapterError, match=str(folder)):
         read_adapter(folder, CFG)
+
+
+def test_pipeline_lora_errors_name_the_diffusers_arguments_and_fuse_checks_first(tmp_path):
+    from roots import write_tiny_root
+
+    root = write_tiny_root(tmp_path / "root", with_vae=False, seed=0)
+    pipe = ue.URSAPipeline.from_pretrained(str(root), device="cpu")
+    _, folder = peft_adapter(pipe.transformer, tmp_path / "a", targets=("q_proj",))
+    with pytest.raises(ValueError, match="weight_name"):
+        pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
+    pipe.load_lora_weights(str(folder), adapter_name="s")
+    with pytest.raises(ValueError, match="^adapter_name:"):
+        pipe.load_lora_weights(str(folder), adapter_name="s")
+    before = pipe.transformer.model.layers[0].self_attn.qkv_proj.weight.clone()
+    with pytest.raises(ValueError, match="adapter_names"):
+        pipe.fuse_lora(0.5, adapter_names=["s", "zz"])
+    assert torch.equal(pipe.transformer.model.layers[0].self_attn.qkv_proj.weight, before)  # nothing half-merged

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -159,9 +160,22 @@ class URSAPipeline:
                           **kwargs) -> None:
         """Load a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) into the
         transformer: :meth:`Engine.load_lora` at scale 1, merged into the weights at once (diffusers keeps
-        it unfused until :meth:`fuse_lora`; here it costs nothing per step either way). Other keywords
-        are ignored."""
-        self.engine.load_lora(pretrained_model_name_or_path_or_dict, 1.0, adapter_name)
+        it unfused until :meth:`fuse_lora`; here it costs nothing per step either way). ``weight_name``
+        other than PEFT's own file names is refused (a different file than asked would load); other
+        keywords are ignored. Errors name the diffusers arguments."""
+        weight_name = kwargs.get("weight_name")
+        if weight_name is not None and Path(str(weight_name)).name not in ("adapter_model.safetensors",
+                                                                           "adapter_model.bin"):
+            raise ValueError(f"weight_name: only a PEFT folder's adapter_model.safetensors / .bin is read, got "
+                             f"{weight_name!r}")
+        try:
+            self.engine.load_lora(pretrained_model_name_or_path_or_dict, 1.0, adapter_name)
+        except ValueError as err:  # the engine names its own parameters: say the pipeline's
+            msg = str(err)
+            for ours, theirs in (("path:", "pretrained_model_name_or_path_or_dict:"), ("name:", "adapter_name:")):
+                if msg.startswith(ours):
+                    raise type(err)(theirs + msg[len(ours):]) from None
+            raise
 
     def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None, **kwargs) -> None:
         """Merge the loaded adapters (``adapter_names``, default all) at ``lora_scale``: the weights
@@ -169,7 +183,13 @@ class URSAPipeline:
         merged = getattr(self.engine, "_merged_loras", None)
         if merged is None or not merged.loaded:
             raise ValueError("fuse_lora: no LoRA is loaded (call load_lora_weights first)")
-        for name in adapter_names or merged.names:
+        names = list(adapter_names or merged.names)
+        unknown = [n for n in names if n not in merged.names]
+        if unknown:  # checked before any weight changes: nothing half-merged
+            raise ValueError(f"adapter_names: {unknown} are not loaded (loaded: {list(merged.names)})")
+        if not isinstance(lora_scale, (int, float)) or isinstance(lora_scale, bool) or lora_scale != lora_scale:
+            raise ValueError(f"lora_scale: expected a number, got {lora_scale!r}")
+        for name in names:
             merged.set_scale(lora_scale, name)
 
     def unload_lora_weights(self) -> None:
