@@ -143,6 +143,11 @@ def _unstep(phase: str) -> str:
     return phase[len("step/"):] if phase.startswith("step/") else phase
 
 
+def _unstepped(record: dict | None) -> dict | None:
+    """A storage record with its phase named as reported (:func:`_unstep`)."""
+    return None if record is None else dict(record, phase=_unstep(record["phase"]))
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB"
 
@@ -289,9 +294,9 @@ def plan_generation(preset: str = "ursa-1.7b", latents_shape=(13, 40, 64), *, dt
     phases = {}
     for key, stats in mem.phases.items():
         phases[_unstep(key)] = {"peak_bytes": stats.peak, "start_bytes": stats.start, "end_bytes": stats.end,
-                        "largest": stats.largest, "most_elements": stats.most_elements,
+                                "largest": _unstepped(stats.largest), "most_elements": _unstepped(stats.most_elements),
                         "allocated_bytes": stats.allocated, "own_allocated_bytes": stats.own_allocated}
-    dk_tensors = [dict(t, phase=_unstep(t["phase"])) for t in mem.big]
+    dk_tensors = [_unstepped(t) for t in mem.big]
     dk_buffers = list(dict.fromkeys(t["phase"] for t in dk_tensors))
     weights = {"transformer": sum(_nbytes(p) for p in model.parameters()),
                "tokenizer": sum(_nbytes(p) for p in tok.parameters()) if tok is not None else 0,
@@ -306,7 +311,8 @@ def plan_generation(preset: str = "ursa-1.7b", latents_shape=(13, 40, 64), *, dt
         tokenizer=type(tok).__name__ if tok is not None else None,
         attention=attn_label, attention_backend=attn_name, kv_expansion_bytes=attn_expand,
         peak_bytes=mem.peak, peak_phase=_unstep(mem.peak_at["phase"]), peak_op=mem.peak_at["op"],
-        peak_tensors=mem.peak_tensors, weight_bytes=weights, phases=phases, dk_elements=dk, dk_buffers=dk_buffers,
+        peak_tensors=[_unstepped(t) for t in mem.peak_tensors], weight_bytes=weights, phases=phases, dk_elements=dk,
+        dk_buffers=dk_buffers,
         dk_tensors=dk_tensors, unphased_bytes=mem.unphased, granularity=granularity, notes=notes)
     plan.seconds = time.perf_counter() - t0
     return plan
