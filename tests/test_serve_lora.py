@@ -220,18 +220,23 @@ def test_engine_graphs_do_not_go_stale_when_adapters_merge(setup):
 
 
 def test_serve_command_lora_flags(setup, monkeypatch, capsys):
-    """``ursa-engine serve --lora NAME=PATH --lora PATH:SCALE``: per-request and merged adapters (uvicorn stubbed)."""
-    uvicorn = pytest.importorskip("uvicorn")
+    """``ursa-engine serve --lora NAME=PATH --lora PATH:SCALE``: per-request and merged adapters (the HTTP server
+    stubbed)."""
+    pytest.importorskip("uvicorn")
+    from types import SimpleNamespace
+
     from ursa_engine.cli import main
+    from ursa_engine.serve import app as app_module
 
     _, folders = setup
     seen = {}
 
-    def fake_run(app, **kw):
-        seen["loras"] = app.state.batcher.loras.names
-        seen["merged"] = app.state.served.engine.loras
+    def fake_server(config, batcher, drain_seconds):
+        seen["loras"] = config.app.state.batcher.loras.names
+        seen["merged"] = config.app.state.served.engine.loras
+        return SimpleNamespace(run=lambda: None)
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(app_module, "draining_server", fake_server)
     assert main(["serve", "--lora", f"anime={folders['a']}", "--lora", f"{folders['b']}:0.5"]) == 0
     assert seen == {"loras": ["anime"], "merged": {"b": 0.5}}
     assert main(["serve", "--lora", f"x={folders['a']}", "--lora", f"x={folders['b']}"]) == 2

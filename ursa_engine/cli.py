@@ -203,6 +203,9 @@ example:
     srv.add_argument("--graphs", action="store_true",
                      help="CUDA graphs per (rows, shape) bucket (CUDA engines only: an error on the CPU)")
     srv.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
+    srv.add_argument("--drain-seconds", type=float, default=30.0,
+                     help="on SIGTERM / Ctrl-C: new requests get 503, the accepted ones get this long to finish, "
+                          "then are cancelled with a notice; exit 0 (default 30; a second signal stops at once)")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]",
                      help="a PEFT LoRA adapter folder, repeatable: PATH[:SCALE] is merged into the served model (every "
@@ -233,6 +236,8 @@ def _add_checkpoint_flags(parser) -> None:
 def _serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port: expected 0..65535, got {args.port}")
+    if not 0 <= args.drain_seconds < float("inf"):
+        raise UsageError(f"--drain-seconds: expected seconds >= 0, got {args.drain_seconds}")
     for name in ("max_rows", "max_queue", "max_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
@@ -263,7 +268,7 @@ def _serve(args) -> int:
               max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, policy=args.policy, device=args.device,
               loras=_lora_specs(args.lora, named=True),
               graphs=args.graphs, log_level=args.log_level, transformer_weights=args.transformer_weights,
-              revision=args.revision)
+              revision=args.revision, drain_seconds=args.drain_seconds)
     except HubError as err:  # a hub id ROOT that cannot be resolved (nothing loaded yet)
         msg = one_line(err)
         raise UsageError("ROOT: " + msg[len("root: "):] if msg.startswith("root: ") else msg) from None

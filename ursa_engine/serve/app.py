@@ -44,7 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .batcher import DEFAULT_MAX_TOKENS, Batcher, Cancelled, GenerationRequest, Job, QueueFull
+from .batcher import DEFAULT_MAX_TOKENS, Batcher, Cancelled, Draining, GenerationRequest, Job, QueueFull
 from .models import ServedModel
 
 TERMINAL = ("done", "cancelled", "failed")
@@ -168,6 +168,9 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
             batcher.check_queue()  # 429 before tokenizing and allocating
             job = await run_in_threadpool(prepare, body)
             return batcher.submit(job)
+        except Draining as err:  # SIGTERM / Ctrl-C: the accepted jobs drain, new ones go elsewhere
+            return error(503, str(err), None, "server_shutting_down",
+                         {"Retry-After": str(batcher.retry_after()), **(rid or {})})
         except QueueFull as err:
             return error(429, str(err), None, "rate_limit_error", {"Retry-After": "1", **(rid or {})})
         except ValueError as err:
@@ -266,8 +269,9 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        alive = batcher.alive
-        body = {"status": "ok" if alive else "error", "worker_alive": alive, "model": served.name,
+        alive = batcher.alive and not batcher.draining  # a draining server sends new clients elsewhere
+        state = "ok" if alive else "draining" if batcher.draining else "error"
+        body = {"status": state, "worker_alive": batcher.alive, "model": served.name,
                 "device": str(served.engine.device), "policy": batcher.policy, "max_rows": batcher.max_rows,
                 "max_queue": batcher.max_queue, "max_tokens": batcher.max_tokens,
                 "uptime_s": round(time.time() - started, 1), "loras": batcher.loras.names,
@@ -307,10 +311,50 @@ def prometheus(batcher: Batcher, model: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def draining_server(config, batcher: Batcher, drain_seconds: float = 30.0):
+    """A ``uvicorn.Server`` whose SIGTERM / SIGINT drains the batcher before uvicorn shuts down.
+
+    uvicorn's own handler would close the listening socket at once and re-raise the signal after
+    shutdown (exit status -15 / 130). Here the first signal starts :meth:`Batcher.drain` in a thread:
+    the socket stays open so that new requests get a clear 503 + ``Retry-After`` (``/health`` says
+    "draining"), the accepted jobs finish or are cancelled with a notice within ``drain_seconds``,
+    then uvicorn's graceful shutdown runs (open responses complete) and ``run`` returns: exit 0.
+    A second signal skips the wait (the jobs are cancelled with a notice by :meth:`Batcher.stop`).
+    """
+    import logging
+    import threading
+
+    import uvicorn
+
+    log = logging.getLogger("uvicorn.error")
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # the signal is not re-raised after shutdown: exit 0
+            if self.should_exit or getattr(self, "drain_thread", None) is not None:
+                log.warning("second signal: stopping now; unfinished requests are cancelled")
+                threading.Thread(target=batcher.stop, daemon=True).start()
+                self.should_exit = True
+                return
+            self.drain_thread = threading.Thread(target=self._drain, name="ursa-drain", daemon=True)
+            self.drain_thread.start()
+
+        def _drain(self) -> None:
+            try:  # logging here, not in the signal handler (which may interrupt a thread holding a logging lock)
+                s = batcher.stats()
+                log.info("shutting down: draining %d queued and %d running request(s) for up to %g s (signal again "
+                         "to stop now)", s["queued"], s["running"], drain_seconds)
+                counts = batcher.drain(drain_seconds)
+                log.info("drained: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
+            finally:
+                self.should_exit = True
+
+    return _Server(config)
+
+
 def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16, max_queue: int = 64,
           max_tokens: int = DEFAULT_MAX_TOKENS, policy: str = "continuous", device=None, graphs: bool = False,
           log_level: str = "info", transformer_weights=None, revision: str | None = None,
-          loras: list | None = None) -> None:
+          loras: list | None = None, drain_seconds: float = 30.0) -> None:
     """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted.
 
     ``root`` may be a hub id ``org/name`` (``revision``; :func:`ursa_engine.hub.resolve_root`, served
@@ -318,7 +362,15 @@ def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int
     (:meth:`Engine.from_pretrained`). ``graphs``: CUDA graphs per (rows, shape) bucket (:mod:`.graphs`);
     a ValueError on a CPU engine. ``loras``: ``(name, path, scale)`` triples: name None merges the
     adapter into the served model (every request); a name registers it for the requests that ask
-    ``"lora": name`` (applied unmerged to their rows, on top of the merged ones; DESIGN §9)."""
+    ``"lora": name`` (applied unmerged to their rows, on top of the merged ones; DESIGN §9).
+
+    SIGTERM or Ctrl-C drains (:func:`draining_server`): new requests get 503 + ``Retry-After``, the
+    accepted ones run to their end for up to ``drain_seconds`` and are then cancelled with a notice
+    (their streams end with ``event: cancelled``), and the process exits 0. A second signal stops at
+    once (what still runs is cancelled with a notice).
+
+    ``limits``: API keys and request limits (:class:`~ursa_engine.serve.security.Limits`); binding
+    off loopback without a key prints a warning line to stderr first."""
     from pathlib import Path
 
     import uvicorn
@@ -350,6 +402,7 @@ def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int
     batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, max_tokens=max_tokens, policy=policy,
                       graphs=graphs, loras=per_request).start()
     try:
-        uvicorn.run(create_app(served, batcher), host=host, port=port, log_level=log_level)
+        config = uvicorn.Config(create_app(served, batcher), host=host, port=port, log_level=log_level)
+        draining_server(config, batcher, drain_seconds).run()
     finally:
         batcher.stop()

@@ -45,7 +45,7 @@ from .. import _validate
 from ..model import latent_positions, sequence_ids, token_chunks
 from ..paths import MetricPath
 from ..rowwise import guided_steps
-from .jobs import Cancelled, GenerationRequest, Job, Metrics, QueueFull, rep, row_groups, step_key
+from .jobs import Cancelled, Draining, GenerationRequest, Job, Metrics, QueueFull, rep, row_groups, step_key
 
 POLICIES = ("continuous", "static", "sequential")
 URSA_VIDEO_TOKENS = 13 * 40 * 64  # the latent grid of an URSA 49-frame 320x512 video
@@ -53,7 +53,7 @@ DEFAULT_MAX_TOKENS = 4 * URSA_VIDEO_TOKENS  # a guided pair of such videos: 4 ro
 RECENT_JOBS = 128  # finished jobs GET can still report
 ROPE_CACHE = 8  # (prompt length, shape) rope tables kept
 
-__all__ = ["POLICIES", "Batcher", "Cancelled", "GenerationRequest", "Job", "QueueFull"]
+__all__ = ["POLICIES", "Batcher", "Cancelled", "Draining", "GenerationRequest", "Job", "QueueFull"]
 
 
 class Batcher:
@@ -95,6 +95,7 @@ class Batcher:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._draining: float | None = None  # the drain's deadline (time.monotonic()) once drain() began
         self._rope: OrderedDict = OrderedDict()
         self._turn = itertools.count()
         from ..adapters import RowAdapters
@@ -125,6 +126,51 @@ class Batcher:
             self._thread.join(timeout)
             if not self._thread.is_alive():  # else keep it: a later start() must not run a second worker
                 self._thread = None
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` began: new requests are refused with :class:`Draining`."""
+        return self._draining is not None
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the drain's time left (at least 1)."""
+        left = 0.0 if self._draining is None else self._draining - time.monotonic()
+        return max(1, math.ceil(left))
+
+    def drain(self, grace: float = 30.0, *, settle: float = 10.0) -> dict:
+        """Stop admitting, let the accepted jobs (queued and running) finish within ``grace`` seconds,
+        then cancel the rest with a notice (their rows leave at the next step boundary; ``settle``
+        seconds more for that step to end, after which :meth:`stop` ends what is left, with the same
+        kind of notice). Returns ``{"done", "failed", "cancelled"}``: how the jobs pending at the
+        start of the drain ended (a job ends exactly once: :meth:`_finish`)."""
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+            raise ValueError(f"grace: expected seconds >= 0, got {grace!r}")
+        with self._lock:
+            self._draining = time.monotonic() + grace
+            pending = list(self._queue) + list(self._running)
+            self._lock.notify_all()
+
+            def busy() -> bool:
+                return bool(self._queue or self._running) and self.alive
+
+            self._lock.wait_for(lambda: not busy(), timeout=grace)
+            if busy():
+                notice = (f"the server is shutting down: not finished within its {grace:g} s drain "
+                          "(--drain-seconds); resubmit it")
+                for job in list(self._queue):
+                    self._queue.remove(job)
+                    self._finish(job, "cancelled", Cancelled(notice))
+                for job in self._running:
+                    job.cancel_requested, job.cancel_reason = True, notice
+                self._lock.notify_all()
+                self._lock.wait_for(lambda: not busy(), timeout=settle)
+        if self._queue or self._running:
+            self.stop()
+        counts = {"done": 0, "failed": 0, "cancelled": 0}
+        for job in pending:
+            if job.status in counts:
+                counts[job.status] += 1
+        return counts
 
     @property
     def alive(self) -> bool:
@@ -168,6 +214,9 @@ class Batcher:
         """Raise :class:`QueueFull` now when the queue is full (cheap, before preparing a request;
         :meth:`submit` checks again)."""
         with self._lock:
+            if self._draining is not None:
+                raise Draining(f"the server is shutting down: it takes no new request; retry in {self.retry_after()} s "
+                               "(on a restarted server)")
             if len(self._queue) >= self.max_queue:
                 self.metrics.rejected += 1
                 raise QueueFull(f"queue full: {len(self._queue)} requests waiting (limit {self.max_queue}); "
@@ -301,7 +350,7 @@ class Batcher:
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._running if j.cancel_requested]:
             self._running.remove(job)
-            self._finish(job, "cancelled")
+            self._finish(job, "cancelled", Cancelled(job.cancel_reason) if job.cancel_reason else None)
 
     def _admit(self) -> list[Job]:
         """Move queued jobs into the running set (policy, budgets); return the jobs of this step's shape.
@@ -335,6 +384,11 @@ class Batcher:
         return [j for j in self._running if j.shape == shape]
 
     def _finish(self, job: Job, status: str, error: BaseException | None = None) -> None:
+        """End a job (under the lock): its future, its last event, the counters; a job ends once."""
+        if job.status in ("done", "failed", "cancelled"):
+            self.metrics.ended_twice += 1  # never expected: counted so that tests can see it
+            return
+        self._lock.notify_all()  # drain() waits for the pending jobs to end
         job.status, job.t_done = status, time.perf_counter()
         if status == "done":
             self.metrics.served += 1

@@ -18,6 +18,10 @@ class Cancelled(RuntimeError):
     """The request was cancelled (DELETE, client disconnect or shutdown)."""
 
 
+class Draining(RuntimeError):
+    """The server is shutting down: it admits no new request (HTTP 503 + ``Retry-After``)."""
+
+
 @dataclass
 class GenerationRequest:
     """What one request asks for: ``n`` samples of one prompt (prompt ids already encoded).
@@ -64,6 +68,7 @@ class Job:
     t_start: float | None = None
     t_done: float | None = None
     cancel_requested: bool = False
+    cancel_reason: str | None = None  # the notice of a cancel by the server (drain), else a plain cancel
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -117,6 +122,7 @@ class Metrics:
         self.rejected = 0
         self.max_rows_seen = 0
         self.loop_errors = 0  # iterations of the loop that raised outside a step (their jobs failed)
+        self.ended_twice = 0  # _finish calls on a job that had already ended (a bug if ever non-zero)
 
 
 def rep(values: list, reps: list[int]) -> list:
