@@ -7,6 +7,7 @@ runtime turns them off inside captured steps with ``validate=False``.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -146,14 +147,24 @@ def filtering(top_k, top_p, K: int) -> tuple[int, float]:
 
 def latents_shape(shape) -> tuple[int, int, int]:
     """(T, H, W) of positive sizes from (T, H, W) or (H, W) (an image, T = 1)."""
-    out = tuple(int(s) for s in shape)
+    try:  # ints only (operator.index): 2.5 or "3" would silently become another grid
+        out = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"latents_shape: expected (T, H, W) or (H, W) of positive ints, got {shape!r}") from None
     out = (1, *out) if len(out) == 2 else out
     if len(out) != 3 or min(out) < 1:
         raise ValueError(f"latents_shape: expected (T, H, W) or (H, W) of positive sizes, got {shape}")
     return out
 
 
+MAX_PROMPT_LENGTH = 32768  # the text encoder's positions (Qwen3: 32k); URSA itself uses 320
+
+
 def prompt_length(length) -> int:
+    """An int in [0, MAX_PROMPT_LENGTH]: a larger one would allocate (B, length) activations and attention
+    before anything else could refuse it (issue 20: a fuzzed 10^7 was an out-of-memory kill)."""
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise ValueError(f"prompt_length: expected an int >= 0, got {length!r}")
+    if length > MAX_PROMPT_LENGTH:
+        raise ValueError(f"prompt_length: at most {MAX_PROMPT_LENGTH} ids, got {length}")
     return length

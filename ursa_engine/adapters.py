@@ -185,14 +185,29 @@ class LoRAWeights:
                 "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None, "task_type": None}
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` to ``folder``."""
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` to ``folder``.
+
+        Each file is written to a temporary file in ``folder`` and renamed over its name (weights
+        first, config last): a failed or interrupted save leaves no half-written file.
+        """
+        import tempfile
+
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n")
+        writers = ((WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"})),
+                   (CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(self.config(), indent=2) + "\n")))
+        for name, write in writers:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, folder / name)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
         return folder
 
     def check(self, cfg) -> None:

@@ -28,6 +28,7 @@ adapter. The model's fused names (``qkv_proj``, ``gate_up_proj``: an :class:`URS
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -36,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -51,6 +52,19 @@ _LIST_MAX = 8
 
 class CheckpointError(ValueError):
     """A transformer folder that cannot be loaded: missing files, bad config, bad weights."""
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path, *, device: str = "cpu", name: str | None = None):
+    """``safe_open`` whose failures (a truncated file, a header lying about its offsets or dtypes, a
+    huge header, a missing file or a symlink loop), opening or reading, are one :class:`CheckpointError`
+    naming the file."""
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            yield f
+    except (SafetensorError, OSError) as err:  # not e.g. a device's out-of-memory: that is no file's fault
+        raise CheckpointError(f"{name + ': ' if name else ''}{path} is not a readable safetensors file "
+                              f"({type(err).__name__}: {err})") from err
 
 
 def _fmt(names, more: str = "") -> str:
@@ -172,7 +186,7 @@ def _find_weights(folder: Path, ext: str, variant: str | None) -> dict[str, Path
         found = candidates[0]
     if ext != ".safetensors":
         return dict.fromkeys(load_torch_weights(found, name=str(folder)), found)
-    with safe_open(found, framework="pt") as f:
+    with _open_safetensors(found) as f:
         return dict.fromkeys(f.keys(), found)
 
 
@@ -240,11 +254,8 @@ def read_state_dict(path: str | os.PathLike, *, name: str = "path") -> dict[str,
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{name}: {path} has an unknown suffix {path.suffix!r}: expected .safetensors, "
                               f"{', '.join(TORCH_SUFFIXES)} or a folder")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types; re-raised named
-        raise CheckpointError(f"{name}: {path} is not a readable safetensors file ({err})") from err
+    with _open_safetensors(path, name=name) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle
 
 
 def _read_files(files: dict[str, Path], *, name: str, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -252,7 +263,7 @@ def _read_files(files: dict[str, Path], *, name: str, device: str = "cpu") -> di
     tensors = {}
     for path in sorted(set(files.values())):
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt", device=device) as f:
+            with _open_safetensors(path, device=device, name=name) as f:
                 tensors.update({k: f.get_tensor(k) for k in f.keys() if files.get(k) == path})  # noqa: SIM118
         else:
             tensors.update({k: v for k, v in load_torch_weights(path, name=name).items() if files.get(k) == path})
@@ -303,7 +314,7 @@ def check_weights(folder: str | os.PathLike, cfg: ModelConfig, files: dict[str, 
             found.update({k: (tuple(v.shape), _DTYPES.get(v.dtype, str(v.dtype)))
                           for k, v in load_torch_weights(path, name=str(folder)).items() if files.get(k) == path})
             continue
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path, name=str(folder)) as f:
             for name in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 if files.get(name) == path:
                     sl = f.get_slice(name)

@@ -286,7 +286,10 @@ class Engine:
         if not isinstance(prompts, torch.Tensor) and (not prompts or not isinstance(prompts[0], (list, tuple))):
             raise ValueError(f"{name}: expected a string, a list of strings, a list of id lists or an id tensor")
         pad = self.tokenizer.pad_id if self.tokenizer is not None else self.model.config.pad_token_id
-        ids = pad_prompt_ids(prompts, pad, length)
+        try:
+            ids = pad_prompt_ids(prompts, pad, length)
+        except (TypeError, ValueError) as err:  # its messages say "prompt ids": name the argument instead
+            raise type(err)(f"{name}: {str(err).removeprefix('prompt ids: ')}") from None
         vocab = self.model.config.lm_vocab_size
         if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(f"{name}: ids must be text ids in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]")

@@ -49,6 +49,7 @@ arguments are ignored (their README calls ``pipe(**locals())``).
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,26 @@ from .engine import Engine, GenerationResult
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 _SEED_RANGE = 1 << 62  # Engine seeds are ints in [0, 2^62)
+
+
+def _number(name: str, value) -> float:
+    """A real number argument as a float, or a TypeError naming it (not float()'s own message)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value) -> int:
+    """An int argument (ints and integral numbers such as 25.0), or an error naming it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {value!r}") from None
 
 
 @dataclass
@@ -223,19 +244,20 @@ class URSAPipeline:
             cond_latents = engine.encode_condition(latents_shape=shape, batch=B, **pixels)
         if cond_latents is not None and cond_indices is not None:
             cond_latents, cond_indices = self._indexed(cond_latents, cond_indices)
-        guidance_scale = float(guidance_scale)
+        guidance_scale = _number("guidance_scale", guidance_scale)
         result = engine.generate(
             prompts, negatives, shape, guidance_scale=guidance_scale if guidance_scale > 1 else 1.0,
-            guidance_trunc=guidance_trunc, num_steps=int(num_inference_steps), shift=flow_shift or None, seed=seed,
-            latents=latents, cond_latents=cond_latents, cond_indices=cond_indices,
-            cond_noise_scale=float(cond_noise_scale), freeze_cond=bool(kwargs.get("freeze_cond", False)),
+            guidance_trunc=guidance_trunc, num_steps=_integer("num_inference_steps", num_inference_steps),
+            shift=flow_shift or None, seed=seed, latents=latents, cond_latents=cond_latents, cond_indices=cond_indices,
+            cond_noise_scale=_number("cond_noise_scale", cond_noise_scale),
+            freeze_cond=bool(kwargs.get("freeze_cond", False)),
             prompt_length=max_prompt_length, progress=self._progress, decode=output_type in ("pil", "np"))
         return URSAPipelineOutput(frames=self._postprocess(result, output_type), result=result)
 
     # ------------------------------------------------------------------ pieces
     def _latents_shape(self, latents_shape, num_frames, height, width) -> tuple[int, int, int]:
         if latents_shape is not None:
-            return _validate.latents_shape(tuple(int(s) for s in latents_shape))
+            return _validate.latents_shape(latents_shape)
         if self.engine.vae is None:
             raise ValueError("latents_shape: without a tokenizer (vae/) height / width / num_frames cannot be mapped "
                              "to latents; pass latents_shape=(T, h, w)")
@@ -262,6 +284,8 @@ class URSAPipeline:
         elif isinstance(negative_prompt, str):
             negatives = [negative_prompt]  # one negative prompt serves every row
         else:
+            if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
+                raise TypeError(f"negative_prompt: expected a string or a list of strings, got {negative_prompt!r}")
             negs = list(negative_prompt)
             if prompt_ids is None and len(negs) not in (1, B // n):
                 raise ValueError(f"negative_prompt: {len(negs)} negative prompts for {B // n} prompts")

@@ -35,11 +35,14 @@ layout), ``report.json``, ``reward.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -261,11 +264,40 @@ def _select(traj, idx: torch.Tensor):
 
 # ------------------------------------------------------------------ the whole run
 def save_checkpoint(dm, base_root: Path, out: Path) -> None:
-    """A full digits root at ``out``: the base root's other folders copied, the transformer rewritten."""
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(base_root, out, ignore=shutil.ignore_patterns("transformer"))
-    dm.engine.model.save_pretrained(out / "transformer")
+    """A full digits root at ``out``: the base root's other folders copied, the transformer rewritten.
+
+    Written whole into a temporary sibling folder first and then moved into place, so a failed or
+    interrupted save leaves the previous ``out`` (or none), never a half-written root.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    old = None
+    try:
+        shutil.copytree(base_root, tmp, ignore=shutil.ignore_patterns("transformer"), dirs_exist_ok=True)
+        dm.engine.model.save_pretrained(tmp / "transformer")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, doc: dict) -> None:
+    """``doc`` as JSON at ``path``, atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def run(out: str | Path, cfg: GRPOConfig | None = None, *, root=None, reward_fn: Callable | None = None,
@@ -328,8 +360,7 @@ def _run(out: Path, cfg: GRPOConfig, *, root, reward_fn: Callable, log) -> dict:
         "iterations_run": len(result["curve"]), "torch_threads": torch.get_num_threads(),
         "config": dataclasses.asdict(cfg), **_provenance(), "curve": result["curve"],
     }
-    with open(out / "report.json", "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(out / "report.json", report)
     plot_curve(report, out / "reward.png")
     log(f"after: reward {after['reward']:.3f} ± {after['ci95']:.3f} (before {before['reward']:.3f} ± "
         f"{before['ci95']:.3f}), accuracy {after['accuracy']:.3f} / demo {after_demo['accuracy']:.3f}; "
@@ -358,8 +389,16 @@ def plot_curve(report: dict, path: Path) -> bool:
     ax.set_title("GRPO on the digits model (guidance 1)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)  # atomic: a temporary file in the same folder, then os.replace
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return True
 
 
