@@ -199,8 +199,10 @@ def run(out_dir: Path, budget_s: float, quick: bool, smoke: bool = False) -> dic
         else:
             lines.append(f"| {r['case']} | `{json.dumps(r['config'])}` | error | | | {r.get('error', '')[:80]} |")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(report, indent=1))
-    (out_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    from .provenance import write_text  # atomic: an interrupted sweep leaves no half-written result
+
+    write_text(out_dir / "sweep.json", json.dumps(report, indent=1))
+    write_text(out_dir / "sweep.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return report
 

@@ -156,8 +156,9 @@ def main(argv=None) -> int:
         print(f"{name:28s} warps {r['num_warps']} stages {r['num_stages']}: {r['registers']} registers, "
               f"{spills} spill bytes, {r['shared_bytes']} B shared")
     if a.json:
-        Path(a.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "ptxas_log"} for r in rows],
-                                           indent=1))
+        from .provenance import write_text  # atomic: an interrupted run leaves no half-written result
+
+        write_text(a.json, json.dumps([{k: v for k, v in r.items() if k != "ptxas_log"} for r in rows], indent=1))
     return 0
 
 

@@ -45,6 +45,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from . import BENCHES
+from .provenance import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 # share of the benchmark time left when a suite starts (unused time flows to the next ones)
@@ -198,7 +199,7 @@ class Suite:
         with tarfile.open(self.out / "results.tar.gz", "w:gz") as tar:
             for f in files:
                 tar.add(f, arcname=f.name)
-        (self.out / "suite.json").write_text(json.dumps(
+        write_text(self.out / "suite.json", json.dumps(
             {"actions": self.actions, "stages": self.stages, "results": [f.name for f in files],
              "predicted": predicted, "elapsed_s": round(time.time() - self.t0, 1)}, indent=1))
         # only 8 files come back from the device: the JSON travels inside the tarball
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("benches", nargs="*", default=list(BENCHES), help=f"default: {' '.join(BENCHES)}")
     args = p.parse_args(argv)
     if args.device_check is not None:
-        args.device_check.write_text(json.dumps(device_check(), indent=1, default=str))
+        write_text(args.device_check, json.dumps(device_check(), indent=1, default=str))
         return 0
     suite = Suite(args.out, args.budget)
     suite.log(f"ursa-engine GPU suite, budget {args.budget:.0f} s, out {args.out}")

@@ -81,6 +81,22 @@ def add_argument(parser: argparse.ArgumentParser) -> None:
                              "refused otherwise")
 
 
+def write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``):
+    an interrupted run leaves the previous file or none, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json(path: Path | str, doc: dict, stamp: dict, **dump) -> Path:
     """Write ``doc`` with ``"provenance": stamp`` to ``path`` atomically (a temporary file, then a rename)."""
     path = Path(path)

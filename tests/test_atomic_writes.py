@@ -127,3 +127,31 @@ def test_lora_adapter_save_failing_midway_leaves_nothing(tmp_path, monkeypatch):
         adapter.save_pretrained(tmp_path)
     assert _files(tmp_path) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     assert (tmp_path / WEIGHTS_NAME).read_bytes() == before
+
+
+def test_result_text_writer_failing_midway_keeps_the_previous_result(tmp_path):
+    from ursa_engine.benchmarks.provenance import write_text
+
+    write_text(tmp_path / "sweep.json", '{"old": 1}')
+
+    with pytest.raises(TypeError):
+        write_text(tmp_path / "sweep.json", 12345)  # fails inside the write, after the temporary file exists
+    assert _files(tmp_path) == ["sweep.json"] and (tmp_path / "sweep.json").read_text() == '{"old": 1}'
+
+
+def test_digits_tokenizer_and_demo_png_writers_failing_midway_leave_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from ursa_engine import demo
+    from ursa_engine.digits.tokenizer import PatchTokenizer
+
+    tok = PatchTokenizer(torch.zeros(4, 4), patch=2)
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda state, path, metadata=None: _half_then_fail(path))
+    with pytest.raises(Boom):
+        tok.save(tmp_path / "tok")
+    assert _files(tmp_path / "tok") == []
+
+    monkeypatch.setattr(demo.Path, "write_bytes", lambda self, data: _half_then_fail(self))
+    with pytest.raises(Boom):
+        demo.write_png(tmp_path / "d.png", np.zeros((4, 4), np.uint8))
+    assert _files(tmp_path) == ["tok"]

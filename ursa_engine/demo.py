@@ -23,6 +23,7 @@ class-conditional videos, ``i2v_frames`` / ``i2v_given`` and ``interp_frames`` /
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 import zlib
@@ -191,7 +192,13 @@ def write_png(path: str | Path, img: np.ndarray) -> None:
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a temporary sibling, then os.replace
+    try:
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main_from_args(args) -> int:

@@ -97,10 +97,16 @@ class PatchTokenizer:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"centroids": self.centroids}, folder / WEIGHTS)
-        with open(folder / CONFIG, "w") as f:
-            json.dump({"_class_name": "PatchTokenizer", "patch_size": self.patch, "codebook_size": self.size}, f,
-                      indent=2)
+        config = {"_class_name": "PatchTokenizer", "patch_size": self.patch, "codebook_size": self.size}
+        writes = ((WEIGHTS, lambda tmp: save_file({"centroids": self.centroids}, tmp)),
+                  (CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2))))
+        for name, write in writes:  # atomic: each file via a temporary sibling, then os.replace
+            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            try:
+                write(tmp)
+                os.replace(tmp, folder / name)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> PatchTokenizer:
