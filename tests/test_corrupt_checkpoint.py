@@ -114,3 +114,16 @@ def test_a_symlink_loop_is_named(tmp_path, model):
     os.symlink("loop", loop)
     with pytest.raises(CheckpointError, match="loop"):
         read_weights(loop)
+
+
+def test_a_weight_of_an_integer_dtype_is_named(tmp_path, model):
+    from safetensors.torch import load_file, save_file
+
+    save_transformer(model, tmp_path)
+    path = tmp_path / WEIGHTS
+    state = load_file(path)
+    name = sorted(state)[3]
+    state[name] = state[name].to(torch.int32)
+    save_file(state, path)
+    with pytest.raises(CheckpointError, match=rf"{name} has dtype I32, expected a float type"):
+        read_weights(tmp_path)
