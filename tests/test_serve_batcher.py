@@ -262,7 +262,8 @@ def test_admission_per_shape_and_lifecycle(engine):
     a = b.submit(request(engine, 1, 1))  # 2 rows
     blocked = b.submit(request(engine, 2, 2))  # 2 rows: does not fit next to a
     small = b.submit(request(engine, 3, 3, guidance=1.0))  # 1 row: would fit, but must not overtake
-    other = b.submit(request(engine, 4, 4, shape=(2, 4, 8)))  # another shape: its own step
+    # another shape: its own step, admitted within the rows left (max_rows spans all shapes, issue 20)
+    other = b.submit(request(engine, 4, 4, shape=(2, 4, 8), guidance=1.0))
     with b._lock:
         b._admit()
     assert b._running == [a, other] and list(b._queue) == [blocked, small]

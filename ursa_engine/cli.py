@@ -193,7 +193,9 @@ example:
     _add_checkpoint_flags(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-rows", type=int, default=16, help="rows of one forward pass, cond + uncond (default 16)")
+    srv.add_argument("--max-rows", type=int, default=16,
+                     help="rows in flight across all latent shapes, cond + uncond; also the rows of one forward pass "
+                          "(default 16)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
     srv.add_argument("--max-tokens", type=int, default=None,
                      help="latent tokens x rows of one forward pass; bigger requests get a 400 before any allocation "
@@ -207,6 +209,21 @@ example:
                      help="on SIGTERM / Ctrl-C: new requests get 503, the accepted ones get this long to finish, "
                           "then are cancelled with a notice; exit 0 (default 30; a second signal stops at once)")
     srv.add_argument("--log-level", default="info")
+    sec = srv.add_argument_group("security and limits (ursa_engine.serve.security)")
+    sec.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                     help="accept Authorization: Bearer KEY, repeatable (also URSA_API_KEY, comma-separated); with "
+                          "keys every route but /health needs one, and a request is visible and cancellable only "
+                          "with the key that made it")
+    sec.add_argument("--metrics-public", action="store_true", help="/metrics without a key")
+    sec.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body bytes, 413 over (default 1 MiB)")
+    sec.add_argument("--max-prompt-chars", type=int, default=4096,
+                     help="characters of prompt / negative_prompt, 400 before tokenizing (default 4096)")
+    sec.add_argument("--max-n", type=int, default=16, help="samples of one request (default 16)")
+    sec.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
+                     help="queued + running requests of one key (or of all callers without keys); 429 + Retry-After "
+                          "over it (default: no limit beyond --max-queue)")
+    sec.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                     help="allow browser calls from ORIGIN, repeatable (default: no CORS headers)")
     srv.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]",
                      help="a PEFT LoRA adapter folder, repeatable: PATH[:SCALE] is merged into the served model (every "
                           "request); NAME=PATH[:SCALE] is applied per request, to the requests that send "
@@ -238,7 +255,8 @@ def _serve(args) -> int:
         raise UsageError(f"--port: expected 0..65535, got {args.port}")
     if not 0 <= args.drain_seconds < float("inf"):
         raise UsageError(f"--drain-seconds: expected seconds >= 0, got {args.drain_seconds}")
-    for name in ("max_rows", "max_queue", "max_tokens"):
+    for name in ("max_rows", "max_queue", "max_tokens", "max_body_bytes", "max_prompt_chars", "max_n",
+                 "max_concurrent_per_key"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
     if args.graphs:
@@ -252,6 +270,7 @@ def _serve(args) -> int:
     try:
         from .serve.app import serve
         from .serve.batcher import DEFAULT_MAX_TOKENS
+        from .serve.security import Limits, keys_from_env
     except ImportError as err:
         raise UsageError(f"serve: needs FastAPI and uvicorn (pip install 'ursa-engine[serve]'): {err}") from None
     if args.root is None and (args.transformer_weights is not None or args.revision is not None):
@@ -261,6 +280,16 @@ def _serve(args) -> int:
 
     if args.transformer_weights is not None and not Path(args.transformer_weights).exists():
         raise UsageError(f"--transformer-weights: {args.transformer_weights} does not exist")
+    import os
+
+    try:  # the flags' keys and URSA_API_KEY's are all accepted
+        limits = Limits(api_keys=(args.api_key or []) + keys_from_env(os.environ.get("URSA_API_KEY")),
+                        metrics_public=args.metrics_public, max_body_bytes=args.max_body_bytes,
+                        max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,
+                        max_concurrent_per_key=args.max_concurrent_per_key, cors_origins=args.cors_origin or ())
+    except ValueError as err:
+        name, _, rest = str(err).partition(":")
+        raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None
     from .hub import HubError
 
     try:
@@ -268,7 +297,7 @@ def _serve(args) -> int:
               max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, policy=args.policy, device=args.device,
               loras=_lora_specs(args.lora, named=True),
               graphs=args.graphs, log_level=args.log_level, transformer_weights=args.transformer_weights,
-              revision=args.revision, drain_seconds=args.drain_seconds)
+              revision=args.revision, drain_seconds=args.drain_seconds, limits=limits)
     except HubError as err:  # a hub id ROOT that cannot be resolved (nothing loaded yet)
         msg = one_line(err)
         raise UsageError("ROOT: " + msg[len("root: "):] if msg.startswith("root: ") else msg) from None

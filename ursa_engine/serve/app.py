@@ -8,13 +8,20 @@ Endpoints
     ``top_k``, ``top_p``, ``response_format`` ("b64_json": PNG, or MP4 for frames > 1, base64 in
     JSON; "png" / "mp4": the bytes, n = 1; "tokens": the latent tokens as JSON), ``stream``
     (server-sent events: ``queued``, ``started``, ``step`` (in order), then ``result`` with the
-    JSON body, or ``cancelled`` / ``failed``), ``request_id`` (else one is made; always in the
-    ``X-Request-Id`` header), ``lora`` (the name of an adapter the server was started with,
+    JSON body, or ``cancelled`` / ``failed``), ``request_id`` (else a random one is made, 128 bits;
+    always in the ``X-Request-Id`` header; ids live in the caller's key's namespace: :mod:`.security`),
+    ``lora`` (the name of an adapter the server was started with,
     ``--lora NAME=PATH``; applied to this request's rows only; default none; ``/health`` lists them).
 ``GET /v1/requests/{id}`` (status), ``GET /v1/requests/{id}/events`` (SSE progress),
 ``DELETE /v1/requests/{id}`` (cancel: its rows leave at the next step boundary; a client that
 disconnects cancels its request too; a running one answers "cancelling" and GET tells its final
 status), ``GET /health`` (503 when the batch worker is not running), ``GET /metrics`` (Prometheus text).
+
+Security and limits (:mod:`.security`, issue 20): with API keys every route but ``/health`` needs
+``Authorization: Bearer KEY`` (401 without detail); a request is visible and cancellable only with
+the key that made it (404 for others); 413 over ``max_body_bytes``, 400 over ``max_prompt_chars``
+or ``max_n`` (``param`` names the field), 429 + ``Retry-After`` over ``max_concurrent_per_key``;
+CORS headers only for the configured origins.
 
 Errors use the OpenAI shape ``{"error": {"message", "type", "param"}}``: 400 for a bad field
 (named in ``param`` and the message), 404 for an unknown request, 409 for a cancelled one, 429
@@ -46,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .batcher import DEFAULT_MAX_TOKENS, Batcher, Cancelled, Draining, GenerationRequest, Job, QueueFull
 from .models import ServedModel
+from .security import Guard, InFlight, Limits, bind_warning, external_id, internal_id, new_id
 
 TERMINAL = ("done", "cancelled", "failed")
 
@@ -86,10 +94,22 @@ def _param(message: str) -> str | None:
     return head if head.isidentifier() else None
 
 
-def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
-    """The FastAPI application over a started (or to be started) batcher."""
+def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = None) -> FastAPI:
+    """The FastAPI application over a started (or to be started) batcher.
+
+    ``limits``: API keys, request-id namespaces, body / prompt / n / per-key limits and CORS
+    (:mod:`.security`; default :class:`Limits`: no keys, loopback use, no CORS)."""
+    limits = Limits() if limits is None else limits
     app = FastAPI(title="ursa-engine", version="0.1.0")
-    app.state.served, app.state.batcher = served, batcher
+    app.state.served, app.state.batcher, app.state.limits = served, batcher, limits
+    inflight = app.state.inflight = InFlight()
+    app.add_middleware(Guard, limits=limits)  # every route, present and future (issue 23's too)
+    if limits.cors_origins:  # outside the guard: a CORS preflight carries no key
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(limits.cors_origins), allow_methods=["GET", "POST",
+                           "DELETE"], allow_headers=["authorization", "content-type"],
+                           expose_headers=["x-request-id", "retry-after"])
     started = time.time()
 
     @app.exception_handler(RequestValidationError)
@@ -139,22 +159,24 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
         else:
             frames = served.frames(tokens)
             if fmt == "png":
-                return Response(served.png(frames[0, 0]), media_type="image/png", headers={"X-Request-Id": job.id})
+                return Response(served.png(frames[0, 0]), media_type="image/png",
+                                headers={"X-Request-Id": external_id(job.id)})
             if fmt == "mp4":
-                return Response(served.mp4(frames[0]), media_type="video/mp4", headers={"X-Request-Id": job.id})
+                return Response(served.mp4(frames[0]), media_type="video/mp4",
+                                headers={"X-Request-Id": external_id(job.id)})
             data = []
             for f in frames:
                 blob, mime = (served.png(f[0]), "image/png") if f.shape[0] == 1 else (served.mp4(f), "video/mp4")
                 data.append({"b64_json": base64.b64encode(blob).decode("ascii"), "mime_type": mime})
-        return {"id": job.id, "created": int(time.time()), "data": data, "seed": job.request.seed,
+        return {"id": external_id(job.id), "created": int(time.time()), "data": data, "seed": job.request.seed,
                 "steps": job.steps, "latents_shape": list(job.shape),
                 "timing": {"queued_s": round(job.t_start - job.t_submit, 4),
                            "generate_s": round(job.t_done - job.t_start, 4)}}
 
-    def prepare(body: ImageRequest) -> Job:
+    def prepare(body: ImageRequest, job_id: str) -> Job:
         req = to_request(body)
         try:
-            return batcher.prepare(req, body.request_id)
+            return batcher.prepare(req, job_id)
         except ValueError as err:  # prepare's exact size check (guided rows) names the field the body gave
             msg = str(err)
             if msg.startswith("latents_shape:") and "(max_tokens)" in msg and body.latents_shape is None:
@@ -162,12 +184,36 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
                 raise ValueError(msg) from None
             raise
 
-    async def start(body: ImageRequest) -> Job | JSONResponse:
-        rid = {"X-Request-Id": body.request_id} if body.request_id else None
+    def over_limits(body: ImageRequest, rid: dict) -> JSONResponse | None:
+        """400 for a prompt or ``n`` over this server's limits (before tokenizing anything)."""
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(body, name)
+            if text is not None and len(text) > limits.max_prompt_chars:
+                return error(400, f"{name}: {len(text)} characters, over this server's limit of "
+                                  f"{limits.max_prompt_chars} (max_prompt_chars)", name, headers=rid)
+        if body.n > limits.max_n:
+            return error(400, f"n: {body.n} samples, over this server's limit of {limits.max_n} (max_n)", "n",
+                         headers=rid)
+        return None
+
+    async def start(body: ImageRequest, owner: str) -> Job | JSONResponse:
+        ext = body.request_id or new_id()  # client ids live in the caller's namespace (security.py)
+        rid = {"X-Request-Id": ext}
+        refused = over_limits(body, rid)
+        if refused is not None:
+            return refused
+        if not inflight.reserve(owner, limits.max_concurrent_per_key):
+            return error(429, f"max_concurrent_per_key: this key has {limits.max_concurrent_per_key} requests queued "
+                              "or running (the server's limit); retry when one ends", "max_concurrent_per_key",
+                         "rate_limit_error", {"Retry-After": str(limits.retry_after_s), **rid})
+        submitted = False
         try:
             batcher.check_queue()  # 429 before tokenizing and allocating
-            job = await run_in_threadpool(prepare, body)
-            return batcher.submit(job)
+            job = await run_in_threadpool(prepare, body, internal_id(owner, ext))
+            job = batcher.submit(job)
+            submitted = True
+            job.future.add_done_callback(lambda _f: inflight.release(owner))
+            return job
         except Draining as err:  # SIGTERM / Ctrl-C: the accepted jobs drain, new ones go elsewhere
             return error(503, str(err), None, "server_shutting_down",
                          {"Retry-After": str(batcher.retry_after()), **(rid or {})})
@@ -175,26 +221,31 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
             return error(429, str(err), None, "rate_limit_error", {"Retry-After": "1", **(rid or {})})
         except ValueError as err:
             msg = str(err)
-            return error(409 if "already in use" in msg else 400, msg, _param(msg), headers=rid)
+            if "already in use" in msg:  # the batcher's message names the namespaced id
+                return error(409, f"request_id: {ext!r} is already in use", "request_id", headers=rid)
+            return error(400, msg, _param(msg), headers=rid)
+        finally:
+            if not submitted:
+                inflight.release(owner)
 
     def render_error(err: Exception) -> dict:
         return {"message": f"rendering the result failed: {err}", "type": "server_error", "param": None}
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageRequest, request: Request):
-        job = await start(body)
+        job = await start(body, request.state.owner)
         if isinstance(job, JSONResponse):
             return job
         if body.stream:
             return StreamingResponse(events(job, body.response_format, cancel_on_close=True),
-                                     media_type="text/event-stream", headers={"X-Request-Id": job.id})
+                                     media_type="text/event-stream", headers={"X-Request-Id": external_id(job.id)})
         fut = asyncio.wrap_future(job.future)
         while not fut.done():
             await asyncio.wait([fut], timeout=0.25)
             if not fut.done() and await request.is_disconnected():
                 batcher.cancel(job.id)  # the client went away: its rows leave at the next step
                 break
-        rid = {"X-Request-Id": job.id}
+        rid = {"X-Request-Id": external_id(job.id)}
         try:
             tokens = await fut
         except Cancelled as err:
@@ -214,19 +265,22 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
         def listener(ev):
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
+        ext = external_id(job.id)
+
         past = batcher.subscribe(job, listener)
         finished = False
         try:
             pending = list(past)
             while True:
                 ev = pending.pop(0) if pending else await queue.get()
+                ev = dict(ev, id=ext) if "id" in ev else ev  # the client's id, not the namespaced one
                 name = ev["event"]
                 if name == "done" and fmt is not None:
                     try:
                         out = await run_in_threadpool(render, job, job.future.result(),
                                                       "b64_json" if fmt in ("png", "mp4") else fmt)
                     except Exception as err:  # the stream still ends with a terminal event
-                        failed = {"id": job.id, "event": "failed", "error": render_error(err)}
+                        failed = {"id": ext, "event": "failed", "error": render_error(err)}
                         yield f"event: failed\ndata: {json.dumps(failed)}\n\n"
                         finished = True
                         return
@@ -245,24 +299,26 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
     def not_found(request_id: str, what: str = "request") -> JSONResponse:
         return error(404, f"request_id: no {what} {request_id!r}", "request_id")
 
+    # a job is found only in the caller's namespace: another key's job is a 404, as an unknown id
     @app.get("/v1/requests/{request_id}")
-    async def status(request_id: str):
-        job = batcher.get(request_id)
+    async def status(request_id: str, request: Request):
+        job = batcher.get(internal_id(request.state.owner, request_id))
         if job is None:
             return not_found(request_id)
-        return {"id": job.id, "status": job.status, "step": job.k, "steps": job.steps}
+        return {"id": request_id, "status": job.status, "step": job.k, "steps": job.steps}
 
     @app.get("/v1/requests/{request_id}/events")
-    async def request_events(request_id: str):
-        job = batcher.get(request_id)
+    async def request_events(request_id: str, request: Request):
+        job = batcher.get(internal_id(request.state.owner, request_id))
         if job is None:
             return not_found(request_id)
         return StreamingResponse(events(job, None, cancel_on_close=False), media_type="text/event-stream",
-                                 headers={"X-Request-Id": job.id})
+                                 headers={"X-Request-Id": request_id})
 
     @app.delete("/v1/requests/{request_id}")
-    async def cancel(request_id: str):
-        state = batcher.cancel(request_id)  # "cancelling" while it runs: GET tells its final status
+    async def cancel(request_id: str, request: Request):
+        # "cancelling" while it runs: GET tells its final status
+        state = batcher.cancel(internal_id(request.state.owner, request_id))
         if state is None:
             return not_found(request_id, "queued or running request")
         return {"id": request_id, "status": state}
@@ -354,7 +410,7 @@ def draining_server(config, batcher: Batcher, drain_seconds: float = 30.0):
 def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16, max_queue: int = 64,
           max_tokens: int = DEFAULT_MAX_TOKENS, policy: str = "continuous", device=None, graphs: bool = False,
           log_level: str = "info", transformer_weights=None, revision: str | None = None,
-          loras: list | None = None, drain_seconds: float = 30.0) -> None:
+          loras: list | None = None, drain_seconds: float = 30.0, limits: Limits | None = None) -> None:
     """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted.
 
     ``root`` may be a hub id ``org/name`` (``revision``; :func:`ursa_engine.hub.resolve_root`, served
@@ -371,7 +427,13 @@ def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int
 
     ``limits``: API keys and request limits (:class:`~ursa_engine.serve.security.Limits`); binding
     off loopback without a key prints a warning line to stderr first."""
+    import sys
     from pathlib import Path
+
+    limits = Limits() if limits is None else limits
+    warning = bind_warning(host, limits)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
 
     import uvicorn
 
@@ -402,7 +464,7 @@ def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int
     batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, max_tokens=max_tokens, policy=policy,
                       graphs=graphs, loras=per_request).start()
     try:
-        config = uvicorn.Config(create_app(served, batcher), host=host, port=port, log_level=log_level)
+        config = uvicorn.Config(create_app(served, batcher, limits), host=host, port=port, log_level=log_level)
         draining_server(config, batcher, drain_seconds).run()
     finally:
         batcher.stop()

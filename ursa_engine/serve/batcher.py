@@ -356,23 +356,26 @@ class Batcher:
         """Move queued jobs into the running set (policy, budgets); return the jobs of this step's shape.
 
         First come, first served within a latent shape (nobody overtakes a request of its shape that
-        does not fit yet); a request of another shape does not wait behind it (its own step)."""
+        does not fit yet); a request of another shape does not wait behind it (its own step).
+        ``max_rows`` bounds the rows in flight across *all* shapes (issue 20: a budget per shape let
+        every new shape in, so the work in flight had no bound)."""
         if self.policy == "continuous" or not self._running:
             limit = 1 if self.policy == "sequential" else None
             used: dict = {}
             for j in self._running:
                 used[j.shape] = used.get(j.shape, 0) + j.rows_now()
-            blocked = set()
+            blocked, total = set(), sum(used.values())
             for job in list(self._queue):
                 if limit is not None and len(self._running) >= limit:
                     break
                 if self.policy != "continuous" and self._running and job.shape != self._running[0].shape:
                     continue  # a static batch has one shape
                 rows = used.get(job.shape, 0) + job.rows_now()
-                if job.shape in blocked or rows > self.max_rows or rows * math.prod(job.shape) > self.max_tokens:
+                if (job.shape in blocked or total + job.rows_now() > self.max_rows
+                        or rows * math.prod(job.shape) > self.max_tokens):
                     blocked.add(job.shape)
                     continue
-                used[job.shape] = rows
+                used[job.shape], total = rows, total + job.rows_now()
                 self._queue.remove(job)
                 self._running.append(job)
                 job.status, job.t_start = "running", time.perf_counter()
