@@ -248,15 +248,19 @@ def test_cli_generate_and_plan_take_ids(cache, offline, tmp_path, monkeypatch, c
 
 def test_serve_takes_ids_and_overlays(cache, offline, monkeypatch, capsys):
     pytest.importorskip("fastapi")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
+    from types import SimpleNamespace
+
     from ursa_engine.serve import app as app_mod
 
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    monkeypatch.setattr(app_mod, "draining_server",  # the server object serve() runs: record its app, run nothing
+                        lambda config, batcher, drain_seconds: SimpleNamespace(run=lambda: started.append(config.app)))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache.dir))
     served = []
     original = app_mod.create_app
-    monkeypatch.setattr(app_mod, "create_app", lambda model, batcher: served.append(model) or original(model, batcher))
+    monkeypatch.setattr(app_mod, "create_app",
+                        lambda model, *args, **kw: served.append(model) or original(model, *args, **kw))
     app_mod.serve("org/tiny", revision="v1", device="cpu")
     app_mod.serve("org/tiny", device="cpu", transformer_weights=cache.v1 / "transformer")
     assert len(started) == 2 and [m.name for m in served] == ["org/tiny", "org/tiny"]
