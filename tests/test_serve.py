@@ -44,11 +44,11 @@ def _free_port() -> int:
 class Server:
     """A uvicorn server in a thread around a batcher; ``url`` on 127.0.0.1."""
 
-    def __init__(self, served: ServedModel, **batcher_options):
+    def __init__(self, served: ServedModel, limits=None, **batcher_options):
         self.batcher = Batcher(served.engine, **batcher_options).start()
         port = _free_port()
-        config = uvicorn.Config(create_app(served, self.batcher), host="127.0.0.1", port=port, log_level="warning",
-                                lifespan="off")
+        config = uvicorn.Config(create_app(served, self.batcher, limits), host="127.0.0.1", port=port,
+                                log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -6,8 +6,6 @@ Servers run on 127.0.0.1 (free ports) around the bundled digits model; requests 
 from __future__ import annotations
 
 import re
-import socket
-import threading
 import time
 
 import pytest
@@ -17,12 +15,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+from test_serve import Server as LoopbackServer  # noqa: E402
+
 from ursa_engine.serve import (  # noqa: E402
     Batcher,
     GenerationRequest,
     security,  # noqa: E402
 )
-from ursa_engine.serve.app import create_app  # noqa: E402
 from ursa_engine.serve.models import ServedModel  # noqa: E402
 from ursa_engine.serve.security import Limits, bind_warning, keys_from_env, new_id  # noqa: E402
 
@@ -35,32 +34,11 @@ def short(**kw):
     return {"prompt": "7", "steps": 2, "response_format": "tokens", **kw}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(LoopbackServer):
+    """The loopback server of test_serve with these limits (batch budget 8 rows, queue 16 by default)."""
 
-
-class Server:
     def __init__(self, served: ServedModel, limits: Limits, **batcher_options):
-        self.batcher = Batcher(served.engine, **{"max_rows": 8, "max_queue": 16, **batcher_options}).start()
-        port = _free_port()
-        config = uvicorn.Config(create_app(served, self.batcher, limits), host="127.0.0.1", port=port,
-                                log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.batcher.stop()
+        super().__init__(served, limits, **{"max_rows": 8, "max_queue": 16, **batcher_options})
 
 
 @pytest.fixture(scope="module")
