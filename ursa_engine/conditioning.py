@@ -9,6 +9,10 @@
 - :func:`condition_frames`: codes -> the frames they fix in a generation, resampled from the path
   at ``t = 1 − cond_noise_scale`` when asked (``Engine.generate``).
 - :func:`extrapolate`: windows conditioned on the newest frames so far (``Engine.extrapolate``).
+- Inpainting (token level, DESIGN §2.4): :func:`kept_tokens` maps a pixel mask of kept pixels to
+  the tokens whose whole patch is kept; :func:`encode_inpaint` gives an image's known tokens and
+  that mask; :func:`keep_from_mask_image` reads a mask image in OpenAI's or diffusers' convention;
+  :func:`known_region` checks ``Engine.generate``'s ``known_tokens`` / ``known_mask``.
 """
 
 from __future__ import annotations
@@ -180,6 +184,182 @@ def condition_frames(cond_latents, cond_indices, B: int, shape: tuple[int, int, 
         raise ValueError(f"cond_noise_scale: must be in [0, 1], got {noise_scale}")
     if noise_scale > 0:  # resample the given frames from p_t(. | cond) at t = 1 − scale (§2.4)
         values = path.sample(values, 1.0 - noise_scale, seed=seeds)
+    return mask, values
+
+
+# ---------------------------------------------------------------------------- inpainting (token level)
+def _as_bool_mask(mask, name: str) -> torch.Tensor:
+    """A bool tensor from bool or 0/1 integer values (numpy / torch / nested lists); floats are refused."""
+    t = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.array(mask, copy=True))
+    if t.dtype == torch.bool:
+        return t
+    if t.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected a bool mask (or 0/1 integers), got {t.dtype}")
+    if t.numel() and (t.min() < 0 or t.max() > 1):
+        raise ValueError(f"{name}: integer masks must hold only 0 and 1, got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return t.bool()
+
+
+def kept_tokens(keep, stride, *, name: str = "keep") -> torch.Tensor:
+    """The token mask of a pixel mask: a token is kept iff every pixel of its patch is kept.
+
+    Parameters
+    ----------
+    keep : bool (H, W) or (F, H, W) of *kept* pixels (True: keep, False: regenerate); 0/1 integers
+        are accepted, floats refused. numpy or torch, any device
+    stride : the tokenizer's spatial stride ``s`` (frames mapped one to one), or
+        ``(temporal_stride, s)``: then ``F = 1 + ts·k`` frames give ``k + 1`` latent frames, frame 0
+        alone and then groups of ``ts`` (the causal video tokenizers, :mod:`ursa_engine.vae`); a latent
+        frame is kept where every pixel of every frame it stands for is kept
+    name : the argument named in errors
+
+    Returns
+    -------
+    bool (H/s, W/s) for a (H, W) mask, else (T, H/s, W/s), on ``keep``'s device
+
+    Raises
+    ------
+    ValueError naming ``name`` when H or W is not a multiple of ``s`` or F is not ``1 + ts·k``.
+    """
+    ts, s = (1, stride) if not isinstance(stride, (tuple, list)) else stride
+    for what, v in (("temporal stride", ts), ("spatial stride", s)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"stride: expected a positive int {what}, got {v!r}")
+    m = _as_bool_mask(keep, name)
+    if m.dim() not in (2, 3) or 0 in m.shape:
+        raise ValueError(f"{name}: expected a (H, W) or (F, H, W) mask, got shape {tuple(m.shape)}")
+    plane = m.dim() == 2
+    m = m[None] if plane else m
+    F, H, W = m.shape
+    if H % s or W % s:
+        raise ValueError(f"{name}: a {H}x{W} mask (HxW) does not split into the tokenizer's {s}x{s} patches; "
+                         f"height and width must be multiples of {s}")
+    if ts > 1 and (F - 1) % ts:
+        raise ValueError(f"{name}: {F} frames; the video tokenizer takes 1 + {ts}k frames (1, {1 + ts}, ...)")
+    tokens = m.reshape(F, H // s, s, W // s, s).all(4).all(2)  # (F, h, w)
+    if ts > 1:  # frame 0 alone, then groups of ts frames per latent frame
+        rest = tokens[1:].reshape(-1, ts, H // s, W // s).all(1)
+        tokens = torch.cat([tokens[:1], rest])
+    return tokens[0] if plane else tokens
+
+
+def keep_from_mask_image(mask, name: str = "mask") -> torch.Tensor:
+    """bool (H, W) of kept pixels from an inpainting mask image, in the one of two conventions it uses.
+
+    * **With an alpha channel** (a PIL image with an alpha band or transparency, an (H, W, 4) array):
+      OpenAI's ``images.edit`` convention: fully transparent pixels (alpha 0) are regenerated,
+      every other pixel is kept (colours are ignored).
+    * **Without alpha**: diffusers' inpainting convention: white marks what to repaint, black what
+      to keep. A PIL image is read as grey levels ``L`` and ``L >= 128`` is repainted; arrays:
+      bool (H, W) True = repaint; uint8 (H, W), (H, W, 1) or (H, W, 3) grey / RGB (mean of the
+      channels) ``>= 128`` repainted; float (H, W) in [0, 1] ``>= 0.5`` repainted.
+    """
+    if _is_pil(mask):
+        bands = mask.getbands()
+        if "A" in bands or "a" in bands or "transparency" in mask.info:
+            return torch.from_numpy(np.array(mask.convert("RGBA"))[..., 3] != 0)
+        return torch.from_numpy(np.array(mask.convert("L")) < 128)
+    t = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.array(mask, copy=True))
+    if t.dim() == 3 and t.shape[-1] == 4:
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name}: an (H, W, 4) mask must be uint8 RGBA, got {t.dtype}")
+        return t[..., 3] != 0
+    if t.dim() == 3 and t.shape[-1] in (1, 3):
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name}: an (H, W, {t.shape[-1]}) mask must be uint8, got {t.dtype}")
+        t = t.float().mean(-1)
+        return t < 128
+    if t.dim() != 2 or 0 in t.shape:
+        raise ValueError(f"{name}: expected a mask image (H, W), (H, W, 1 | 3 | 4) or PIL, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        return ~t
+    if t.dtype == torch.uint8:
+        return t < 128
+    if t.is_floating_point():
+        if not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
+            raise ValueError(f"{name}: a float mask must lie in [0, 1]")
+        return t < 0.5
+    raise TypeError(f"{name}: expected a bool, uint8 or float mask, got {t.dtype}")
+
+
+def encode_inpaint(vae, image, keep, latents_shape=None, *, name: str = "keep",
+                   image_name: str = "image") -> tuple[torch.Tensor, torch.Tensor]:
+    """Known tokens and their mask for inpainting ``image`` where ``keep`` is False (DESIGN §2.4).
+
+    Parameters
+    ----------
+    vae : the checkpoint's tokenizer (:mod:`ursa_engine.vae`) of spatial stride ``s``
+    image : uint8 (H, W, 3) or a PIL image (one image; it is the known content)
+    keep : bool (H, W) of *kept* pixels (0/1 integers accepted; see :func:`keep_from_mask_image`
+        for mask images); its size must be the image's
+    latents_shape : (T, h, w) of the generation; default ``(1, H/s, W/s)``. The image is encoded as
+        one frame, which any tokenizer maps to one latent frame: frame 0 of the generation (for a
+        video tokenizer, the first latent frame, which stands for pixel frame 0 alone). Frames
+        ``1..T-1`` have no known token (an image-to-video whose first frame is partly regenerated)
+    name, image_name : the arguments named in errors
+
+    Returns
+    -------
+    (known_tokens (1, T, h, w) int64, known_mask (T, h, w) bool), on the tokenizer's device: a token
+    is known iff every pixel of its s × s patch is kept (:func:`kept_tokens`); its value is the
+    image's code there (codes of unkept tokens are the image's too, but ignored).
+    """
+    if vae is None:
+        raise ValueError(f"{image_name}: inpainting pixels needs the checkpoint's tokenizer (root/vae/ or "
+                         "Engine(vae=)); pass known_tokens / known_mask instead")
+    frames = as_frames(image, image_name, image=True)  # (B, 1, H, W, 3)
+    if frames.shape[0] != 1:
+        raise ValueError(f"{image_name}: inpainting takes one image (H, W, 3), got a batch of {frames.shape[0]}")
+    H, W = frames.shape[2:4]
+    s = vae.spatial_stride
+    m = _as_bool_mask(keep, name)
+    if tuple(m.shape) != (H, W):
+        raise ValueError(f"{name}: a mask of shape {tuple(m.shape)} for an image of {H}x{W} pixels; "
+                         f"expected ({H}, {W})")
+    if H % s or W % s:
+        raise ValueError(f"{image_name}: {H}x{W} pixels (HxW) are not multiples of the tokenizer's spatial "
+                         f"stride {s}")
+    T, h, w = (1, H // s, W // s) if latents_shape is None else _validate.latents_shape(latents_shape)
+    check_size(frames, image_name, (h, w), s)
+    codes = vae.encode_frames(frames)  # (1, 1, h, w)
+    device = codes.device
+    tokens = torch.zeros(1, T, h, w, dtype=torch.long, device=device)
+    tokens[:, 0] = codes[:, 0]
+    mask = torch.zeros(T, h, w, dtype=torch.bool, device=device)
+    mask[0] = kept_tokens(m, s, name=name).to(device)
+    return tokens, mask
+
+
+def known_region(known_tokens, known_mask, B: int, shape: tuple[int, int, int], K: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``Engine.generate``'s ``known_tokens`` / ``known_mask``: (mask (T, H, W) bool, values (B, T, H, W)).
+
+    ``known_tokens``: integer codes (B or 1, T, H, W) or (T, H, W), in [0, K) where the mask is
+    True (elsewhere anything: ignored); ``known_mask``: bool (T, H, W) or (1, T, H, W), one region
+    for the whole batch; 0/1 integers are accepted, floats refused.
+    """
+    if known_tokens is None or known_mask is None:
+        missing = "known_mask" if known_mask is None else "known_tokens"
+        raise ValueError(f"{missing}: known_tokens and known_mask go together (give both)")
+    T, H, W = shape
+    mask = _as_bool_mask(known_mask, "known_mask").to(device)
+    mask = mask[0] if mask.dim() == 4 and mask.shape[0] == 1 else mask
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"known_mask: expected ({T}, {H}, {W}) (latents_shape) or (1, {T}, {H}, {W}), "
+                         f"got {tuple(torch.as_tensor(known_mask).shape)}")
+    tokens = torch.as_tensor(known_tokens, device=device)
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"known_tokens: expected integer codes, got {tokens.dtype}")
+    tokens = tokens[None] if tokens.dim() == 3 else tokens
+    if tokens.dim() != 4 or tokens.shape[0] not in (1, B) or tuple(tokens.shape[1:]) != shape:
+        raise ValueError(f"known_tokens: expected (B or 1, {T}, {H}, {W}) or ({T}, {H}, {W}) with B = {B}, "
+                         f"got {tuple(tokens.shape)}")
+    held = tokens[:, mask]
+    if held.numel() and (held.min() < 0 or held.max() >= K):
+        raise ValueError(f"known_tokens: codes under known_mask must lie in [0, {K}), got "
+                         f"[{int(held.min())}, {int(held.max())}]")
+    values = torch.where(mask, tokens.long(), 0).expand(B, -1, -1, -1).contiguous()
     return mask, values
 
 
