@@ -224,6 +224,19 @@ example:
                           "over it (default: no limit beyond --max-queue)")
     sec.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                      help="allow browser calls from ORIGIN, repeatable (default: no CORS headers)")
+    sec.add_argument("--max-upload-bytes", type=int, default=32 << 20,
+                     help="body bytes of the upload routes (/v1/images/edits, /v1/videos, /v1/videos/extensions), "
+                          "413 over (default 32 MiB)")
+    sec.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                     help="width x height of an uploaded image or video frame, read from its header before decoding "
+                          "(decompression bombs; default 4096 x 4096)")
+    sec.add_argument("--max-video-frames", type=int, default=257, help="frames of an uploaded video (default 257)")
+    sec.add_argument("--max-stored-results", type=int, default=256,
+                     help="finished video jobs kept for download, oldest dropped first (default 256)")
+    sec.add_argument("--max-stored-bytes", type=int, default=2 << 30,
+                     help="bytes of stored results, oldest dropped first (default 2 GiB)")
+    sec.add_argument("--result-ttl-s", type=int, default=3600,
+                     help="seconds a stored result is kept (default 3600)")
     srv.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]",
                      help="a PEFT LoRA adapter folder, repeatable: PATH[:SCALE] is merged into the served model (every "
                           "request); NAME=PATH[:SCALE] is applied per request, to the requests that send "
@@ -250,13 +263,17 @@ def _add_checkpoint_flags(parser) -> None:
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id ROOT (default: main)")
 
 
+UPLOAD_LIMITS = ("max_upload_bytes", "max_image_pixels", "max_video_frames", "max_stored_results", "max_stored_bytes",
+                 "result_ttl_s")  # serve flags that go to ursa_engine.serve.security.Limits as they are
+
+
 def _serve(args) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port: expected 0..65535, got {args.port}")
     if not 0 <= args.drain_seconds < float("inf"):
         raise UsageError(f"--drain-seconds: expected seconds >= 0, got {args.drain_seconds}")
     for name in ("max_rows", "max_queue", "max_tokens", "max_body_bytes", "max_prompt_chars", "max_n",
-                 "max_concurrent_per_key"):
+                 "max_concurrent_per_key", *UPLOAD_LIMITS):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
     if args.graphs:
@@ -286,7 +303,8 @@ def _serve(args) -> int:
         limits = Limits(api_keys=(args.api_key or []) + keys_from_env(os.environ.get("URSA_API_KEY")),
                         metrics_public=args.metrics_public, max_body_bytes=args.max_body_bytes,
                         max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,
-                        max_concurrent_per_key=args.max_concurrent_per_key, cors_origins=args.cors_origin or ())
+                        max_concurrent_per_key=args.max_concurrent_per_key, cors_origins=args.cors_origin or (),
+                        **{name: getattr(args, name) for name in UPLOAD_LIMITS})
     except ValueError as err:
         name, _, rest = str(err).partition(":")
         raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None

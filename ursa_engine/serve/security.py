@@ -16,8 +16,14 @@
   tokenizing), ``n``, jobs in flight per key (429 + ``Retry-After``); rows in flight across all
   latent shapes are the batcher's ``max_rows`` (:meth:`Batcher._admit`).
 
-Image / video conditioning over HTTP (issue 23's routes) is to use the same :class:`Limits` and
-:class:`Guard`: the guard wraps the whole app, so every route added later is covered.
+- **Uploads** (issue 23's multipart routes, :data:`UPLOAD_PATHS`): their bodies may be up to
+  ``max_upload_bytes`` (other bodies ``max_body_bytes``); an uploaded image is refused before its
+  pixels are decoded when its header announces more than ``max_image_pixels`` (decompression
+  bombs), an uploaded video past ``max_video_frames``.
+- **Stored results** (videos, ``GET /v1/videos/{id}/content``): at most ``max_stored_results`` jobs
+  and ``max_stored_bytes`` bytes, each kept ``result_ttl_s`` seconds, visible only to their key.
+
+The guard wraps the whole app, so every route added later is covered.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import threading
 from dataclasses import dataclass, field
 
 OPEN_PATHS = ("/health",)
+UPLOAD_PATHS = ("/v1/images/edits", "/v1/videos", "/v1/videos/extensions")  # multipart bodies with files
 ANON = "anon"
 
 
@@ -47,6 +54,11 @@ class Limits:
     max_concurrent_per_key : queued + running jobs of one key (429 + ``Retry-After``); None: no limit
     cors_origins : origins allowed by CORS (empty: no CORS headers at all)
     retry_after_s : the ``Retry-After`` of a 429
+    max_upload_bytes : body bytes of the upload routes (:data:`UPLOAD_PATHS`; 413 over it, before parsing)
+    max_image_pixels : width x height of an uploaded image or video frame, checked from its header
+        before decoding (400 naming the field)
+    max_video_frames : frames of an uploaded video (400 naming the field)
+    max_stored_results, max_stored_bytes, result_ttl_s : the bounded store of finished jobs' files
     """
 
     api_keys: tuple = ()
@@ -57,12 +69,19 @@ class Limits:
     max_concurrent_per_key: int | None = None
     cors_origins: tuple = ()
     retry_after_s: int = 1
+    max_upload_bytes: int = 32 << 20
+    max_image_pixels: int = 4096 * 4096
+    max_video_frames: int = 257
+    max_stored_results: int = 256
+    max_stored_bytes: int = 2 << 30
+    result_ttl_s: int = 3600
     _keys: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         self.api_keys = tuple(check_keys(self.api_keys))
         self.cors_origins = tuple(self.cors_origins)
-        for name in ("max_body_bytes", "max_prompt_chars", "max_n", "retry_after_s"):
+        for name in ("max_body_bytes", "max_prompt_chars", "max_n", "retry_after_s", "max_upload_bytes",
+                     "max_image_pixels", "max_video_frames", "max_stored_results", "max_stored_bytes", "result_ttl_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -188,7 +207,8 @@ class Guard:
             return await _send(send, 401, _error_body("unauthorized", "authentication_error", None),
                                [(b"www-authenticate", b"Bearer")])
         scope.setdefault("state", {})["owner"] = owner
-        limit = self.limits.max_body_bytes
+        upload = path in UPLOAD_PATHS
+        limit = self.limits.max_upload_bytes if upload else self.limits.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -197,7 +217,7 @@ class Guard:
                 return await _send(send, 400, _error_body("body: a bad Content-Length", "invalid_request_error",
                                                           "body"))
             if announced > limit:
-                return await _send(send, 413, _too_big(limit), [(b"connection", b"close")])
+                return await _send(send, 413, _too_big(limit, upload), [(b"connection", b"close")])
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -208,7 +228,7 @@ class Guard:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return await _send(send, 413, _too_big(limit), [(b"connection", b"close")])
+                return await _send(send, 413, _too_big(limit, upload), [(b"connection", b"close")])
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 break
@@ -224,8 +244,9 @@ class Guard:
         return await self.app(scope, replay, send)
 
 
-def _too_big(limit: int) -> bytes:
-    return _error_body(f"body: the request body is over this server's limit of {limit} bytes (max_body_bytes)",
+def _too_big(limit: int, upload: bool = False) -> bytes:
+    name = "max_upload_bytes" if upload else "max_body_bytes"
+    return _error_body(f"body: the request body is over this server's limit of {limit} bytes ({name})",
                        "invalid_request_error", "body")
 
 
