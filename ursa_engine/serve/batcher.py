@@ -20,7 +20,19 @@ where a batched matmul rounds differently from another batch size).
 Policies (for the benchmark): ``"continuous"`` (above), ``"static"`` (a batch is admitted only
 when nothing runs, and runs to its end) and ``"sequential"`` (one request at a time).
 
-CUDA graphs (``graphs=True`` on a CUDA engine): see :mod:`ursa_engine.serve.graphs`.
+CUDA graphs (``graphs=True`` on a CUDA engine): see :mod:`ursa_engine.serve.graphs`. The step itself
+(rows, forward pass, sampler calls) is :mod:`ursa_engine.serve.step`; checking a request and building
+its job is :mod:`ursa_engine.serve.prepare`.
+
+Conditioning (issues 20 / 23, DESIGN §2.4): a request may carry known frames (``cond_latents``, image
+to video, video extension) and known tokens (``known_tokens`` / ``known_mask``, inpainting), already
+encoded. They are written into the job's initial tokens and, when frozen, written back over its rows
+after every step, as :meth:`Engine.generate` does: conditioned and plain jobs share forward passes.
+Previews: for each step of ``preview_steps`` the ``"step"`` event carries ``"tokens"``, a CPU int64
+(n, T, h, w) copy of the job's tokens after that step (decoding is the caller's, off this thread; on
+the metric path step 1 is the identity and its preview, the initial tokens, follows ``"started"``).
+A finished job keeps its preview tokens in its stored events while it is one of the last
+:data:`PREVIEW_JOBS` finished (for a subscriber that comes late), then only the events.
 
 Adapters per request (issue 19, DESIGN §9): :meth:`Batcher.add_lora` registers LoRA adapters by
 name; a request's ``lora`` picks one (or none). Rows of different adapters share the forward pass:
@@ -36,22 +48,19 @@ import itertools
 import math
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
 
 import torch
 
-from .. import _validate
-from ..model import latent_positions, sequence_ids, token_chunks
-from ..paths import MetricPath
-from ..rowwise import guided_steps
-from .jobs import Cancelled, Draining, GenerationRequest, Job, Metrics, QueueFull, rep, row_groups, step_key
+from .jobs import Cancelled, Draining, GenerationRequest, Job, Metrics, QueueFull
+from .prepare import prepare_job
+from .step import forward_and_step
 
 POLICIES = ("continuous", "static", "sequential")
 URSA_VIDEO_TOKENS = 13 * 40 * 64  # the latent grid of an URSA 49-frame 320x512 video
 DEFAULT_MAX_TOKENS = 4 * URSA_VIDEO_TOKENS  # a guided pair of such videos: 4 rows (cond + uncond) of one pass
 RECENT_JOBS = 128  # finished jobs GET can still report
-ROPE_CACHE = 8  # (prompt length, shape) rope tables kept
+PREVIEW_JOBS = 8  # finished jobs whose stored events keep their preview tokens (a late subscriber's)
 
 __all__ = ["POLICIES", "Batcher", "Cancelled", "Draining", "GenerationRequest", "Job", "QueueFull"]
 
@@ -223,38 +232,10 @@ class Batcher:
                                 "retry later")
 
     def prepare(self, request: GenerationRequest, job_id: str | None = None) -> Job:
-        """Check a request and build its job (initial tokens, seeds, ids); raises ValueError naming the field."""
-        e = self.engine
-        shape = _validate.latents_shape(request.latents_shape)
-        if isinstance(request.n, bool) or not isinstance(request.n, int) or request.n < 1:
-            raise ValueError(f"n: expected an int >= 1, got {request.n!r}")
-        self.check_size(shape, request.n)  # before anything is allocated
-        if request.lora is not None and request.lora not in self.loras.adapters:
-            have = ", ".join(self.loras.names) or "none"
-            raise ValueError(f"lora: no adapter {request.lora!r} on this server (it has: {have})")
-        sched = e.scheduler_for(request.num_steps, request.shift, shape[0])
-        if sched.mask_sampler == "confidence":
-            raise ValueError("sampler: the confidence sampler ranks whole samples; serve it with Engine.generate")
-        gs = _validate.finite("guidance_scale", request.guidance_scale)
-        gt = _validate.finite("guidance_trunc", request.guidance_trunc)
-        _validate.positive("temperature", request.temperature)
-        _validate.filtering(request.top_k, request.top_p, sched.path.size)
-        skip = isinstance(sched.path, MetricPath) and sched.num_steps > 1
-        guided = guided_steps(sched, gs, gt, skip_first=skip)
-        peak = request.n * (2 if any(guided) else 1)
-        if peak > self.max_rows:
-            raise ValueError(f"n: {request.n} samples need {peak} rows per step, over this server's budget of "
-                             f"{self.max_rows} (max_rows)")
-        self.check_size(shape, request.n, peak)
-        n = request.n
-        cond = e.encode_prompts(request.prompt_ids[None])
-        neg = e.encode_prompts(request.negative_ids[None] if request.negative_ids is not None else [[]],
-                               name="negative_prompt_ids", length=cond.shape[1])
-        x = e.initial_tokens(n, shape, request.seed).reshape(n, -1)
-        job = Job(job_id or uuid.uuid4().hex, request, sched, guided, x, e.sample_seeds(request.seed, n),
-                  cond.expand(n, -1).contiguous(), neg.expand(n, -1).contiguous(), k=1 if skip else 0)
-        job._event({"event": "queued"})
-        return job
+        """Check a request and build its job (initial tokens with the conditioning written in, frozen
+        tokens, seeds, ids, previews: :func:`ursa_engine.serve.prepare.prepare_job`); raises ValueError
+        naming the field."""
+        return prepare_job(self, request, job_id)
 
     def submit(self, request: GenerationRequest | Job, job_id: str | None = None) -> Job:
         """Queue a request (or a prepared job); raises :class:`QueueFull` over ``max_queue``."""
@@ -380,6 +361,8 @@ class Batcher:
                 self._running.append(job)
                 job.status, job.t_start = "running", time.perf_counter()
                 job._event({"event": "started", "steps": job.steps})
+                if job.k in job.previews:  # the metric path's identity step 1 (no model call): the initial tokens
+                    job._event({"event": "step", "step": job.k, "steps": job.steps, "tokens": job.tokens_now()})
         if not self._running:
             return []
         shapes = list(dict.fromkeys(j.shape for j in self._running))  # round robin over latent shapes
@@ -408,6 +391,8 @@ class Batcher:
         self._recent[job.id] = job
         while len(self._recent) > RECENT_JOBS:
             self._recent.popitem(last=False)
+        if len(self._recent) > PREVIEW_JOBS:  # older finished jobs keep their events, not their preview tokens
+            list(self._recent.values())[-PREVIEW_JOBS - 1].drop_previews()
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -431,88 +416,18 @@ class Batcher:
         m.steps, m.rows, m.last_rows, m.last_step_seconds = m.steps + 1, m.rows + rows, rows, dt
         m.step_seconds += dt
         m.max_rows_seen = max(m.max_rows_seen, rows)
+        previews = {job.id: job.tokens_now() for job in jobs if job.k + 1 in job.previews}  # copied outside the lock
         with self._lock:
             for job in jobs:
                 job.k += 1
-                job._event({"event": "step", "step": job.k, "steps": job.steps})
+                event = {"event": "step", "step": job.k, "steps": job.steps}
+                if job.id in previews:
+                    event["tokens"] = previews[job.id]
+                job._event(event)
                 if job.k == job.steps:
                     self._running.remove(job)
                     self._finish(job, "done")
 
     def _forward_and_step(self, jobs: list[Job]) -> int:
-        model = self.engine.model
-        # guided jobs first: their uncond rows R .. R + G align with cond rows 0 .. G; within one
-        # sampler group the rows of one adapter side by side (one run each for the segmented matmul)
-        jobs = sorted(jobs, key=lambda j: (*step_key(j), j.request.lora or ""))
-        shape = jobs[0].shape
-        n = math.prod(shape)
-        x = torch.cat([j.x for j in jobs])  # (R, n)
-        R = x.shape[0]
-        guided_jobs = [j for j in jobs if j.guided[j.k]]
-        G = sum(j.request.n for j in guided_jobs)
-        ids = torch.cat([j.cond_ids for j in jobs] + [j.neg_ids for j in guided_jobs])
-        P = ids.shape[1]
-        latents = torch.cat([x, x[:G]]) if G else x
-        ids = sequence_ids(ids, latents, model.config)
-        rope = self._rope_for(P, shape)
-        if self.graphs is not None and self.graphs.usable(jobs):
-            x_next = self.graphs.run(jobs, ids, x, G, rope)
-        else:
-            cond = rep([j.request.lora for j in jobs], [j.request.n for j in jobs])
-            with self.loras.rows(cond + cond[:G]):  # uncond rows R + i take cond row i's adapter
-                x_next = self._eager_step(jobs, ids, x, G, rope, n)
-        r = 0
-        for j in jobs:
-            j.x = x_next[r : r + j.request.n]
-            r += j.request.n
-        return R + G
-
-    def _eager_step(self, jobs, ids, x, G, rope, n) -> torch.Tensor:
-        model = self.engine.model
-        R = x.shape[0]
-        hidden = model.hidden_states(ids, rope=rope, latent_tokens=n)  # (R + G, n, H)
-        x_next = torch.empty_like(x)
-        K, itemsize = model.config.lm_head_size, model.dtype.itemsize
-        groups = row_groups(jobs, by_step=not self.per_row_sampler)
-        for s, e in token_chunks(n, (R + G) * K * itemsize, self.engine.logits_budget):
-            logits = model.lm_head(hidden[:, s:e])
-            xs = x[:, s:e].contiguous()
-            out = torch.empty_like(xs)
-            for a, b, group in groups:
-                self._sampler_step(group, logits, xs, out, a, b, R, s)
-            x_next[:, s:e] = out
-        return x_next
-
-    def _sampler_step(self, group, logits, xs, out, a, b, R, s) -> None:
-        """Rows [a, b): one scheduler, one filtering, all guided or none. With ``per_row_sampler``
-        the per-row step (each row's k, scale, temperature and last flag); else the jobs of the
-        group share all of them too and one scalar-k step runs them (fewer launches; the same
-        tokens, §2.5: tests/test_serve_batcher.py)."""
-        j0 = group[0]
-        rq = j0.request
-        guided = j0.guided[j0.k]
-        seeds = torch.cat([j.seeds for j in group])
-        common = dict(uncond_logits=logits[R + a : R + b] if guided else None, top_k=rq.top_k, top_p=rq.top_p,
-                      argmax_last=rq.argmax_last, seed=seeds, token_offset=s, backend=self.backend,
-                      validate=self.engine.validate_steps, out=out[a:b])
-        if not self.per_row_sampler:
-            j0.sched.step(logits[a:b], j0.k, xs[a:b], guidance_scale=rq.guidance_scale,
-                          guidance_trunc=rq.guidance_trunc, temperature=rq.temperature, **common)
-            return
-        reps = [j.request.n for j in group]
-        k = torch.tensor(rep([j.k for j in group], reps), dtype=torch.int64, device=xs.device)
-        j0.sched.step(logits[a:b], k, xs[a:b], guided=[guided] * (b - a) if guided else None,
-                      last=rep([j.k == j.steps - 1 for j in group], reps),
-                      guidance_scale=rep([j.request.guidance_scale for j in group], reps),
-                      temperature=rep([j.request.temperature for j in group], reps), **common)
-
-    def _rope_for(self, P: int, shape):
-        """The rope tables of (prompt length, shape), the last :data:`ROPE_CACHE` kept."""
-        key = (P, shape)
-        if key in self._rope:
-            self._rope.move_to_end(key)
-        else:
-            self._rope[key] = self.engine.model.rope_tables(latent_positions(P, shape, device=self.engine.device))
-            while len(self._rope) > ROPE_CACHE:
-                self._rope.popitem(last=False)
-        return self._rope[key]
+        """The forward pass and sampler steps of ``jobs`` (:func:`ursa_engine.serve.step.forward_and_step`)."""
+        return forward_and_step(self, jobs)

@@ -29,6 +29,17 @@ class GenerationRequest:
     ``prompt_ids`` (P,) int64 and ``negative_ids`` (P,) (the empty prompt when None); sample ``b``
     uses seed ``seed + b`` (as :meth:`Engine.generate`). ``lora`` names an adapter registered with
     :meth:`Batcher.add_lora`: its cond and uncond rows get that adapter's delta (DESIGN §9).
+
+    Conditioning (DESIGN §2.4), as :meth:`Engine.generate` takes it, already encoded to codes:
+
+    - ``cond_latents`` (1 or n, Tc, h, w) int codes of known frames, ``cond_indices`` the frames they
+      go to (default 0 .. Tc − 1), ``cond_noise_scale`` (resampled from the path at ``t = 1 − scale``)
+      and ``freeze_cond`` (hold them at every step): image-to-video, video extension;
+    - ``known_tokens`` (1 or n, T, h, w) codes and ``known_mask`` bool (T, h, w): inpainting, the
+      tokens under the mask start at and hold ``known_tokens`` at every step.
+
+    ``preview_steps``: 1-based step counts after which the ``"step"`` event carries the job's tokens
+    (``"tokens"``, a CPU int64 (n, T, h, w) copy; decoded by the caller, never in the worker thread).
     """
 
     prompt_ids: torch.Tensor
@@ -45,6 +56,13 @@ class GenerationRequest:
     argmax_last: bool = False
     seed: int = 0
     lora: str | None = None  # a per-request adapter of the batcher (Batcher.add_lora), or the model as loaded
+    cond_latents: torch.Tensor | None = None  # (1 or n, Tc, h, w) codes of known frames
+    cond_indices: tuple[int, ...] | None = None  # the frames they go to (default 0 .. Tc - 1)
+    cond_noise_scale: float = 0.0  # given frames resampled at t = 1 - scale
+    freeze_cond: bool = False  # hold the given frames at every step
+    known_tokens: torch.Tensor | None = None  # (1 or n, T, h, w) codes held under known_mask
+    known_mask: torch.Tensor | None = None  # bool (T, h, w)
+    preview_steps: tuple[int, ...] = ()  # 1-based steps whose "step" event carries the tokens
 
 
 @dataclass(eq=False)  # identity semantics: jobs are compared (queue.remove, `in`) as objects, never by tensors
@@ -69,6 +87,8 @@ class Job:
     t_done: float | None = None
     cancel_requested: bool = False
     cancel_reason: str | None = None  # the notice of a cancel by the server (drain), else a plain cancel
+    freeze: tuple | None = None  # (mask (1, tokens) bool, values (n, tokens)): written back after every step
+    previews: frozenset = frozenset()  # steps whose "step" event carries the tokens
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,6 +108,14 @@ class Job:
             except Exception:  # a listener (a closed HTTP stream) never breaks the loop
                 if fn in self.listeners:
                     self.listeners.remove(fn)
+
+    def tokens_now(self) -> torch.Tensor:
+        """A CPU int64 copy of the current tokens, (n, T, h, w): a preview (``preview_steps``)."""
+        return self.x.view(self.request.n, *self.shape).to("cpu", torch.int64, copy=True)
+
+    def drop_previews(self) -> None:
+        """Forget the preview tokens of the stored events (the dicts listeners got stay as they were)."""
+        self.events = [{k: v for k, v in e.items() if k != "tokens"} if "tokens" in e else e for e in self.events]
 
     def rows_now(self) -> int:
         """Forward rows this job costs at its current step (cond, plus uncond while guided)."""
