@@ -1,0 +1,211 @@
+"""Uploaded images and videos, decoded under the server's limits (issues 20 item 2, 23).
+
+Every upload route (``/v1/images/edits``, ``/v1/videos``, ``/v1/videos/extensions``) reads its files
+here, so that the same limits hold everywhere:
+
+- **bytes**: the body is bounded by :class:`~ursa_engine.serve.security.Guard` (``max_upload_bytes``,
+  413) before it is parsed; a base64 field (:func:`b64_bytes`) is bounded by the same number;
+- **formats**: images are PNG, JPEG or WebP (Pillow is told to try only those decoders); videos are
+  MP4 / MOV or WebM / Matroska, recognised from their magic bytes and opened with that demuxer only
+  (no playlist or image-sequence demuxer that could reach other files or the network);
+- **pixels**: width x height as the file's *header* announces it is checked against
+  ``max_image_pixels`` before a pixel is decoded (decompression bombs: a 100-byte PNG may announce
+  100,000 x 100,000 pixels); for videos every frame's size too (a stream may change size);
+- **frames**: a video's frames are counted while decoding and the decoding stops past
+  ``max_video_frames``.
+
+Every refusal is one ``ValueError("field: ...")`` naming the form field, which the gateway turns into
+an OpenAI-shaped 400 with ``param`` = field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+import numpy as np
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+VIDEO_DEMUXERS = {"mp4": "MP4 / MOV", "matroska": "WebM / Matroska"}
+
+
+def _limit(limits, name: str, default: int) -> int:
+    return int(getattr(limits, name, default)) if limits is not None else default
+
+
+def b64_bytes(text: str, field: str, limits=None) -> bytes:
+    """The bytes of a base64 field (plain or a ``data:...;base64,`` URL), at most ``max_upload_bytes``.
+
+    The length is checked before decoding (base64 is 4 characters per 3 bytes)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{field}: expected a base64 string, got {type(text).__name__}")
+    m = re.match(r"data:[\w.+/-]*;base64,", text[:128])
+    if m:
+        text = text[m.end():]
+    cap = _limit(limits, "max_upload_bytes", 32 << 20)
+    if len(text) * 3 // 4 > cap + 3:
+        raise ValueError(f"{field}: about {len(text) * 3 // 4} bytes, over this server's limit of {cap} bytes "
+                         "(max_upload_bytes)")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{field}: not valid base64") from None
+    if not data:
+        raise ValueError(f"{field}: empty")
+    return data
+
+
+# ---------------------------------------------------------------------------- images
+def _open_image(data: bytes, field: str, limits):
+    """A PIL image of ``data`` whose header was read and whose size is within ``max_image_pixels``
+    (nothing decoded yet)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise ValueError(f"{field}: expected a non-empty image file (PNG, JPEG or WebP)")
+    cap = _limit(limits, "max_image_pixels", 4096 * 4096)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            img = Image.open(io.BytesIO(bytes(data)), formats=list(IMAGE_FORMATS))
+    except Image.DecompressionBombError:
+        raise ValueError(f"{field}: the image header announces more pixels than this server's limit of {cap} "
+                         "(max_image_pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{field}: not a readable PNG, JPEG or WebP image ({err})") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"{field}: an image of {w}x{h} pixels")
+    if w * h > cap:
+        raise ValueError(f"{field}: a {w}x{h} image ({w * h} pixels) is over this server's limit of {cap} pixels "
+                         "(max_image_pixels)")
+    return img
+
+
+def _load(img, field: str):
+    """Decode the pixels (truncated or corrupt data -> ValueError naming ``field``)."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{field}: the image data is truncated or corrupt ({err})") from None
+    if img.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte (convert() would clip)
+        from PIL import Image
+
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    return img
+
+
+def image_size(data: bytes, field: str, limits=None) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (checked as :func:`read_image` does)."""
+    with _open_image(data, field, limits) as img:
+        return img.size
+
+
+def has_alpha(img) -> bool:
+    """Whether a PIL image carries an alpha channel (an alpha band or a transparency entry)."""
+    return "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
+
+
+def read_image(data: bytes, field: str, limits=None) -> np.ndarray:
+    """An uploaded PNG / JPEG / WebP image as uint8 RGB (H, W, 3); alpha is dropped.
+
+    Parameters
+    ----------
+    data : the file's bytes
+    field : the form field, named in errors
+    limits : :class:`~ursa_engine.serve.security.Limits` (``max_image_pixels``; None: the defaults)
+
+    Raises
+    ------
+    ValueError ``"field: ..."``: not one of the formats, over ``max_image_pixels`` (from the header,
+    before decoding), truncated or corrupt data.
+    """
+    with _open_image(data, field, limits) as img:
+        return np.array(_load(img, field).convert("RGB"), dtype=np.uint8)
+
+
+def read_image_rgba(data: bytes, field: str, limits=None) -> tuple[np.ndarray, bool]:
+    """An uploaded image as uint8 RGBA (H, W, 4) and whether the file has an alpha channel (without
+    one, alpha is 255 everywhere). Checks as :func:`read_image`."""
+    with _open_image(data, field, limits) as img:
+        img = _load(img, field)
+        alpha = has_alpha(img)
+        return np.array(img.convert("RGBA"), dtype=np.uint8), alpha
+
+
+def read_mask_alpha(data: bytes, field: str, limits=None) -> np.ndarray:
+    """The alpha channel (H, W) uint8 of an uploaded mask image (OpenAI's ``images.edit`` convention:
+    alpha 0 marks the pixels to edit). A mask without an alpha channel is refused (ValueError naming
+    ``field``), as OpenAI does."""
+    rgba, alpha = read_image_rgba(data, field, limits)
+    if not alpha:
+        raise ValueError(f"{field}: the mask has no alpha channel; give a PNG / WebP with alpha where fully "
+                         "transparent pixels (alpha 0) mark the area to edit")
+    return rgba[..., 3]
+
+
+# ---------------------------------------------------------------------------- videos
+def _demuxer(data: bytes, field: str) -> str:
+    """The one demuxer an upload may use, from its magic bytes."""
+    head = bytes(data[:12])
+    if len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"
+    raise ValueError(f"{field}: not an MP4 / MOV or WebM / Matroska video file")
+
+
+def read_video(data: bytes, field: str, limits=None) -> tuple[np.ndarray, float]:
+    """An uploaded video as uint8 RGB frames (F, H, W, 3) and its frame rate (0.0 when the file does
+    not say), with PyAV.
+
+    Parameters
+    ----------
+    data : the file's bytes (MP4 / MOV or WebM / Matroska)
+    field : the form field, named in errors
+    limits : :class:`~ursa_engine.serve.security.Limits` (``max_image_pixels`` per frame, from the
+        stream header before decoding and from every decoded frame before converting it;
+        ``max_video_frames``, counted while decoding; None: the defaults)
+
+    Raises
+    ------
+    ValueError ``"field: ..."``: not a readable video, no video stream, no decodable frame, frames
+    over ``max_image_pixels``, more than ``max_video_frames`` frames.
+    """
+    import av
+
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise ValueError(f"{field}: expected a non-empty video file (MP4 or WebM)")
+    fmt = _demuxer(data, field)
+    cap_px = _limit(limits, "max_image_pixels", 4096 * 4096)
+    cap_f = _limit(limits, "max_video_frames", 257)
+
+    def check_size(w: int, h: int) -> None:
+        if w * h > cap_px:
+            raise ValueError(f"{field}: {w}x{h} frames ({w * h} pixels) are over this server's limit of {cap_px} "
+                             "pixels (max_image_pixels)")
+
+    frames = []
+    try:
+        with av.open(io.BytesIO(bytes(data)), mode="r", format=fmt) as container:
+            if not container.streams.video:
+                raise ValueError(f"{field}: the file has no video stream")
+            stream = container.streams.video[0]
+            check_size(int(stream.width or 0), int(stream.height or 0))  # the header, before decoding
+            rate = stream.average_rate or stream.guessed_rate
+            for frame in container.decode(stream):
+                check_size(int(frame.width), int(frame.height))
+                if len(frames) == cap_f:
+                    raise ValueError(f"{field}: more than {cap_f} frames, this server's limit (max_video_frames)")
+                frames.append(frame.to_ndarray(format="rgb24"))
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{field}: not a readable {VIDEO_DEMUXERS[fmt]} video ({err})") from None
+    if not frames:
+        raise ValueError(f"{field}: the video has no decodable frames")
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError(f"{field}: the video's frames change size ({frames[0].shape[1]}x{frames[0].shape[0]} "
+                         "first); give frames of one size")
+    return np.stack(frames), float(rate) if rate else 0.0
