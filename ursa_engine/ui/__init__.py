@@ -1,0 +1,97 @@
+"""The web UI (issue 21): ``ursa-engine ui [ROOT]`` and ``ursa-engine serve --ui``, on Gradio.
+
+Layers: :mod:`.handlers` (no Gradio: inputs -> :class:`~ursa_engine.serve.batcher.GenerationRequest`,
+queue on the server's batcher, per-step progress, decoding; readable refusals) and :mod:`.blocks`
+(the page and its named API endpoints). This package depends on :mod:`ursa_engine.serve`, never the
+reverse (``serve --ui`` imports :func:`mount` lazily). Gradio is the ``ui`` extra
+(``pip install 'ursa-engine[ui]'``).
+
+API keys: with keys (``--api-key`` / ``URSA_API_KEY``) the page opens on Gradio's login form whose
+password is an API key (any user name; a name stays bound to the key it first used), and every
+Gradio route (page config, queue, uploads, files) needs that login. Without keys the page is open,
+like the HTTP API without keys (bind 127.0.0.1 or pass a key).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .handlers import Studio, UIError, conditioning_available
+
+__all__ = ["Studio", "UIError", "conditioning_available", "create_ui_app", "launch", "mount"]
+
+UI_PATH = "/ui"
+
+
+def create_ui_app(served, batcher, limits=None, *, app=None, path: str = "/", inflight=None,
+                  out_dir: str | Path | None = None):
+    """A FastAPI app serving the page at ``path`` (Gradio's ``mount_gradio_app``), or ``app`` with it added.
+
+    Parameters
+    ----------
+    served : :class:`~ursa_engine.serve.models.ServedModel`
+    batcher : the started :class:`~ursa_engine.serve.batcher.Batcher` shared with the HTTP API
+    limits : :class:`~ursa_engine.serve.security.Limits` (keys -> login page; prompt / per-key limits;
+        uploads are capped at ``max_body_bytes``)
+    inflight : the HTTP app's per-key job counts (shared ``max_concurrent_per_key``)
+    out_dir : where result videos are written (default: a temporary folder)
+    """
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from ..serve.security import Limits
+    from .blocks import CSS, KeyLogin, build_blocks
+
+    limits = Limits() if limits is None else limits
+    studio = Studio(served, batcher, limits, inflight=inflight, out_dir=out_dir)
+    login = KeyLogin(studio)
+    blocks = build_blocks(studio, login)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None) if app is None else app
+    app = gr.mount_gradio_app(app, blocks, path, auth=login if limits.api_keys else None,
+                              auth_message="This server needs an API key: enter it as the password (any user name).",
+                              allowed_paths=[str(studio.out_dir)], max_file_size=limits.max_body_bytes,
+                              ssr_mode=False, show_error=True, css=CSS, footer_links=["api"])
+    app.state.ui_studio = studio
+    return app
+
+
+def mount(app, served, batcher, limits=None, *, path: str = UI_PATH):
+    """``ursa-engine serve --ui``: the HTTP API ``app`` and the page at ``path`` in one ASGI app.
+
+    Returns a new app: the page at ``path`` (behind Gradio's login when ``limits`` has keys: a
+    browser cannot send the API's ``Authorization: Bearer`` header) and everything else routed to
+    ``app`` unchanged (its key check, limits, routes). UI jobs share the API's batcher and per-key
+    counts (``app.state.inflight``)."""
+    from fastapi import FastAPI
+
+    outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    create_ui_app(served, batcher, limits, app=outer, path=path, inflight=getattr(app.state, "inflight", None))
+    outer.mount("/", app)  # after the page's routes: every other path is the API's
+    outer.state.api = app
+    return outer
+
+
+def launch(root=None, *, host: str = "127.0.0.1", port: int = 7860, max_rows: int = 16, max_queue: int = 64,
+           limits=None, device=None, log_level: str = "warning") -> None:
+    """``ursa-engine ui``: load ``root`` (default: the bundled digits model), start the batcher and serve
+    the page until interrupted."""
+    import sys
+
+    import uvicorn
+
+    from ..serve.batcher import Batcher
+    from ..serve.models import ServedModel
+    from ..serve.security import Limits, bind_warning
+
+    limits = Limits() if limits is None else limits
+    warning = bind_warning(host, limits)
+    if warning is not None:
+        print(warning.replace("generate, read and cancel requests", "use the page"), file=sys.stderr, flush=True)
+    served = ServedModel.load(root, device=device)
+    batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue).start()
+    try:
+        app = create_ui_app(served, batcher, limits)
+        print(f"ursa-engine ui: http://{host}:{port}/ ({served.name} on {served.engine.device})", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level)
+    finally:
+        batcher.stop()

@@ -1,0 +1,304 @@
+"""What the web UI's buttons do, without Gradio: check the inputs, queue a request on the server's
+:class:`~ursa_engine.serve.batcher.Batcher`, report its steps, decode the result (issue 21).
+
+A :class:`Studio` is shared by every browser session: each request goes through the same batcher as
+the HTTP API (``ursa-engine serve``), so requests of different sessions share forward passes while
+a session's tokens depend only on its own request (prompt, size, steps, guidance, seed: DESIGN §2.5).
+
+Errors a person reads: every refusal is one :class:`UIError` whose message names the field
+("size: ...", "image: ...", "queue full: ...", "api_key: ..."); :mod:`.blocks` shows it with
+``gr.Error``. Nothing here imports Gradio, so the handlers are tested directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..serve.batcher import Batcher, Cancelled, Draining, GenerationRequest, QueueFull
+from ..serve.models import ServedModel
+from ..serve.security import InFlight, Limits, internal_id, new_id
+
+TERMINAL = ("done", "cancelled", "failed")
+MAX_SEED = 2**31 - 1
+Progress = Callable[[int, int], None]  # (step, steps)
+
+
+class UIError(ValueError):
+    """A refusal a person can read: one line naming the field (shown with ``gr.Error``)."""
+
+
+def conditioning_available() -> bool:
+    """Whether this server's :class:`GenerationRequest` takes conditioning frames (``cond_latents``)."""
+    return "cond_latents" in {f.name for f in dataclasses.fields(GenerationRequest)}
+
+
+class Studio:
+    """The UI's generation functions over a served model and its (started) batcher.
+
+    Parameters
+    ----------
+    served : the model and its conventions (prompts, sizes, decoding)
+    batcher : the step-level batcher the HTTP API uses (one forward pass carries every session's rows)
+    limits : the server's :class:`~ursa_engine.serve.security.Limits` (prompt characters, jobs per key)
+    inflight : the HTTP app's per-key job counts (``app.state.inflight``) so that UI and API jobs of one
+        key share ``max_concurrent_per_key``; default: the UI's own
+    out_dir : where result videos are written (default: a temporary folder)
+    """
+
+    def __init__(self, served: ServedModel, batcher: Batcher, limits: Limits | None = None, *,
+                 inflight: InFlight | None = None, out_dir: str | Path | None = None):
+        self.served, self.batcher = served, batcher
+        self.limits = Limits() if limits is None else limits
+        self.inflight = InFlight() if inflight is None else inflight
+        self.out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="ursa-ui-"))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        vae = served.engine.vae
+        self.stride = int(vae.spatial_stride) if vae is not None else 8
+        self.default_frames = 4 if served.digits else 49
+
+    # ------------------------------------------------------------------ inputs
+    def owner(self, api_key: str | None) -> str:
+        """The key namespace of a caller (``"anon"`` without keys); a missing or wrong key is refused."""
+        found = self.limits.owner(b"Bearer " + (api_key or "").strip().encode("utf-8", "replace"))
+        if found is None:
+            raise UIError("api_key: this server needs an API key: enter a valid one")
+        return found
+
+    def prompt_ids(self, text, *, field: str = "prompt", motion: float | None = None):
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise UIError(f"{field}: expected text, got {type(text).__name__}")
+        if len(text) > self.limits.max_prompt_chars:
+            raise UIError(f"{field}: {len(text)} characters, over this server's limit of "
+                          f"{self.limits.max_prompt_chars}")
+        if field == "prompt" and not text.strip():
+            raise UIError("prompt: type a prompt first" + (" (a digit 0-9)" if self.served.digits else ""))
+        try:
+            if motion is not None and not self.served.digits and text:
+                return self.served.engine.encode_prompts([text], motion=motion, name=field)[0]
+            return self.served.prompt_ids(text, field=field)
+        except ValueError as err:
+            raise UIError(_one_line(err)) from None
+
+    def latents_shape(self, width, height, frames) -> tuple[int, int, int]:
+        """The latent grid of a size in pixels; refused with the sizes that would work."""
+        w, h, f = (_int(width, "width"), _int(height, "height"), _int(frames, "frames"))
+        for name, v in (("width", w), ("height", h)):
+            if v < self.stride or v % self.stride:
+                raise UIError(f"{name}: {v} pixels; expected a positive multiple of {self.stride} "
+                              f"(e.g. {self.served.default_size[0 if name == 'width' else 1]})")
+        if f < 1:
+            raise UIError(f"frames: expected at least 1, got {f}")
+        try:
+            shape = self.served.latents_shape(f"{w}x{h}", f)
+        except ValueError as err:
+            raise UIError(_one_line(err)) from None
+        try:
+            self.batcher.check_size(shape, 1, 2, field="size" if f == 1 else "frames")
+        except ValueError as err:
+            raise UIError(_one_line(err)) from None
+        return shape
+
+    def request(self, prompt, negative_prompt, width, height, frames, steps, guidance, seed, randomize_seed,
+                motion=None) -> GenerationRequest:
+        """The :class:`GenerationRequest` of the form's values (one sample)."""
+        shape = self.latents_shape(width, height, frames)
+        steps = _int(steps, "steps")
+        if not 1 <= steps <= 1000:
+            raise UIError(f"steps: expected 1..1000, got {steps}")
+        guidance = _float(guidance, "guidance")
+        if not -100 <= guidance <= 100:
+            raise UIError(f"guidance: expected -100..100, got {guidance:g}")
+        seed = secrets.randbelow(MAX_SEED + 1) if randomize_seed else _int(seed, "seed")
+        if not 0 <= seed <= MAX_SEED:
+            raise UIError(f"seed: expected 0..{MAX_SEED}, got {seed}")
+        motion = None if motion is None or self.served.digits or shape[0] == 1 else _float(motion, "motion")
+        return GenerationRequest(prompt_ids=self.prompt_ids(prompt, motion=motion),
+                                 negative_ids=self.prompt_ids(negative_prompt, field="negative_prompt"),
+                                 latents_shape=shape, num_steps=steps, guidance_scale=guidance, seed=seed)
+
+    # ------------------------------------------------------------------ running
+    def run(self, request: GenerationRequest, progress: Progress | None = None, *, owner: str = "anon",
+            timeout: float | None = None):
+        """Queue ``request`` on the batcher and wait for its tokens (1, T, h, w), calling
+        ``progress(step, steps)`` at every step of the batch loop (``Batcher.subscribe``).
+
+        Refusals (queue full, per-key limit, bad request, shutting down, cancelled) are :class:`UIError`."""
+        if not self.inflight.reserve(owner, self.limits.max_concurrent_per_key):
+            raise UIError(f"busy: this key already has {self.limits.max_concurrent_per_key} requests queued or "
+                          "running (the server's limit); wait for one to finish")
+        job, events = None, queue.Queue()
+        try:
+            self.batcher.check_queue()
+            try:
+                job = self.batcher.prepare(request, internal_id(owner, "ui-" + new_id()))
+            except ValueError as err:
+                raise UIError(_one_line(err)) from None
+            self.batcher.subscribe(job, events.put)
+            self.batcher.submit(job)
+            if progress is not None:
+                progress(0, job.steps)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not job.future.done():
+                if deadline is not None and time.monotonic() > deadline:
+                    raise UIError(f"timeout: not finished within {timeout:g} s")
+                try:
+                    ev = events.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if ev["event"] == "step" and progress is not None:
+                    progress(ev["step"], ev["steps"])
+                if ev["event"] in TERMINAL:
+                    break
+            return job.future.result()
+        except QueueFull as err:
+            raise UIError(f"queue full: the server has {self.batcher.max_queue} requests waiting; try again in a "
+                          "moment") from err
+        except Draining as err:
+            raise UIError(f"shutting down: {_one_line(err)}") from err
+        except Cancelled as err:
+            raise UIError(f"cancelled: {_one_line(err)}") from err
+        except UIError:
+            raise
+        except Exception as err:  # the batch failed: one line, never a traceback in the page
+            raise UIError(f"generation failed: {_one_line(err)}") from err
+        finally:
+            if job is not None:
+                self.batcher.unsubscribe(job, events.put)
+                if not job.future.done():  # the page went away or timed out: its rows leave the batch
+                    self.batcher.cancel(job.id)
+            self.inflight.release(owner)
+
+    # ------------------------------------------------------------------ the buttons
+    def generate_image(self, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
+                       seed=0, randomize_seed=False, *, owner: str = "anon", progress: Progress | None = None):
+        """Text to image. Returns (uint8 (H, W, 3) image, the seed used). ``owner``: the caller's key
+        namespace (:meth:`owner`)."""
+        req = self.request(prompt, negative_prompt, *self._size(width, height), 1, self._steps(steps),
+                           self._guidance(guidance), seed, randomize_seed)
+        tokens = self.run(req, progress, owner=owner)
+        return self.served.frames(tokens)[0, 0], req.seed
+
+    def generate_video(self, prompt, negative_prompt="", width=None, height=None, frames=None, steps=None,
+                       guidance=None, seed=0, randomize_seed=False, motion=None, *, owner: str = "anon",
+                       progress: Progress | None = None, image=None, video=None, cond_frames=None):
+        """Text to video; with ``image`` (H, W, 3) uint8: image to video (the image is latent frame 0);
+        with ``video`` (a file path or (F, H, W, 3) frames): its last ``cond_frames`` latent frames
+        continue into a new clip. Returns (the MP4's path, the seed used)."""
+        frames = self.default_frames if frames is None else frames
+        req = self.request(prompt, negative_prompt, *self._size(width, height), frames, self._steps(steps),
+                           self._guidance(guidance), seed, randomize_seed, motion)
+        if image is not None or video is not None:
+            req = self.condition(req, image=image, video=video, cond_frames=cond_frames)
+        tokens = self.run(req, progress, owner=owner)
+        pixels = self.served.frames(tokens)[0]
+        path = self.out_dir / f"ursa-{secrets.token_hex(8)}.mp4"
+        path.write_bytes(self.served.mp4(pixels))
+        return str(path), req.seed
+
+    def condition(self, req: GenerationRequest, *, image=None, video=None, cond_frames=None) -> GenerationRequest:
+        """``req`` with known first frames: an image (frame 0) or the last frames of a video (DESIGN §2.4)."""
+        if not conditioning_available():
+            raise UIError("image: conditioning frames are not available on this server (its batcher takes text "
+                          "prompts only)")
+        if self.served.engine.vae is None:
+            raise UIError("image: this checkpoint has no vae/ to encode pixels")
+        T, h, w = req.latents_shape
+        H, W = h * self.stride, w * self.stride
+        if image is not None:
+            pixels = _pixels(image, "image", 3)
+            if pixels.shape[:2] != (H, W):
+                raise UIError(f"image: {pixels.shape[1]}x{pixels.shape[0]} pixels, but the video is {W}x{H}: "
+                              "upload an image of the video's size or change width / height")
+            kw = {"image": pixels}
+        else:
+            clip = _read_video(video)
+            if clip.shape[1:3] != (H, W):
+                raise UIError(f"video: {clip.shape[2]}x{clip.shape[1]} pixels, but the new clip is {W}x{H}: "
+                              "set width / height to the uploaded video's size")
+            n = 1 if cond_frames is None else _int(cond_frames, "cond_frames")
+            if not 1 <= n < T:
+                raise UIError(f"cond_frames: expected 1..{T - 1} latent frames to keep (the clip has {T}), got {n}")
+            t_stride = int(getattr(self.served.engine.vae, "temporal_stride", 1))
+            need = 1 + t_stride * (n - 1)
+            if clip.shape[0] < need:
+                raise UIError(f"video: {clip.shape[0]} frames, {need} needed for {n} latent frame(s)")
+            kw = {"video": clip, "num_cond_frames": need}
+        try:
+            codes = self.served.engine.encode_condition(latents_shape=req.latents_shape, **kw)
+        except ValueError as err:
+            raise UIError(_one_line(err)) from None
+        return dataclasses.replace(req, cond_latents=codes)
+
+    # ------------------------------------------------------------------ defaults
+    def _size(self, width, height) -> tuple[int, int]:
+        w, h = self.served.default_size
+        return (w if width is None else width), (h if height is None else height)
+
+    def _steps(self, steps) -> int:
+        return self.served.engine.scheduler.num_steps if steps is None else steps
+
+    def _guidance(self, guidance) -> float:
+        return self.served.default_guidance if guidance is None else guidance
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _int(v, name: str) -> int:
+    if isinstance(v, bool) or v is None:
+        raise UIError(f"{name}: expected a whole number, got {v!r}")
+    if isinstance(v, float):
+        if not math.isfinite(v) or v != int(v):
+            raise UIError(f"{name}: expected a whole number, got {v:g}")
+        return int(v)
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise UIError(f"{name}: expected a whole number, got {v!r}") from None
+
+
+def _float(v, name: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise UIError(f"{name}: expected a number, got {v!r}") from None
+    if not math.isfinite(f):
+        raise UIError(f"{name}: expected a finite number, got {v!r}")
+    return f
+
+
+def _pixels(a, name: str, ndim: int) -> np.ndarray:
+    """uint8 RGB pixels of an upload (numpy as Gradio gives it; grey or RGBA converted)."""
+    a = np.asarray(a)
+    if a.ndim == ndim - 1:  # grey
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != ndim or a.shape[-1] not in (3, 4):
+        raise UIError(f"{name}: expected an RGB picture, got an array of shape {tuple(a.shape)}")
+    a = a[..., :3]
+    if a.dtype != np.uint8:
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def _read_video(video) -> np.ndarray:
+    if isinstance(video, (str, Path)):
+        from ..media import read_video
+
+        try:
+            frames, _fps = read_video(video)
+        except Exception as err:
+            raise UIError(f"video: cannot read it ({_one_line(err)})") from None
+        return _pixels(frames, "video", 4)
+    return _pixels(video, "video", 4)
