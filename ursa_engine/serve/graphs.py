@@ -19,6 +19,11 @@ every value that outlives a replay is a static buffer allocated outside the grap
 recently used bucket is dropped past ``max_graphs``. Replays give the eager step's tokens (a GPU
 test: tests/test_serve_batcher.py).
 
+Conditioning (DESIGN §2.4): a job's frozen tokens (given frames, inpainting's known tokens) are not
+part of the captured step: :func:`ursa_engine.serve.step.forward_and_step` writes them back over the
+job's rows of the replay's ``x_next``, as after an eager step, so conditioned and plain jobs share
+buckets (no key of their own) and the tokens equal the eager step's (tests/test_serve_conditioning.py).
+
 Per-request LoRA adapters (DESIGN §9): the rows each adapter covers are python slices of the
 captured step, so the (adapter, rows) runs and the batcher's adapter set (``RowAdapters.version``)
 are part of the key too; traffic that mixes adapters in changing orders captures more buckets.
