@@ -317,6 +317,13 @@ class Engine:
                                            num_cond_frames=num_cond_frames, batch=batch)
         return codes.to(self.device)
 
+    def encode_inpaint(self, image, keep, latents_shape=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(known_tokens (1, T, h, w), known_mask (T, h, w))`` for :meth:`generate` from an image
+        (uint8 (H, W, 3) / PIL) and ``keep`` bool (H, W) of kept pixels: a token is known iff its whole
+        patch is kept; the image is latent frame 0 (:func:`ursa_engine.conditioning.encode_inpaint`)."""
+        tokens, mask = conditioning.encode_inpaint(self.vae, image, keep, latents_shape)
+        return tokens.to(self.device), mask.to(self.device)
+
     def decode(self, tokens) -> np.ndarray:
         """uint8 frames (B, F, H, W, 3) of tokens (B, T, h, w) with the engine's tokenizer
         (``F = vae.num_frames(T)``: the authors' temporal tiling, see :mod:`ursa_engine.vae`)."""
@@ -372,7 +379,7 @@ class Engine:
                  latents: torch.Tensor | None = None, progress: bool = False, mode: str | None = None,
                  image=None, video=None, num_cond_frames: int | None = None, decode: bool = True,
                  keep_graphs: bool | None = None, prompt_length: int | None = None,
-                 return_trajectory: bool = False) -> GenerationResult:
+                 return_trajectory: bool = False, known_tokens=None, known_mask=None) -> GenerationResult:
         """Generate latent tokens (and, with a tokenizer, pixels) for a batch of prompts (DESIGN §2.4, §4, §8).
 
         Parameters
@@ -414,6 +421,13 @@ class Engine:
             transformer's norm / RoPE / SwiGLU on their torch twins (what a replay differentiates);
             tokens are those of an unrecorded run (on a GPU up to §2.5's float ties). Not for the
             confidence sampler or a mesh
+        known_tokens, known_mask : inpainting at the token level (DESIGN §2.4): ``known_mask`` bool
+            (T, H, W) or (1, T, H, W) (0/1 integers accepted; one region for the whole batch) marks
+            the tokens that start at and hold ``known_tokens`` (B or 1, T, H, W) or (T, H, W) codes
+            after every step, on every backend, in graphs, under CFG and on a mesh; codes under the
+            mask must lie in [0, K). Frozen with the ``freeze_cond`` frames (the union; known tokens
+            win where both give one); recorded as frozen in a trajectory. An empty mask is a plain
+            generation; a full one returns ``known_tokens``. From pixels: :meth:`encode_inpaint`
 
         Returns
         -------
@@ -439,7 +453,8 @@ class Engine:
             guidance_trunc=guidance_trunc, num_steps=num_steps, shift=shift, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, motion=motion, cond_latents=cond_latents, cond_indices=cond_indices,
             cond_noise_scale=cond_noise_scale, freeze_cond=freeze_cond, latents=latents, image=image, video=video,
-            num_cond_frames=num_cond_frames, prompt_length=prompt_length)
+            num_cond_frames=num_cond_frames, prompt_length=prompt_length, known_tokens=known_tokens,
+            known_mask=known_mask)
         sched, guided, skip_first, shape, n, B = inp.sched, inp.guided, inp.skip_first, inp.shape, inp.n, inp.B
         N, cond, x, seeds, freeze, opts = sched.num_steps, inp.cond, inp.x, inp.seeds, inp.freeze, inp.opts
         use_cfg = inp.use_cfg

@@ -1,8 +1,8 @@
 """One denoising step as a replayable body, and its CUDA graphs (DESIGN §8).
 
 :class:`LoopState` holds the static buffers of one generation (ids, tokens, seeds, rope tables,
-frozen frames) and runs one whole step on them: transformer, head + sampler, new tokens written
-back into the ids.
+frozen tokens: conditioning frames and inpainting's known tokens) and runs one whole step on them:
+transformer, head + sampler, new tokens written back into the ids.
 
 Head and sampler run in token chunks (issue 11): the transformer returns the final hidden states
 of the latent-predicting positions, then for each range ``[s, e)`` of tokens (every sample's, cond
@@ -43,6 +43,9 @@ class LoopState:
         self.ops_backend = None  # the model's norm / RoPE / SwiGLU backend for this generation (None: the model's)
 
     def graph_key(self):
+        """What a captured body depends on. The frozen tokens (conditioning frames, ``known_tokens``)
+        enter only as whether there are any: their (1, n) mask and (B, n) values are static buffers that
+        :meth:`GraphRunner.load` copies, so another mask or other values replay the same graphs."""
         o = self.opts
         return (id(self.sched), tuple(self.ids.shape), self.n, self.B, self.freeze is not None, o["guidance_scale"],
                 o["temperature"], o["top_k"], o["top_p"], self.backend, self.fused_head, self.engine.logits_budget,

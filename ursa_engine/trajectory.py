@@ -46,7 +46,7 @@ class Trajectory:
     steps : (S,) int64 grid index k of each call; times : (S,) float64 ``t_k``; guided : (S,) bool (CFG on)
     seeds : (B,) int64 per-sample seeds
     prompt_ids : (B, P) the padded prompt ids the model saw; negative_prompt_ids : (B, P) or None
-    frozen : (B, T, h, w) bool, tokens written back from given frames (not actions), or None
+    frozen : (B, T, h, w) bool, tokens written back from given frames or ``known_tokens`` (not actions), or None
     options : guidance_scale, guidance_trunc, temperature, top_k, top_p, argmax_last
     scheduler : the :class:`~ursa_engine.Scheduler` that stepped (its path, grid and step values)
     """

@@ -283,9 +283,12 @@ def generate(engine, groups: Groups, prompt_ids, negative_prompt_ids=None, laten
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, argmax_last: bool = False, seed: int = 0,
              motion=None, cond_latents=None, cond_indices=None, cond_noise_scale: float = 0.0, freeze_cond=False,
              latents=None, progress: bool = False, mode=None, image=None, video=None, num_cond_frames=None,
-             decode: bool = True, keep_graphs=None, prompt_length=None) -> GenerationResult:
+             decode: bool = True, keep_graphs=None, prompt_length=None, known_tokens=None,
+             known_mask=None) -> GenerationResult:
     """:meth:`Engine.generate` on the engine's mesh (same arguments and result). Every rank returns
     the whole batch's tokens; ``frames`` are decoded on global rank 0 only (None elsewhere).
+    Frozen tokens (``freeze_cond`` frames, ``known_tokens`` under ``known_mask``): every rank holds
+    the (1, n) mask and its dp slice of the values, written after each step's gather.
 
     Graph mode: each rank captures its step, collectives included (:mod:`.graphs`); every rank of
     the mesh must make the same calls with the same arguments (as for eager collectives), so that
@@ -302,7 +305,7 @@ def generate(engine, groups: Groups, prompt_ids, negative_prompt_ids=None, laten
                    top_k=top_k, top_p=top_p, seed=seed, motion=motion, cond_latents=cond_latents,
                    cond_indices=cond_indices, cond_noise_scale=cond_noise_scale, freeze_cond=freeze_cond,
                    latents=latents, image=image, video=video, num_cond_frames=num_cond_frames,
-                   prompt_length=prompt_length)
+                   prompt_length=prompt_length, known_tokens=known_tokens, known_mask=known_mask)
     mode = _checks(engine, groups, prep, mode)
     loop = ParallelLoop(engine, groups, prep, argmax_last)
     runner = None
