@@ -5,6 +5,7 @@
 ``ursa-engine demo``: the bundled digits model on the CPU;
 ``ursa-engine serve [ROOT] --host 127.0.0.1 --port 8000``: the HTTP API with step-level continuous
 batching (:mod:`ursa_engine.serve`);
+``ursa-engine ui [ROOT] --port 7860``: a web page (Gradio) on the same batcher (:mod:`ursa_engine.ui`);
 ``ursa-engine bench run [SUITE...] --mode smoke|cpu|gpu``: benchmarks, one JSON per suite run;
 ``ursa-engine bench report RESULTS...``: markdown summary + PNG plot from result JSON;
 ``ursa-engine bench suite --out DIR``: the whole GPU suite (build, GPU tests, benchmarks);
@@ -330,6 +331,56 @@ def _serve(args) -> int:
     return 0
 
 
+def _add_ui(subparsers) -> None:
+    ui = subparsers.add_parser(
+        "ui", help="a web UI (Gradio) on the step-level batcher: text/image to image/video in the browser",
+        description="Serve a web page (Gradio) for a checkpoint: text -> image, text -> video, image -> video and "
+                    "video extension, with a per-step progress bar. Requests from every open page go through one "
+                    "step-level batcher (as `serve`), so they share forward passes. Named API endpoints for "
+                    "gradio_client: /generate_image, /generate_video, /image_to_video, /extend_video "
+                    "(ursa_engine.ui; pip install 'ursa-engine[ui]').",
+        epilog="example: ursa-engine ui --port 7860   (the bundled digits model on the CPU; open http://127.0.0.1:7860)")
+    ui.add_argument("root", metavar="ROOT", nargs="?", default=None,
+                    help="checkpoint root (default: the bundled digits model)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
+    ui.add_argument("--max-rows", type=int, default=16, help="rows of one forward pass, cond + uncond (default 16)")
+    ui.add_argument("--max-queue", type=int, default=64, help="requests waiting before 'queue full' (default 64)")
+    ui.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                    help="the page asks for a login whose password is KEY, repeatable (also URSA_API_KEY)")
+    ui.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
+                    help="queued + running requests of one key (or of everyone without keys)")
+    _add_debug(ui)
+    ui.set_defaults(handler=_ui)
+
+
+def _ui(args) -> int:
+    import os
+
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port: expected 0..65535, got {args.port}")
+    for name in ("max_rows", "max_queue", "max_concurrent_per_key"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
+    try:
+        import gradio  # noqa: F401 (the ui extra)
+
+        from . import ui
+        from .serve.security import Limits, keys_from_env
+    except ImportError as err:
+        raise UsageError(f"ui: needs Gradio (pip install 'ursa-engine[ui]'): {err}") from None
+    try:
+        limits = Limits(api_keys=(args.api_key or []) + keys_from_env(os.environ.get("URSA_API_KEY")),
+                        max_concurrent_per_key=args.max_concurrent_per_key)
+    except ValueError as err:
+        name, _, rest = str(err).partition(":")
+        raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None
+    ui.launch(args.root, host=args.host, port=args.port, device=args.device, max_rows=args.max_rows,
+              max_queue=args.max_queue, limits=limits)
+    return 0
+
+
 def _add_plan(subparsers) -> None:
     plan = subparsers.add_parser(
         "plan", help="planned peak memory of a generation, or with --training of one training step (fake tensors "
@@ -463,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_plan(subparsers)
     _add_serve(subparsers)
+    _add_ui(subparsers)
     return parser
 
 
