@@ -35,8 +35,8 @@ class GenerationRequest:
     - ``cond_latents`` (1 or n, Tc, h, w) int codes of known frames, ``cond_indices`` the frames they
       go to (default 0 .. Tc − 1), ``cond_noise_scale`` (resampled from the path at ``t = 1 − scale``)
       and ``freeze_cond`` (hold them at every step): image-to-video, video extension;
-    - ``known_tokens`` (1 or n, T, h, w) codes and ``known_mask`` bool (T, h, w): inpainting, the
-      tokens under the mask start at and hold ``known_tokens`` at every step.
+    - ``known_tokens`` (1 or n, T, h, w) codes and ``known_mask`` bool (T, h, w) (or 0/1 ints):
+      inpainting, the tokens under the mask start at and hold ``known_tokens`` at every step.
 
     ``preview_steps``: 1-based step counts after which the ``"step"`` event carries the job's tokens
     (``"tokens"``, a CPU int64 (n, T, h, w) copy; decoded by the caller, never in the worker thread).

@@ -7,14 +7,14 @@ is refused with a ValueError naming its field, and nothing of it reaches the wor
 The job's initial state is built by :func:`ursa_engine.inputs.prepare_inputs`, the function that
 prepares :meth:`Engine.generate`'s inputs, with the request's ``n`` samples as its batch: the same
 checks (every error names the field), the same initial tokens, seeds and conditioning (DESIGN §2.4:
-frames written into the initial tokens, resampled at ``t = 1 − cond_noise_scale`` when asked), and
-the same frozen set ``(mask (1, n_tokens), values (n, n_tokens))`` that the batcher writes back
-after every step, so a conditioned request's tokens equal :meth:`Engine.generate`'s.
+frames written into the initial tokens, resampled at ``t = 1 − cond_noise_scale`` when asked;
+inpainting's known tokens likewise), and the same frozen set ``(mask (1, n_tokens), values (n,
+n_tokens))`` (frozen frames and known tokens, their union, known tokens winning) that the batcher
+writes back after every step, so a conditioned request's tokens equal :meth:`Engine.generate`'s.
 """
 
 from __future__ import annotations
 
-import inspect
 import uuid
 
 import torch
@@ -24,10 +24,6 @@ from ..inputs import prepare_inputs
 from ..paths import MetricPath
 from ..rowwise import guided_steps
 from .jobs import GenerationRequest, Job
-
-# Engine.generate's token-level inpainting (known_tokens / known_mask) is prepared by prepare_inputs
-# once it takes them; until then :func:`_hold_known` gives the same initial state and frozen set.
-_INPUTS_INPAINT = "known_tokens" in inspect.signature(prepare_inputs).parameters
 
 
 def prepare_job(batcher, request: GenerationRequest, job_id: str | None = None) -> Job:
@@ -59,20 +55,14 @@ def prepare_job(batcher, request: GenerationRequest, job_id: str | None = None) 
     batcher.check_size(shape, n, peak)
     previews = preview_steps(request.preview_steps, sched.num_steps)
     conditioning = conditioning_options(request)
-    known = {k: conditioning.pop(k) for k in ("known_tokens", "known_mask")}
-    if _INPUTS_INPAINT:
-        conditioning.update(known)
     negative = request.negative_ids[None] if request.negative_ids is not None else None
     inp = prepare_inputs(e, request.prompt_ids[None].expand(n, -1), negative, shape, guidance_scale=gs,
                          guidance_trunc=gt, num_steps=request.num_steps, shift=request.shift,
                          temperature=request.temperature, top_k=request.top_k, top_p=request.top_p, seed=request.seed,
                          **conditioning)
-    x, freeze = inp.x, inp.freeze
-    if not _INPUTS_INPAINT and known["known_tokens"] is not None:
-        x, freeze = _hold_known(known["known_tokens"], known["known_mask"], x, freeze, shape, sched.path.size)
     neg = inp.neg if inp.neg is not None else inp.cond  # unguided at every step: never read
-    job = Job(job_id or uuid.uuid4().hex, request, sched, guided, x, inp.seeds, inp.cond.contiguous(),
-              neg.contiguous(), k=1 if skip else 0, freeze=freeze, previews=previews)
+    job = Job(job_id or uuid.uuid4().hex, request, sched, guided, inp.x, inp.seeds, inp.cond.contiguous(),
+              neg.contiguous(), k=1 if skip else 0, freeze=inp.freeze, previews=previews)
     job._event({"event": "queued"})
     return job
 
@@ -93,16 +83,16 @@ def preview_steps(steps, num_steps: int) -> frozenset:
 def conditioning_options(request: GenerationRequest) -> dict:
     """The request's conditioning as :func:`~ursa_engine.inputs.prepare_inputs` keywords, checked for
     what a batcher request adds (already-encoded codes, options that need their tensor)."""
-    for name in ("cond_latents", "known_tokens"):
-        codes = getattr(request, name)
-        if codes is not None and (not isinstance(codes, torch.Tensor) or codes.is_floating_point()
-                                  or codes.is_complex() or codes.dtype == torch.bool):
-            what = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
-            raise ValueError(f"{name}: expected a tensor of integer codes, got {what}")
-    if (request.known_tokens is None) != (request.known_mask is None):
-        given, missing = ("known_tokens", "known_mask") if request.known_mask is None else ("known_mask",
-                                                                                            "known_tokens")
-        raise ValueError(f"{missing}: {given} is given without it (inpainting needs both)")
+    for name, what in (("cond_latents", "integer codes"), ("known_tokens", "integer codes"),
+                       ("known_mask", "a bool mask")):
+        t = getattr(request, name)
+        if t is None:
+            continue
+        mask = name == "known_mask"
+        if (not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex()
+                or (t.dtype == torch.bool and not mask)):
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a tensor of {what}, got {got}")
     if request.cond_latents is None:
         for name, off in (("cond_noise_scale", 0.0), ("freeze_cond", False)):
             if getattr(request, name) != off:
@@ -114,44 +104,6 @@ def conditioning_options(request: GenerationRequest) -> dict:
         raise ValueError(f"freeze_cond: expected a bool, got {request.freeze_cond!r}")
     return dict(cond_latents=request.cond_latents, cond_indices=request.cond_indices, cond_noise_scale=float(scale),
                 freeze_cond=request.freeze_cond, known_tokens=request.known_tokens, known_mask=request.known_mask)
-
-
-def _hold_known(known_tokens, known_mask, x: torch.Tensor, freeze, shape, K: int):
-    """Inpainting's initial tokens and frozen set, for a ``prepare_inputs`` that does not take
-    ``known_tokens`` yet: the masked tokens start at and hold the known codes; the frozen set is
-    the union with the frozen frames (known tokens win where both give a value).
-
-    Parameters
-    ----------
-    known_tokens : (1 or B, T, h, w) integer codes in [0, K)
-    known_mask : bool (T, h, w) or (1, T, h, w)
-    x : (B, n) initial tokens; freeze : the frames' (mask (1, n), values (B, n)) or None
-
-    Returns
-    -------
-    (x (B, n), freeze (mask (1, n), values (B, n)))
-    """
-    B, n = x.shape
-    codes = known_tokens.to(x.device)
-    codes = codes[None] if codes.dim() == 3 else codes
-    if codes.dim() != 4 or codes.shape[0] not in (1, B) or tuple(codes.shape[1:]) != tuple(shape):
-        raise ValueError(f"known_tokens: expected (1 or {B}, {', '.join(map(str, shape))}) codes, "
-                         f"got {tuple(codes.shape)}")
-    if codes.numel() and (codes.min() < 0 or codes.max() >= K):
-        raise ValueError(f"known_tokens: codes must lie in [0, {K})")
-    mask = torch.as_tensor(known_mask, device=x.device)
-    if mask.dtype != torch.bool:
-        raise ValueError(f"known_mask: expected a bool tensor, got {mask.dtype}")
-    mask = mask[0] if mask.dim() == 4 and mask.shape[0] == 1 else mask
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"known_mask: expected shape {tuple(shape)}, got {tuple(known_mask.shape)}")
-    mask = mask.reshape(1, n)
-    values = codes.long().reshape(-1, n).expand(B, n)
-    x = torch.where(mask, values, x)
-    if freeze is not None:
-        values = torch.where(mask, values, freeze[1])
-        mask = mask | freeze[0]
-    return x.contiguous(), (mask, values.contiguous())
 
 
 __all__ = ["conditioning_options", "prepare_job", "preview_steps"]
