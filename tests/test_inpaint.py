@@ -324,3 +324,51 @@ def test_a_conv_tokenizer_holds_the_kept_tokens_and_roughly_the_far_pixels(ibq_r
     inpainted = np.abs(out.frames[0, 0].astype(int) - roundtrip)[:, far].mean()
     unconstrained = np.abs(plain.frames[0, 0].astype(int) - roundtrip)[:, far].mean()
     assert inpainted <= 0.6 * unconstrained, (inpainted, unconstrained)
+
+
+# ---------------------------------------------------------------------------- pipeline and CLI
+def test_pipeline_mask_image_inpaints_in_diffusers_convention(engine, source):
+    """White repaints, black keeps; the kept pixels are the round trip, the image is no conditioning frame."""
+    pipe = ue.URSAPipeline(engine)
+    mask = np.zeros(source.shape[:2], np.uint8)
+    mask[:, 8:] = 255  # repaint the right half: tokens 4..7 of each row
+    args = dict(prompt_ids=_prompts(engine, [3]), height=8, width=16, num_inference_steps=STEPS, guidance_scale=3,
+                max_prompt_length=2, seed=0, image=Image.fromarray(source), output_type="np")
+    out = pipe(mask_image=Image.fromarray(mask), **args)
+    known, kept = engine.encode_inpaint(source, mask < 128)
+    roundtrip = engine.decode(known)[0, 0]
+    assert torch.equal(out.result.tokens[:, kept], known[:, kept])
+    assert np.array_equal(out.frames[0][:, :8], roundtrip[:, :8])
+    assert not np.array_equal(out.frames[0][:, 8:], roundtrip[:, 8:])
+    with pytest.raises(ValueError, match=r"mask_image: a mask of shape \(8, 12\)"):
+        pipe(mask_image=np.zeros((8, 12), np.uint8), **args)
+    with pytest.raises(ValueError, match="mask_image: inpaints image="):
+        pipe(mask_image=mask, **{**args, "image": None})
+
+
+def test_cli_image_and_mask_inpaint_in_openai_convention(ibq_root, tmp_path, monkeypatch, capsys):
+    """``generate --image IN.png --mask MASK.png``: an RGBA mask, alpha 0 regenerated (OpenAI's);
+    the saved tokens hold the image's codes where the whole patch is opaque; a mask of another size
+    is one line naming --mask."""
+    from ursa_engine.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    eng = ue.Engine.from_pretrained(ibq_root, device="cpu", dtype=torch.float32, prompt_length=8)
+    image = eng.decode(torch.randint(0, 100, (1, 1, 4, 6), generator=torch.Generator().manual_seed(1)))[0, 0]
+    Image.fromarray(image).save("in.png")
+    rgba = np.full((16, 24, 4), 255, np.uint8)
+    rgba[:, 10:, 3] = 0  # transparent from column 10: tokens 0, 1 kept (pixels 0..7), token 2 cut
+    Image.fromarray(rgba, "RGBA").save("mask.png")
+    base = ["generate", str(ibq_root), "--prompt", "a bear", "--image", "in.png", "--steps", "3", "--device", "cpu",
+            "--prompt-length", "8", "--no-progress"]
+    assert main([*base, "--mask", "mask.png", "--out", "out.pt"]) == 0
+    tokens = torch.load("out.pt")
+    known, kept = eng.encode_inpaint(image, rgba[..., 3] != 0)
+    assert kept[0, :, :2].all() and not kept[0, :, 2:].any()
+    assert torch.equal(tokens[:, kept], known[:, kept])
+    capsys.readouterr()
+    Image.fromarray(rgba[:8], "RGBA").save("small.png")
+    assert main([*base, "--mask", "small.png", "--out", "out.pt"]) == 2
+    assert "--mask: 8x24 pixels (HxW), but --image is 16x24" in capsys.readouterr().err
+    assert main([*base[:4], *base[6:], "--mask", "mask.png", "--out", "out.pt"]) == 2
+    assert "--mask: inpaints --image" in capsys.readouterr().err

@@ -117,6 +117,11 @@ video; 25 steps for one frame of a video tokenizer; --image / --video keep their
                                                                      "output size")
     cond.add_argument("--video", default=None, metavar="PATH", help="video to extend (.mp4), resized to the output "
                                                                      "size")
+    cond.add_argument("--mask", default=None, metavar="PATH",
+                      help="inpaint --image instead of conditioning on it: a mask image of --image's size; with an "
+                           "alpha channel, fully transparent pixels are regenerated (OpenAI's convention), without "
+                           "one, white (>= 128) is regenerated and black kept (diffusers'). Tokens whose whole patch "
+                           "is kept hold --image's codes")
     cond.add_argument("--cond-frames", type=int, default=None,
                       help="last frames of --video that condition the new clip, 1 + 4k (default: 13)")
     cond.add_argument("--cond-noise-scale", type=float, default=None,

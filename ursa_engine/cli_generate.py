@@ -11,6 +11,13 @@ Defaults: 320×512 pixels for video tokenizers (the authors' pipeline and URSA-1
 authors' README negative prompt; for ``--video`` 13 conditioning frames at ``cond_noise_scale``
 0.1 (the README's extension loop).
 
+Inpainting (``--image IN.png --mask MASK.png``, DESIGN §2.4): the mask has ``--image``'s size;
+with an alpha channel its fully transparent pixels are regenerated (OpenAI's ``images.edit``
+convention), without one its white pixels (grey >= 128) are regenerated and black ones kept
+(diffusers'); :func:`ursa_engine.conditioning.keep_from_mask_image`. Both are resized to the
+output size (the mask nearest-neighbour); tokens whose whole patch is kept hold the image's codes
+(``Engine.generate(known_tokens=, known_mask=)``); the image is latent frame 0.
+
 Video extension (``--video``) writes what the authors' README loop keeps:
 ``concatenate([given, new[num_cond_frames:]])``: the whole given video (resized to the output
 size) followed by the new clip's frames past its ``--cond-frames`` conditioning frames. Its ``.pt``
@@ -58,7 +65,8 @@ FLAGS = {
     "num_cond_frames": "--cond-frames", "image": "--image", "video": "--video", "fps": "--fps",
     "out": "--out", "attn_backend": "--attn", "mode": "--mode", "prompt_length": "--prompt-length",
     "freeze_cond": "--freeze-cond", "mesh": "--parallel", "parallel": "--parallel",
-    "transformer_weights": "--transformer-weights", "revision": "--revision",
+    "transformer_weights": "--transformer-weights", "revision": "--revision", "known_tokens": "--image",
+    "known_mask": "--mask", "keep": "--mask", "mask": "--mask",
 }
 _NAMED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*): ")
 
@@ -186,6 +194,14 @@ def _check_args(args, kind: str, has_vae: bool) -> None:
         raise UsageError(f"--cond-noise-scale: expected a number in [0, 1], got {args.cond_noise_scale}")
     if args.freeze_cond and not (args.image or args.video):
         raise UsageError("--freeze-cond: applies to --image or --video only")
+    if getattr(args, "mask", None):
+        if not args.image:
+            raise UsageError("--mask: inpaints --image; give --image IN.png with it")
+        for flag, used in (("--cond-noise-scale", args.cond_noise_scale is not None),
+                           ("--freeze-cond", args.freeze_cond)):
+            if used:
+                raise UsageError(f"{flag}: applies to a conditioning --image, not to inpainting (--mask): kept tokens "
+                                 "are always held")
     if not has_vae:
         _need_vae(args, kind, pixel_flags, f"and {args.root} has none")
     from .attention import ATTENTION_BACKENDS
@@ -328,10 +344,12 @@ def run(args) -> int:
     if parallel is not None:
         _check_parallel(args)
 
-    cond, fps = None, args.fps
+    cond, fps, keep = None, args.fps, None
     if args.image:
         with user_errors(ValueError, FileNotFoundError, flag="--image"):
             cond = media.read_image(args.image)
+    if getattr(args, "mask", None):
+        keep = read_mask(args.mask, cond.shape[:2])
     if args.video:
         with user_errors(ValueError, FileNotFoundError, flag="--video"):
             cond, video_fps = media.read_video(args.video)
@@ -347,7 +365,7 @@ def run(args) -> int:
     created = parallel is not None and not (dist.is_available() and dist.is_initialized())
     loaded: list = []
     try:
-        return _generate(args, root, kind, has_vae, cond, fps, parallel, loaded)
+        return _generate(args, root, kind, has_vae, cond, fps, parallel, loaded, keep)
     finally:
         if created:
             if loaded:
@@ -356,7 +374,38 @@ def run(args) -> int:
                 dist.destroy_process_group()
 
 
-def _generate(args, root: Path, kind: str, has_vae: bool, cond, fps, parallel, loaded: list) -> int:
+def read_mask(path: str, size: tuple[int, int]):
+    """``--mask``: bool (H, W) of kept pixels (either convention, see the module docstring), of ``size``
+    (--image's (H, W)); errors name the flag."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .conditioning import keep_from_mask_image
+
+    if not Path(path).is_file():
+        raise UsageError(f"--mask: {path} " + ("is not a file" if Path(path).exists() else "does not exist"))
+    try:
+        with Image.open(path) as img:
+            img.load()
+            keep = keep_from_mask_image(img, "mask")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UsageError(f"--mask: {path!r} is not a readable image ({one_line(err)})") from err
+    if tuple(keep.shape) != tuple(size):
+        raise UsageError(f"--mask: {keep.shape[0]}x{keep.shape[1]} pixels (HxW), but --image is {size[0]}x{size[1]}; "
+                         "a mask has the size of its image")
+    return keep
+
+
+def _resize_mask(keep, height: int, width: int):
+    """bool (H, W) -> (height, width), nearest neighbour (a kept pixel stays exactly kept or not)."""
+    if tuple(keep.shape) == (height, width):
+        return keep
+    from PIL import Image
+
+    img = Image.fromarray(keep.numpy().astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(img) >= 128
+
+
+def _generate(args, root: Path, kind: str, has_vae: bool, cond, fps, parallel, loaded: list, keep=None) -> int:
     """Load, generate and (on the writer) save; the engine is appended to ``loaded`` once built."""
     import torch
 
@@ -382,7 +431,15 @@ def _generate(args, root: Path, kind: str, has_vae: bool, cond, fps, parallel, l
         shape = _pixel_grid(args, vae, kind, cond)
 
     options = {}
-    if cond is not None:
+    if keep is not None:  # inpainting: the image's kept tokens hold (no conditioning frame)
+        _, h, w = shape
+        s = vae.spatial_stride
+        with user_errors(ValueError, flag="--image"):
+            cond = media.resize(cond, h * s, w * s)
+        with user_errors(ValueError, TypeError, flag="--mask"):
+            options["known_tokens"], options["known_mask"] = engine.encode_inpaint(
+                cond, _resize_mask(keep, h * s, w * s), latents_shape=shape)
+    elif cond is not None:
         if args.video:
             options["num_cond_frames"] = _cond_frames(args, vae, shape[0])
         _, h, w = shape

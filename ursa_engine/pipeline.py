@@ -30,6 +30,12 @@ Differences from the authors' pipeline:
 - ``num_cond_frames=`` (a keyword, as in their README): only the last ``num_cond_frames`` frames
   of ``video`` are encoded (theirs encodes all of ``video``; the README slices it first, which
   gives the same result). ``freeze_cond=True`` (ours) keeps the conditioning frames fixed.
+- ``mask_image=`` (ours, diffusers' inpainting argument): with it, ``image`` is not a conditioning
+  frame but the picture to inpaint, at the token level (``Engine.generate(known_tokens=,
+  known_mask=)``, DESIGN §2.4): white (>= 128) repaints, black keeps, or, for a mask with an alpha
+  channel, alpha 0 repaints (OpenAI's convention; :func:`ursa_engine.conditioning.keep_from_mask_image`).
+  A token is kept iff its whole patch is kept; it holds the image's code at every step. One image,
+  of the generated size; the mask of the image's size.
 - An ``image`` / ``video`` batch has 1 row (shared) or one per generated sample (prompts ×
   ``num_images_per_prompt``); theirs expands its batch to ``num_images_per_prompt``.
 - ``vae_batch_size`` is accepted; decoding always runs one sample at a time, memory-chunked inside
@@ -57,7 +63,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _validate
+from . import _validate, conditioning
 from .conditioning import as_index_list
 from .engine import Engine, GenerationResult
 
@@ -223,11 +229,14 @@ class URSAPipeline:
                  num_inference_steps=25, guidance_scale=7, guidance_trunc=0.9, flow_shift=None, image=None,
                  video=None, num_images_per_prompt=1, generator=None, latents=None, latents_shape=None,
                  cond_latents=None, cond_indices=None, cond_noise_scale=0, prompt_ids=None, negative_prompt_ids=None,
-                 output_type="pil", max_prompt_length=320, vae_batch_size=1, **kwargs) -> URSAPipelineOutput:
+                 output_type="pil", max_prompt_length=320, vae_batch_size=1, mask_image=None,
+                 **kwargs) -> URSAPipelineOutput:
         """Generate images or videos (the authors' arguments; see the module docstring).
 
         Extra keywords: ``seed`` (int, wins over ``generator``), ``num_cond_frames`` (use the last
         frames of ``video``), ``freeze_cond`` (keep conditioning frames fixed); others are ignored.
+        ``mask_image`` (PIL or array, white = repaint; with alpha: transparent = repaint) makes
+        ``image`` the picture to inpaint instead of a conditioning frame.
         """
         engine = self.engine
         if output_type not in OUTPUT_TYPES:
@@ -238,6 +247,13 @@ class URSAPipeline:
         prompts, negatives, B = self._prompts(prompt, negative_prompt, prompt_ids, negative_prompt_ids,
                                               num_images_per_prompt)
         seed = self._seed(kwargs.get("seed"), generator)
+        known = {}
+        if mask_image is not None:  # inpainting: image holds its kept tokens instead of conditioning frame 0
+            if image is None or video is not None:
+                raise ValueError("mask_image: inpaints image= (give image=, and no video=)")
+            keep = conditioning.keep_from_mask_image(mask_image, "mask_image")
+            tokens, mask = conditioning.encode_inpaint(engine.vae, image, keep, shape, name="mask_image")
+            known, image = {"known_tokens": tokens.to(engine.device), "known_mask": mask.to(engine.device)}, None
         if video is not None or image is not None:  # pixels replace cond_latents; video wins (as theirs)
             pixels = {"video": video, "num_cond_frames": kwargs.get("num_cond_frames")} if video is not None \
                 else {"image": image}
@@ -251,7 +267,7 @@ class URSAPipeline:
             shift=flow_shift or None, seed=seed, latents=latents, cond_latents=cond_latents, cond_indices=cond_indices,
             cond_noise_scale=_number("cond_noise_scale", cond_noise_scale),
             freeze_cond=bool(kwargs.get("freeze_cond", False)),
-            prompt_length=max_prompt_length, progress=self._progress, decode=output_type in ("pil", "np"))
+            prompt_length=max_prompt_length, progress=self._progress, decode=output_type in ("pil", "np"), **known)
         return URSAPipelineOutput(frames=self._postprocess(result, output_type), result=result)
 
     # ------------------------------------------------------------------ pieces
