@@ -32,7 +32,7 @@ def create_ui_app(served, batcher, limits=None, *, app=None, path: str = "/", in
     served : :class:`~ursa_engine.serve.models.ServedModel`
     batcher : the started :class:`~ursa_engine.serve.batcher.Batcher` shared with the HTTP API
     limits : :class:`~ursa_engine.serve.security.Limits` (keys -> login page; prompt / per-key limits;
-        uploads are capped at ``max_body_bytes``)
+        uploads are capped at ``max_upload_bytes``, decoded under its pixel / frame limits)
     inflight : the HTTP app's per-key job counts (shared ``max_concurrent_per_key``)
     out_dir : where result videos are written (default: a temporary folder)
     """
@@ -49,7 +49,7 @@ def create_ui_app(served, batcher, limits=None, *, app=None, path: str = "/", in
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None) if app is None else app
     app = gr.mount_gradio_app(app, blocks, path, auth=login if limits.api_keys else None,
                               auth_message="This server needs an API key: enter it as the password (any user name).",
-                              allowed_paths=[str(studio.out_dir)], max_file_size=limits.max_body_bytes,
+                              allowed_paths=[str(studio.out_dir)], max_file_size=limits.max_upload_bytes,
                               ssr_mode=False, show_error=True, css=CSS, footer_links=["api"])
     app.state.ui_studio = studio
     return app

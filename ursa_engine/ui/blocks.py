@@ -122,7 +122,7 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         """Image to video: the uploaded image is the first frame; the size is the image's.
 
         Parameters:
-            image: the first frame (its size must be a multiple of the tokenizer's stride)
+            image: the first frame (PNG / JPEG / WebP; its size, a multiple of the tokenizer's stride, is the video's)
             prompt: the text prompt
             negative_prompt: the unconditional prompt ("" for none)
             frames: pixel frames of the clip
@@ -137,8 +137,7 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         try:
             if image is None:
                 raise UIError("image: upload an image first")
-            h, w = image.shape[:2]
-            return studio.generate_video(prompt, negative_prompt, w, h, frames, steps, guidance, seed,
+            return studio.generate_video(prompt, negative_prompt, None, None, frames, steps, guidance, seed,
                                          randomize_seed, motion, image=image, owner=login.owner_of(request),
                                          progress=_progress(progress))
         except UIError as err:
@@ -149,27 +148,24 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         """Video extension: a new clip that starts from the last frames of the uploaded video.
 
         Parameters:
-            video: the video to continue (MP4); the new clip has its size
+            video: the video to continue (MP4 / WebM); the new clip has its size
             prompt: the text prompt
             negative_prompt: the unconditional prompt ("" for none)
             frames: pixel frames of the new clip (the kept frames included)
-            cond_frames: latent frames of the upload's end kept as the new clip's start
+            cond_frames: frames of the upload's end that start the new clip (1 + s*k for temporal stride s)
             steps: denoising steps
             guidance: classifier-free guidance scale
             seed: the sample's seed
             randomize_seed: ignore `seed` and draw one
             motion: motion score of video checkpoints
         Returns:
-            the new clip (MP4; the kept frames first) and the seed used
+            the upload followed by the new frames (MP4) and the seed used
         """
         try:
             if video is None:
                 raise UIError("video: upload a video first")
-            from .handlers import _read_video
-
-            clip = _read_video(video)
-            return studio.generate_video(prompt, negative_prompt, clip.shape[2], clip.shape[1], frames, steps,
-                                         guidance, seed, randomize_seed, motion, video=clip, cond_frames=cond_frames,
+            return studio.generate_video(prompt, negative_prompt, None, None, frames, steps, guidance, seed,
+                                         randomize_seed, motion, video=video, cond_frames=cond_frames,
                                          owner=login.owner_of(request), progress=_progress(progress))
         except UIError as err:
             raise gr.Error(str(err), print_exception=False) from None
@@ -182,9 +178,10 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         out = {"prompt": prompt, "negative": negative}
         if size:
             with gr.Row():
-                out["width"] = gr.Number(label="Width (px)", value=W, precision=0, step=stride, elem_id=f"{tab}-width")
+                out["width"] = gr.Number(label="Width (px)", value=W, precision=0, step=stride, elem_id=f"{tab}-width",
+                                         info=f"a multiple of {stride}")
                 out["height"] = gr.Number(label="Height (px)", value=H, precision=0, step=stride,
-                                          elem_id=f"{tab}-height")
+                                          elem_id=f"{tab}-height", info=f"a multiple of {stride}")
         if frames:
             out["frames"] = gr.Number(label="Frames", value=studio.default_frames, precision=0,
                                       elem_id=f"{tab}-frames")
@@ -238,7 +235,7 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                                 "(no conditioning frames).", elem_id="i2v-unavailable")
                 with gr.Row(visible=conditioning):
                     with gr.Column():
-                        image = gr.Image(label="First frame", type="numpy", sources=["upload", "clipboard"],
+                        image = gr.Image(label="First frame", type="filepath", sources=["upload", "clipboard"],
                                          elem_id="i2v-image")
                         f = common("i2v", size=False, frames=True)
                         run = gr.Button("Generate", variant="primary", elem_id="i2v-run")
@@ -255,7 +252,8 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                     with gr.Column():
                         video = gr.Video(label="Video to continue", sources=["upload"], elem_id="extend-video")
                         f = common("extend", size=False, frames=True)
-                        cond = gr.Number(label="Latent frames kept", value=1, precision=0, elem_id="extend-cond")
+                        cond = gr.Number(label="Frames kept (the upload's last)", value=studio.default_cond_frames,
+                                         precision=0, elem_id="extend-cond")
                         run = gr.Button("Generate", variant="primary", elem_id="extend-run")
                     with gr.Column():
                         result, used = outputs("extend", video=True)

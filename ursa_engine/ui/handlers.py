@@ -64,6 +64,7 @@ class Studio:
         vae = served.engine.vae
         self.stride = int(vae.spatial_stride) if vae is not None else 8
         self.default_frames = 4 if served.digits else 49
+        self.default_cond_frames = 1 if served.digits else 13  # generate --cond-frames
 
     # ------------------------------------------------------------------ inputs
     def owner(self, api_key: str | None) -> str:
@@ -147,7 +148,7 @@ class Studio:
             self.batcher.subscribe(job, events.put)
             self.batcher.submit(job)
             if progress is not None:
-                progress(0, job.steps)
+                progress(job.k, job.steps)  # k = 1 where the metric path skips the first step
             deadline = None if timeout is None else time.monotonic() + timeout
             while not job.future.done():
                 if deadline is not None and time.monotonic() > deadline:
@@ -192,53 +193,102 @@ class Studio:
     def generate_video(self, prompt, negative_prompt="", width=None, height=None, frames=None, steps=None,
                        guidance=None, seed=0, randomize_seed=False, motion=None, *, owner: str = "anon",
                        progress: Progress | None = None, image=None, video=None, cond_frames=None):
-        """Text to video; with ``image`` (H, W, 3) uint8: image to video (the image is latent frame 0);
-        with ``video`` (a file path or (F, H, W, 3) frames): its last ``cond_frames`` latent frames
-        continue into a new clip. Returns (the MP4's path, the seed used)."""
+        """Text to video, or with an upload (a file path, bytes or uint8 pixels; the size defaults to
+        the upload's): ``image`` to video (the image is the first frame), or the extension of
+        ``video`` (its last ``cond_frames`` frames start the new clip; the result is the whole upload
+        followed by the new frames, as ``ursa-engine generate --video``). Returns (the MP4's path, the
+        seed used)."""
         frames = self.default_frames if frames is None else frames
+        if image is not None:
+            image = self.read_image(image)
+        if video is not None:
+            video = self.read_video(video)
+        upload = image if image is not None else video[0] if video is not None else None
+        if upload is not None and width is None and height is None:
+            height, width = upload.shape[:2]
         req = self.request(prompt, negative_prompt, *self._size(width, height), frames, self._steps(steps),
                            self._guidance(guidance), seed, randomize_seed, motion)
-        if image is not None or video is not None:
+        if upload is not None:
             req = self.condition(req, image=image, video=video, cond_frames=cond_frames)
         tokens = self.run(req, progress, owner=owner)
         pixels = self.served.frames(tokens)[0]
+        if video is not None:
+            kept = self.default_cond_frames if cond_frames is None else _int(cond_frames, "cond_frames")
+            pixels = np.concatenate([video, pixels[kept:]])
         path = self.out_dir / f"ursa-{secrets.token_hex(8)}.mp4"
         path.write_bytes(self.served.mp4(pixels))
         return str(path), req.seed
 
     def condition(self, req: GenerationRequest, *, image=None, video=None, cond_frames=None) -> GenerationRequest:
-        """``req`` with known first frames: an image (frame 0) or the last frames of a video (DESIGN §2.4)."""
+        """``req`` with known first frames (DESIGN §2.4), encoded with ``engine.encode_condition``.
+
+        ``image``: latent frame 0 (image to video); ``video``: its last ``cond_frames`` pixel frames
+        (1 + s·k for a tokenizer of temporal stride s; default 13 for URSA, 1 for the digits model)
+        start the new clip, resampled at ``cond_noise_scale`` 0.1 as ``ursa-engine generate --video``
+        does. The digits model holds the given frames (``freeze_cond``, as its demo: stepped, the small
+        model redraws some of their patches)."""
         if not conditioning_available():
             raise UIError("image: conditioning frames are not available on this server (its batcher takes text "
                           "prompts only)")
-        if self.served.engine.vae is None:
+        vae = self.served.engine.vae
+        if vae is None:
             raise UIError("image: this checkpoint has no vae/ to encode pixels")
         T, h, w = req.latents_shape
         H, W = h * self.stride, w * self.stride
+        noise = 0.0
         if image is not None:
-            pixels = _pixels(image, "image", 3)
+            pixels = self.read_image(image)
             if pixels.shape[:2] != (H, W):
                 raise UIError(f"image: {pixels.shape[1]}x{pixels.shape[0]} pixels, but the video is {W}x{H}: "
                               "upload an image of the video's size or change width / height")
             kw = {"image": pixels}
         else:
-            clip = _read_video(video)
+            clip = self.read_video(video)
             if clip.shape[1:3] != (H, W):
                 raise UIError(f"video: {clip.shape[2]}x{clip.shape[1]} pixels, but the new clip is {W}x{H}: "
                               "set width / height to the uploaded video's size")
-            n = 1 if cond_frames is None else _int(cond_frames, "cond_frames")
-            if not 1 <= n < T:
-                raise UIError(f"cond_frames: expected 1..{T - 1} latent frames to keep (the clip has {T}), got {n}")
-            t_stride = int(getattr(self.served.engine.vae, "temporal_stride", 1))
-            need = 1 + t_stride * (n - 1)
-            if clip.shape[0] < need:
-                raise UIError(f"video: {clip.shape[0]} frames, {need} needed for {n} latent frame(s)")
-            kw = {"video": clip, "num_cond_frames": need}
+            n = self.default_cond_frames if cond_frames is None else _int(cond_frames, "cond_frames")
+            s = int(getattr(vae, "temporal_stride", 1))
+            if n < 1 or (n - 1) % s:
+                raise UIError(f"cond_frames: the video tokenizer encodes 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, "
+                              f"...), got {n}")
+            if n > clip.shape[0]:
+                raise UIError(f"cond_frames: {n} frames asked, the uploaded video has {clip.shape[0]}")
+            Tc = int(vae.encoded_frames(n)) if hasattr(vae, "encoded_frames") else 1 + (n - 1) // s
+            if Tc >= T:
+                raise UIError(f"cond_frames: {n} frames are {Tc} latent frames, the new clip has {T}: keep fewer "
+                              "frames or ask for more")
+            kw, noise = {"video": clip, "num_cond_frames": n}, 0.1
         try:
             codes = self.served.engine.encode_condition(latents_shape=req.latents_shape, **kw)
         except ValueError as err:
             raise UIError(_one_line(err)) from None
-        return dataclasses.replace(req, cond_latents=codes)
+        return dataclasses.replace(req, cond_latents=codes, cond_noise_scale=noise, freeze_cond=self.served.digits)
+
+    def read_image(self, image) -> np.ndarray:
+        """uint8 (H, W, 3) of an upload: a file path or bytes (the server's reader and ``max_image_pixels``)
+        or an array."""
+        if isinstance(image, (str, Path, bytes)):
+            from ..serve.uploads import read_image
+
+            data = Path(image).read_bytes() if not isinstance(image, bytes) else image
+            try:
+                return read_image(data, "image", self.limits)
+            except ValueError as err:
+                raise UIError(_one_line(err)) from None
+        return _pixels(image, "image", 3)
+
+    def read_video(self, video) -> np.ndarray:
+        """uint8 (F, H, W, 3) of an upload: a file path or bytes (MP4 / WebM, ``max_video_frames``) or frames."""
+        if isinstance(video, (str, Path, bytes)):
+            from ..serve.uploads import read_video
+
+            data = Path(video).read_bytes() if not isinstance(video, bytes) else video
+            try:
+                return read_video(data, "video", self.limits)[0]
+            except ValueError as err:
+                raise UIError(_one_line(err)) from None
+        return _pixels(video, "video", 4)
 
     # ------------------------------------------------------------------ defaults
     def _size(self, width, height) -> tuple[int, int]:
@@ -290,15 +340,3 @@ def _pixels(a, name: str, ndim: int) -> np.ndarray:
     if a.dtype != np.uint8:
         a = np.clip(a, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(a)
-
-
-def _read_video(video) -> np.ndarray:
-    if isinstance(video, (str, Path)):
-        from ..media import read_video
-
-        try:
-            frames, _fps = read_video(video)
-        except Exception as err:
-            raise UIError(f"video: cannot read it ({_one_line(err)})") from None
-        return _pixels(frames, "video", 4)
-    return _pixels(video, "video", 4)
