@@ -234,11 +234,14 @@ def test_render_failure_is_a_terminal_error(server, served, monkeypatch):
         assert r.status_code == 500 and r.headers["x-request-id"] == "r1", r.text
         err = r.json()["error"]
         assert err["type"] == "server_error" and "encoder exploded" in err["message"]
-        with c.stream("POST", "/v1/images/generations", json=body("3", seed=1, response_format="png",
+        with c.stream("POST", "/v1/images/generations", json=body("3", seed=1, response_format="b64_json",
                                                                    stream=True)) as r:
-            events = _sse(r.iter_lines())
-        assert events[-1][0] == "failed" and events[-1][1]["error"]["type"] == "server_error", events[-2:]
+            events = _sse(r.iter_lines())  # OpenAI's stream: it ends with an error event
+        assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "server_error", events[-2:]
         assert "encoder exploded" in events[-1][1]["error"]["message"]
+        monkeypatch.setattr(served, "frames", lambda tokens: (_ for _ in ()).throw(OSError("decoder exploded")))
+        with c.stream("POST", "/v1/images/generations", json=body("3", seed=1, stream=True)) as r:
+            assert [n for n, _ in _sse(r.iter_lines())][-2:] == ["done", "result"]  # tokens need no decoding
         monkeypatch.undo()
         assert c.get("/health").json()["status"] == "ok"
         assert c.post("/v1/images/generations", json=body("3", seed=1, response_format="png")).status_code == 200

@@ -7,7 +7,9 @@ Routes
   (SSE progress: ``queued``, ``started``, ``step``, then ``done`` / ``cancelled`` / ``failed``),
   ``DELETE /v1/requests/{id}`` (cancel: its rows leave at the next step boundary; a running one
   answers "cancelling" and GET tells its final status). A client that disconnects cancels its job.
-- ``GET /v1/models``: the served checkpoint and the LoRA adapters requests can name.
+- ``GET /v1/models``: the served checkpoint and the LoRA adapters requests can name; ``GET /v1/models/{id}``.
+- Videos (:mod:`.videos`): ``/v1/videos`` (create, list), ``/v1/videos/{id}`` (retrieve, delete),
+  ``/v1/videos/{id}/content``, ``/v1/videos/extensions``.
 - ``GET /health`` (503 when the batch worker is not running or the server drains), ``GET /metrics``
   (Prometheus text).
 
@@ -42,6 +44,7 @@ from .gateway import Gateway, error, sse
 from .images import add_image_routes
 from .models import ServedModel
 from .security import Guard, Limits, bind_warning, internal_id
+from .videos import add_video_routes
 
 
 def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = None) -> FastAPI:
@@ -72,6 +75,7 @@ def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = No
         return error(400, f"{param}: {msg}" if param else msg, param)
 
     add_image_routes(app, gw)
+    add_video_routes(app, gw)
 
     def not_found(request_id: str, what: str = "request") -> JSONResponse:
         return error(404, f"request_id: no {what} {request_id!r}", "request_id")
@@ -104,14 +108,23 @@ def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = No
             return not_found(request_id, "queued or running request")
         return {"id": request_id, "status": state}
 
-    @app.get("/v1/models")
-    async def models():
-        """The served checkpoint and the adapters a request may name (``"lora"``), OpenAI's list shape."""
+    def model_list() -> list[dict]:
         created = int(started)
         data = [{"id": served.name, "object": "model", "created": created, "owned_by": "ursa-engine"}]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "ursa-engine", "parent": served.name,
                   "kind": "lora"} for name in batcher.loras.names]
-        return {"object": "list", "data": data}
+        return data
+
+    @app.get("/v1/models")
+    async def models():
+        """The served checkpoint and the adapters a request may name (``"lora"``), OpenAI's list shape."""
+        return {"object": "list", "data": model_list()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        """One model of :func:`models` (``client.models.retrieve``); 404 naming ``model`` otherwise."""
+        found = [m for m in model_list() if m["id"] == model_id]
+        return found[0] if found else error(404, f"model: no model {model_id!r} on this server", "model")
 
     @app.get("/health")
     async def health():
@@ -126,7 +139,8 @@ def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = No
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus(batcher, served.name), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(batcher, served.name) + gw.keys.prometheus(),
+                                 media_type="text/plain; version=0.0.4")
 
     return app
 

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from .batcher import Batcher, Cancelled, Draining, Job, QueueFull
+from .keymetrics import KeyMetrics
 from .models import ServedModel
 from .security import InFlight, Limits, external_id, internal_id, new_id
 
@@ -59,6 +60,7 @@ class Gateway:
     def __init__(self, served: ServedModel, batcher: Batcher, limits: Limits):
         self.served, self.batcher, self.limits = served, batcher, limits
         self.inflight = InFlight()
+        self.keys = KeyMetrics()  # per-key counters (/metrics)
 
     # ------------------------------------------------------------------ checks
     def check_texts(self, texts: dict, headers: dict | None = None) -> JSONResponse | None:
@@ -78,13 +80,16 @@ class Gateway:
 
     # ------------------------------------------------------------------ jobs
     async def submit(self, owner: str, build: Callable[[str], Job], *, request_id: str | None = None,
-                     rename: Callable[[ValueError], ValueError] | None = None) -> Job | JSONResponse:
+                     rename: Callable[[ValueError], ValueError] | None = None,
+                     user: str | None = None) -> Job | JSONResponse:
         """Admit one job: per-key concurrency (429), the queue (429) and the drain (503) first, then
         ``build(job_id)`` in the thread pool (tokenizing, encoding uploads, :meth:`Batcher.prepare`;
         its ``ValueError("field: ...")`` is a 400, after ``rename`` when given), then the queue.
 
         ``request_id``: the client's id (else 128 random bits); the job's id is namespaced by
-        ``owner`` (:mod:`.security`). The concurrency slot is released when the job's future resolves."""
+        ``owner`` (:mod:`.security`). The concurrency slot is released when the job's future resolves.
+        ``user``: the end user's id the body gave (``user`` / ``safety_identifier``): counted per key."""
+        self.keys.record(owner, user)
         ext = request_id or new_id()
         rid = {"X-Request-Id": ext}
         limits, batcher = self.limits, self.batcher

@@ -101,6 +101,42 @@ class ServedModel:
         Image.fromarray(np.ascontiguousarray(frame)).save(buf, format="PNG")
         return buf.getvalue()
 
+    def image(self, frame: np.ndarray, fmt: str = "png", compression: int | None = None) -> tuple[bytes, str]:
+        """One uint8 frame (H, W, 3) as ``fmt`` bytes and their MIME type.
+
+        ``fmt``: png (lossless), jpeg or webp; ``compression`` (OpenAI's ``output_compression``, 0-100,
+        default 100) is their quality (webp 100: lossless); png ignores it."""
+        from PIL import Image
+
+        img = Image.fromarray(np.ascontiguousarray(frame))
+        buf = io.BytesIO()
+        q = 100 if compression is None else int(compression)
+        if fmt == "png":
+            return self.png(frame), "image/png"
+        if fmt == "jpeg":
+            img.save(buf, format="JPEG", quality=q)
+        elif fmt == "webp":
+            img.save(buf, format="WEBP", **({"lossless": True} if q >= 100 else {"quality": q}))
+        else:
+            raise ValueError(f"output_format: expected png, jpeg or webp for one image, got {fmt!r}")
+        return buf.getvalue(), f"image/{fmt}"
+
+    @staticmethod
+    def gif(frames: np.ndarray, duration_ms: int = 200) -> bytes:
+        """uint8 frames (F, H, W, 3) as an animated GIF (looping; ``duration_ms`` per frame, Pillow's
+        adaptive palette per frame)."""
+        from PIL import Image
+
+        imgs = [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+        buf = io.BytesIO()
+        imgs[0].save(buf, format="GIF", save_all=True, append_images=imgs[1:], duration=int(duration_ms), loop=0)
+        return buf.getvalue()
+
+    def text_tokens(self, ids: torch.Tensor) -> int:
+        """Prompt ids that are not padding (OpenAI's ``usage.input_tokens_details.text_tokens``)."""
+        pad = getattr(self.engine.model.config, "pad_token_id", None)
+        return int(ids.numel() if pad is None else (ids != pad).sum())
+
     @staticmethod
     def mp4(frames: np.ndarray, fps: float = 12) -> bytes:
         """uint8 frames (F, H, W, 3) as H.264 MP4 bytes (PyAV, :func:`ursa_engine.media.save_video`)."""
