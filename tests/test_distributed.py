@@ -45,6 +45,10 @@ GRAPH_2 = ("cfg=2", "sp=2")  # graph mode: the captured step body, collectives i
 GRAPH_4 = ("cfg=2,sp=2", "dp=2,cfg=2")
 GRAPH_CALLS = ({"seed": 7}, {"seed": 8, "argmax_last": True})  # the second reuses the graphs, new inputs
 TRAIN_B = 2
+# inpainting (issue 23): known tokens over both frames, frame 0's given codes overridden at two of them
+_KNOWN_MASK = torch.zeros(SHAPE, dtype=torch.bool)
+_KNOWN_MASK[0, 0, :2] = _KNOWN_MASK[1, 1:, 1:3] = True
+INPAINT = dict(known_tokens=torch.arange(24).reshape(1, *SHAPE) * 2 + 13, known_mask=_KNOWN_MASK)
 
 
 def _free_port() -> int:
@@ -76,7 +80,7 @@ def _engine(root, device="cpu", **options) -> ue.Engine:
 
 
 def _layouts_worker(rank: int, roots: dict, out: str, layouts: tuple, device: str = "cpu", train: bool = False,
-                    graph_layouts: tuple = (), extra: tuple = (), errors: tuple = ()) -> None:
+                    graph_layouts: tuple = (), extra: tuple = (), errors: tuple = (), inpaint: bool = False) -> None:
     saved = _training(rank) if train else {}
     root = roots["tiny"]
     for key, layout, name, count in [(lay, lay, "tiny", len(PROMPTS)) for lay in layouts] + list(extra):
@@ -84,6 +88,8 @@ def _layouts_worker(rank: int, roots: dict, out: str, layouts: tuple, device: st
         prompts = PROMPTS[:count]
         tokens = engine.generate(prompts, decode=False, **GEN).tokens
         saved[key] = {"tokens": tokens.cpu()}
+        if inpaint and key == layout:
+            saved[key]["inpaint"] = engine.generate(prompts, decode=False, **GEN, **INPAINT).tokens.cpu()
         if count < len(PROMPTS):  # a dp slice without samples: tokens only
             continue
         prep = prepare_inputs(engine, prompts, **GEN)
@@ -287,7 +293,7 @@ def graph_reference(root):
 def two(roots, tmp_path_factory):
     """What each of the 2 ranks saw (a list, by rank)."""
     out = tmp_path_factory.mktemp("two") / "two.pt"
-    _spawn(2, "_layouts_worker", roots, str(out), LAYOUTS_2, "cpu", True, GRAPH_2, EXTRA_2, ERROR_LAYOUTS)
+    _spawn(2, "_layouts_worker", roots, str(out), LAYOUTS_2, "cpu", True, GRAPH_2, EXTRA_2, ERROR_LAYOUTS, True)
     return _load_ranks(out, 2)
 
 
@@ -313,6 +319,17 @@ def _check_layout(ranks, key, reference):
 @pytest.mark.parametrize("layout", LAYOUTS_2)
 def test_two_processes_same_tokens_as_one(two, reference, layout):
     _check_layout(two, layout, reference["tiny", len(PROMPTS)])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_2)
+def test_two_processes_inpaint_as_one(two, root, layout):
+    """Known tokens (issue 23) held on every layout (their values sliced per dp rank, written after the
+    gather), with the frozen conditioning frame: the one-process tokens."""
+    ref = _engine(root).generate(PROMPTS, decode=False, **GEN, **INPAINT).tokens
+    mask = INPAINT["known_mask"]
+    assert torch.equal(ref[:, mask], INPAINT["known_tokens"][:, mask].expand(len(PROMPTS), -1))
+    for rank in two:
+        assert torch.equal(rank[layout]["inpaint"], ref)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS_4)
