@@ -26,7 +26,11 @@ from ursa_engine.serve.models import ServedModel  # noqa: E402
 
 MAX_STEPS = 2
 FIELDS = ("prompt", "negative_prompt", "size", "frames", "latents_shape", "n", "seed", "steps", "guidance",
-          "guidance_trunc", "temperature", "top_k", "top_p", "response_format", "stream", "request_id", "lora")
+          "guidance_trunc", "temperature", "top_k", "top_p", "response_format", "stream", "request_id", "lora",
+          # OpenAI's fields (serve/image_schema.py)
+          "background", "complexity", "frame_count", "frame_duration_ms", "model", "moderation", "output_compression",
+          "output_format", "partial_images", "quality", "safety_identifier", "style", "svg", "user")
+EDIT_FIELDS = ("image", "mask", "strength", "input_fidelity", "markup", "body") + FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,14 @@ _good = {
     "size": st.sampled_from(["16x8", "8x8", "16X8", "abc", "0x0", "100000x100000"]),
     "frames": st.integers(0, 3), "request_id": st.sampled_from(["ok-1", "bad id", "", "a" * 70]),
     "lora": st.sampled_from(["none-loaded", "a b"]), "stream": st.booleans(),
+    "background": st.sampled_from(["auto", "opaque", "transparent", "clear"]),
+    "quality": st.sampled_from(["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd", "ultra"]),
+    "output_format": st.sampled_from(["png", "jpeg", "webp", "gif", "svg", "mp4", "bmp"]),
+    "output_compression": st.integers(-5, 120), "partial_images": st.integers(-1, 5),
+    "frame_count": st.integers(0, 20), "frame_duration_ms": st.integers(-10, 10**6),
+    "user": st.text(max_size=20), "safety_identifier": st.text(max_size=20), "style": st.sampled_from(["vivid", "x"]),
+    "moderation": st.sampled_from(["low", "auto", "high"]), "complexity": st.sampled_from(["low", "huge"]),
+    "svg": st.sampled_from([{"model": "m"}, "x"]), "model": st.sampled_from(["gpt-image-1", "digits", ""]),
 }
 
 
@@ -77,8 +89,11 @@ _valid = {
     "n": st.integers(1, 3), "steps": st.integers(1, 2), "seed": st.integers(0, 2**31),
     "guidance": st.floats(0, 5), "temperature": st.floats(0.5, 2), "top_k": st.integers(0, 5),
     "top_p": st.floats(0.5, 1), "guidance_trunc": st.floats(0, 1),
-    "response_format": st.sampled_from(["tokens", "b64_json"]), "size": st.just("16x8"), "frames": st.just(1),
-    "stream": st.booleans(),
+    "response_format": st.sampled_from(["tokens", "b64_json"]), "size": st.sampled_from(["16x8", "auto"]),
+    "frames": st.just(1), "stream": st.booleans(), "quality": st.sampled_from(["low", "auto"]),
+    "output_format": st.sampled_from(["png", "jpeg", "webp"]), "output_compression": st.integers(0, 100),
+    "partial_images": st.integers(0, 3), "background": st.sampled_from(["auto", "opaque"]),
+    "user": st.text(max_size=8), "style": st.just("natural"), "moderation": st.just("low"),
 }
 
 
@@ -107,8 +122,11 @@ def test_a_body_gives_its_result_or_a_4xx_naming_the_field(client, body):
     assert r.status_code < 500, f"{r.status_code} for {body}: {r.text[:300]}"
     event(str(r.status_code))
     if r.status_code == 200:
-        if body.get("stream"):
-            assert "event: result" in r.text or "event: error" in r.text, r.text[:300]
+        if body.get("stream") and body.get("response_format", "b64_json") == "tokens":
+            assert "event: result" in r.text or "event: failed" in r.text, r.text[:300]
+        elif body.get("stream"):  # OpenAI's stream: one completed event (or an error event) at the end
+            last = [line for line in r.text.splitlines() if line.startswith("event: ")][-1]
+            assert last in ("event: image_generation.completed", "event: error"), r.text[-300:]
         elif r.headers["content-type"].startswith("application/json"):
             data = r.json()["data"]
             assert len(data) == body.get("n", 1), (body, len(data))
@@ -118,6 +136,73 @@ def test_a_body_gives_its_result_or_a_4xx_naming_the_field(client, body):
     assert err["message"], body
     if r.status_code == 400 and err.get("param"):
         assert err["param"].split(".")[0] in FIELDS or err["param"] in body, (err, body)
+
+
+# ------------------------------------------------------------------ hypothesis on the edits form
+def _png(h: int, w: int, channels: int, seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, channels), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr if channels > 1 else arr[..., 0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_file = st.one_of(st.builds(_png, st.sampled_from([8, 7, 16]), st.sampled_from([16, 15, 8]), st.sampled_from([1, 3, 4]),
+                            st.integers(0, 99)),
+                  st.binary(max_size=64), st.just(b""))
+_form_value = st.one_of(st.text(max_size=8), st.sampled_from(["1", "2", "0", "-1", "true", "1e9", "nan", "16x8"]))
+
+
+@st.composite
+def edit_forms(draw):
+    data = {"prompt": "7", "steps": "1"}
+    if draw(st.booleans()):  # half the forms are valid: their results are checked too
+        data.update(n=draw(st.sampled_from(["1", "2"])), quality=draw(st.sampled_from(["low", "auto"])),
+                    output_format=draw(st.sampled_from(["png", "jpeg", "webp"])), strength=draw(st.sampled_from(
+                        ["0", "0.5", "1"])), seed=str(draw(st.integers(0, 99))))
+        files = [("image", ("i.png", _png(8, 16, 3, draw(st.integers(0, 9))), "image/png"))]
+        if draw(st.booleans()):
+            files.append(("mask", ("m.png", _png(8, 16, 4, draw(st.integers(0, 9))), "image/png")))
+        return data, files
+    for k in draw(st.lists(st.sampled_from(["n", "size", "quality", "output_format", "output_compression", "stream",
+                                            "partial_images", "strength", "background", "input_fidelity", "seed",
+                                            "response_format", "unknown", "mask", "image"]), unique=True, max_size=4)):
+        data[k] = draw(_form_value)
+    files = [("image", ("i.png", draw(st.one_of(st.just(_png(8, 16, 3, 0)), _file)), "image/png"))]
+    if draw(st.booleans()):
+        files.append(("mask", ("m.png", draw(st.one_of(st.just(_png(8, 16, 4, 1)), _file)), "image/png")))
+    if draw(st.booleans()):
+        files.append((draw(st.sampled_from(["image", "image[]", "markup", "other"])), ("x.png", draw(_file), "")))
+    if draw(st.booleans()):
+        data.pop("prompt")
+    return data, files
+
+
+@settings(max_examples=40, deadline=10_000, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture],
+          derandomize=True)
+@given(form=edit_forms())
+def test_an_edit_form_gives_its_result_or_a_4xx_naming_the_field(client, form):
+    data, files = form
+    r = client.post("/v1/images/edits", data=data, files=files)
+    assert r.status_code < 500, f"{r.status_code} for {data}: {r.text[:300]}"
+    event(str(r.status_code))
+    if r.status_code == 200:
+        if r.headers["content-type"].startswith("text/event-stream"):
+            last = [line for line in r.text.splitlines() if line.startswith("event: ")][-1]
+            assert last in ("event: image_edit.completed", "event: error", "event: result"), r.text[-300:]
+        else:
+            assert len(r.json()["data"]) == int(data.get("n", 1))
+        return
+    assert r.status_code in (400, 413, 429), (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert err["message"] and err["param"], (err, data)
+    named = set(EDIT_FIELDS) | set(data) | {name for name, _ in files}
+    assert err["param"].split(".")[0] in named, (err, data, [name for name, _ in files])
 
 
 # ------------------------------------------------------------------ schemathesis on /openapi.json
