@@ -287,3 +287,4 @@ def test_ui_subcommand_flags(monkeypatch):
     assert cli.main(["ui", "some/root", "--api-key", "k3"]) == 0
     assert seen["root"] == "some/root" and seen["limits"].api_keys == ("k3", "k1", "k2")
     assert cli.main(["ui", "--port", "70000"]) == 2
+    assert cli.main(["ui", "--max-upload-bytes", "0"]) == 2

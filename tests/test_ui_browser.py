@@ -4,7 +4,8 @@
 Load the page, type a prompt, click, watch the per-step progress, wait for the result and read it
 back from its ``src`` (size and pixels against :meth:`Engine.generate`); a text -> video run; two
 browser sessions at once get what they get alone (and shared forward passes); a bad input shows its
-one-line message, no traceback. Every test saves a screenshot under its tmp dir (``shot_*.png``).
+one-line message, no traceback. Every test saves a screenshot under its tmp dir (``shot_*.png``);
+``URSA_UI_SCREENSHOT=docs/ui.png`` also writes the README's picture of the text -> image result.
 
 Selected with ``-m browser``. Without Chromium these tests skip with the reason, except where
 ``URSA_REQUIRE_BROWSER=1`` (set by ``.ci/run``): there a missing browser fails them.
@@ -171,7 +172,7 @@ def shot(d, tmp_path, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_text_to_image_in_the_browser(ui, served, browser, tmp_path, monkeypatch):
+def test_text_to_image_in_the_browser(browser, ui, served, tmp_path, monkeypatch):
     d = browser()
     open_page(d, ui.url)
     step = ui.batcher._forward_and_step
@@ -190,9 +191,13 @@ def test_text_to_image_in_the_browser(ui, served, browser, tmp_path, monkeypatch
     np.testing.assert_array_equal(image, engine_image(served, 7, 5, steps=12))
     assert css(d, "#t2i-seed-used input").get_attribute("value") == "5"
     shot(d, tmp_path, "image")
+    if os.environ.get("URSA_UI_SCREENSHOT"):  # the README's picture: URSA_UI_SCREENSHOT=docs/ui.png
+        d.set_window_size(1100, 820)
+        d.execute_script("window.scrollTo(0, 0)")
+        d.save_screenshot(os.environ["URSA_UI_SCREENSHOT"])
 
 
-def test_text_to_video_in_the_browser(ui, browser, tmp_path):
+def test_text_to_video_in_the_browser(browser, ui, tmp_path):
     from ursa_engine.media import read_video
 
     d = browser()
@@ -208,7 +213,7 @@ def test_text_to_video_in_the_browser(ui, browser, tmp_path):
     shot(d, tmp_path, "video")
 
 
-def test_two_sessions_at_once_get_their_alone_outputs(served, browser, tmp_path, monkeypatch):
+def test_two_sessions_at_once_get_their_alone_outputs(browser, served, tmp_path, monkeypatch):
     """Two pages click while the batch loop is held; both requests then join the same steps (a forward
     pass carries both prompts) and each page shows what the request gives alone."""
     s = UIServer(served, start_batcher=False)
@@ -234,7 +239,7 @@ def test_two_sessions_at_once_get_their_alone_outputs(served, browser, tmp_path,
         s.close()
 
 
-def test_bad_input_shows_its_message(ui, browser, tmp_path):
+def test_bad_input_shows_its_message(browser, ui, tmp_path):
     d = browser()
     open_page(d, ui.url)
     fill(d, "#t2i-width input", 15)

@@ -356,6 +356,8 @@ def _add_ui(subparsers) -> None:
                     help="the page asks for a login whose password is KEY, repeatable (also URSA_API_KEY)")
     ui.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
                     help="queued + running requests of one key (or of everyone without keys)")
+    ui.add_argument("--max-upload-bytes", type=int, default=32 << 20,
+                    help="bytes of an uploaded image / video (default 32 MiB)")
     _add_debug(ui)
     ui.set_defaults(handler=_ui)
 
@@ -365,7 +367,7 @@ def _ui(args) -> int:
 
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port: expected 0..65535, got {args.port}")
-    for name in ("max_rows", "max_queue", "max_concurrent_per_key"):
+    for name in ("max_rows", "max_queue", "max_concurrent_per_key", "max_upload_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
     try:
@@ -377,7 +379,7 @@ def _ui(args) -> int:
         raise UsageError(f"ui: needs Gradio (pip install 'ursa-engine[ui]'): {err}") from None
     try:
         limits = Limits(api_keys=(args.api_key or []) + keys_from_env(os.environ.get("URSA_API_KEY")),
-                        max_concurrent_per_key=args.max_concurrent_per_key)
+                        max_concurrent_per_key=args.max_concurrent_per_key, max_upload_bytes=args.max_upload_bytes)
     except ValueError as err:
         name, _, rest = str(err).partition(":")
         raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None
