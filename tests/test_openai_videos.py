@@ -228,6 +228,12 @@ def test_extend_an_uploaded_video(server, served, text_video):
                                   cond_latents=codes, cond_noise_scale=0.1, guidance_scale=served.default_guidance,
                                   decode=False).tokens.cpu()
     assert torch.equal(window, want)
+    # its tokens do not cover the given frames: extending it by id starts from its MP4's frames
+    again = c.videos.poll(c.videos.extend(prompt="more", seconds="1", video=openai.omit,
+                                          extra_body={**OPTS, "video": {"id": e.id}}).id)
+    assert again.status == "completed" and again.seconds == "7" and again.extended_from == e.id
+    frames2, _ = read_video(c.videos.download_content(again.id).content, "video")
+    assert frames2.shape[0] == again.frames > e.frames and blurred_diff(frames2[:e.frames], frames) < 6
 
 
 # ---------------------------------------------------------------------------- list, keys, delete
@@ -329,3 +335,53 @@ def test_store_bounds_expiry_and_per_key_limit(served):
         assert list(c.videos.list()) == []
     finally:
         s.close()
+
+
+def test_json_bodies_motion_and_progress(server, served):
+    """JSON as well as multipart; ``motion`` is the prompt prefix Engine.generate(motion=) adds; progress
+    is the job's step / steps."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {KEY_A}"}
+    r = httpx.post(server.url + "/v1/videos", headers=h, json={"prompt": "a cat", "size": SIZE, "seconds": 1,
+                                                               "motion": 4.0, **OPTS})
+    assert r.status_code == 200, r.text
+    c = client(server)
+    v = c.videos.poll(r.json()["id"])
+    assert v.status == "completed" and v.seconds == "1"
+    want = served.engine.generate("a cat", latents_shape=tuple(v.latents_shape), seed=3, num_steps=STEPS, motion=4.0,
+                                  guidance_scale=served.default_guidance, decode=False).tokens.cpu()
+    assert torch.equal(tokens(c, v.id), want)
+    r = httpx.post(server.url + "/v1/videos", headers=h, json=["not", "an", "object"])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    slow = c.videos.create(prompt="a cat", size=SIZE, seconds="1", extra_body={"seed": 2, "steps": 300})
+    deadline, seen = time.time() + 20, []
+    while time.time() < deadline:
+        now = c.videos.retrieve(slow.id)
+        seen.append(now.progress)
+        if now.status == "in_progress" and 0 < now.progress < 100:
+            break
+        time.sleep(0.05)
+    assert now.status == "in_progress" and 0 < now.progress < 100, seen
+    c.videos.delete(slow.id)
+
+
+def test_a_failed_render_is_a_failed_video(server, served, monkeypatch):
+    def broken(frames, fps=12):
+        raise RuntimeError("no encoder")
+
+    monkeypatch.setattr(served, "mp4", broken)
+    c = client(server)
+    v = c.videos.create_and_poll(prompt="a cat", size=SIZE, seconds="1", extra_body=OPTS)
+    assert v.status == "failed" and v.error.code == "render_failed" and "no encoder" in v.error.message
+    assert api_error(lambda: c.videos.download_content(v.id), 409)["error"]["param"] == "video_id"
+    body = api_error(lambda: c.videos.extend(prompt="x", seconds="1", video=openai.omit,
+                                             extra_body={"video": {"id": v.id}}), 400)
+    assert body["error"]["param"] == "video" and "failed" in body["error"]["message"]
+
+
+def test_image_checkpoints_refuse_videos():
+    from ursa_engine.serve.video_inputs import video_tokenizer
+
+    with pytest.raises(ValueError, match="^model: .*image model"):
+        video_tokenizer(ServedModel.load())  # the bundled digits model

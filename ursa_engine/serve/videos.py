@@ -203,8 +203,14 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
         return {"tokens": full, "video": served.mp4(frames, fps=FPS), "thumbnail": served.png(frames[0])}, covers
 
     async def watch(owner: str, video_id: str, rec: VideoRecord, job: Job) -> None:
-        """Wait for the job, render and store its result (or record why it failed)."""
+        """Wait for the job, render and store its result (or record why it failed); then let the
+        source's tokens / frames go (they are not part of the stored bytes)."""
+        try:
+            await settle(owner, video_id, rec, job)
+        finally:
+            rec.plan.source_tokens = rec.plan.source_frames = None
 
+    async def settle(owner: str, video_id: str, rec: VideoRecord, job: Job) -> None:
         def fail(code: str, message: str) -> None:
             rec.error = {"code": code, "message": message}
             rec.progress_at_end = min(99, int(100 * job.k / max(1, job.steps)))
@@ -249,7 +255,12 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
         return answer(entry)
 
     # ------------------------------------------------------------------ routes
-    @app.post("/v1/videos")
+    def documented(model) -> dict:  # the body's schema in /openapi.json (the route reads forms and JSON itself)
+        schema = model.model_json_schema()
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                              "multipart/form-data": {"schema": schema}}}}
+
+    @app.post("/v1/videos", openapi_extra=documented(CreateBody))
     async def create_video(request: Request):
         try:
             data, files = await read_request(request, ("input_reference",))
@@ -281,7 +292,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
 
         return await start(request, make, body.prompt)
 
-    @app.post("/v1/videos/extensions")
+    @app.post("/v1/videos/extensions", openapi_extra=documented(ExtendBody))
     async def extend_video(request: Request):
         owner = request.state.owner
         try:
