@@ -213,6 +213,26 @@ def test_text_to_video_in_the_browser(browser, ui, tmp_path):
     shot(d, tmp_path, "video")
 
 
+def test_image_to_video_upload_in_the_browser(browser, ui, served, tmp_path):
+    """Upload a PNG on the image -> video tab: the clip's first frame is the upload (H.264 is lossy)."""
+    from ursa_engine.media import read_video, save_image
+
+    first = engine_image(served, 4, 8)
+    png = save_image(tmp_path / "first.png", first)
+    d = browser()
+    open_page(d, ui.url)
+    choose_tab(d, "Image → Video")
+    d.find_element(By.CSS_SELECTOR, "#i2v-image input[type=file]").send_keys(str(png))
+    css(d, "#i2v-image img")  # the upload's preview
+    ask(d, "i2v", "4", seed=9)
+    r = httpx.get(result_src(d, "#i2v-out video"), timeout=30)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(r.content)
+    frames = read_video(clip)[0]
+    assert frames.shape == (4, 8, 16, 3) and np.abs(frames[0].astype(int) - first).mean() < 8
+    shot(d, tmp_path, "image_to_video")
+
+
 def test_two_sessions_at_once_get_their_alone_outputs(browser, served, tmp_path, monkeypatch):
     """Two pages click while the batch loop is held; both requests then join the same steps (a forward
     pass carries both prompts) and each page shows what the request gives alone."""

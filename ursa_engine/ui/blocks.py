@@ -20,7 +20,7 @@ import gradio as gr
 from .handlers import Studio, UIError, conditioning_available
 
 CSS = """
-.ursa-out img, .ursa-out video { width: 100% !important; height: 100% !important; object-fit: contain;
+.ursa-out img, .ursa-out video, .ursa-in img { width: 100% !important; height: 100% !important; object-fit: contain;
     image-rendering: pixelated; }
 footer { display: none !important; }
 """
@@ -236,7 +236,7 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                 with gr.Row(visible=conditioning):
                     with gr.Column():
                         image = gr.Image(label="First frame", type="filepath", sources=["upload", "clipboard"],
-                                         elem_id="i2v-image")
+                                         elem_id="i2v-image", elem_classes="ursa-in", height=240)
                         f = common("i2v", size=False, frames=True)
                         run = gr.Button("Generate", variant="primary", elem_id="i2v-run")
                     with gr.Column():
@@ -250,7 +250,8 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                                 "(no conditioning frames).", elem_id="extend-unavailable")
                 with gr.Row(visible=conditioning):
                     with gr.Column():
-                        video = gr.Video(label="Video to continue", sources=["upload"], elem_id="extend-video")
+                        video = gr.Video(label="Video to continue", sources=["upload"], elem_id="extend-video",
+                                         elem_classes="ursa-in", height=240)
                         f = common("extend", size=False, frames=True)
                         cond = gr.Number(label="Frames kept (the upload's last)", value=studio.default_cond_frames,
                                          precision=0, elem_id="extend-cond")
