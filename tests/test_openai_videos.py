@@ -333,6 +333,26 @@ def test_store_bounds_expiry_and_per_key_limit(served):
         assert "expired" in body["error"]["message"] and "result_ttl_s" in body["error"]["message"]
         api_error(lambda: c.videos.download_content(ids[1]), 404)
         assert list(c.videos.list()) == []
+        s.batcher.drain(0)  # SIGTERM's drain: the videos routes refuse new jobs as every route does
+        body = api_error(lambda: c.videos.create(prompt="a cat", size=SIZE, seconds="1", extra_body=OPTS), 503)
+        assert "shutting down" in body["error"]["message"]
+    finally:
+        s.close()
+
+
+def test_models_name_the_servers_adapters(served):
+    """``/v1/models`` lists the per-request LoRA adapters; ``model`` naming one runs the video with it."""
+    from test_serve_lora import random_adapter
+
+    s = Server(served, max_rows=8, loras={"film": random_adapter(served.engine.model.config, 1, std=0.5)})
+    try:
+        c = client(s, "any")
+        assert [m.id for m in c.models.list()] == [served.name, "film"]
+        assert c.models.retrieve("film").id == "film"
+        base = c.videos.create_and_poll(prompt="a cat", size=SIZE, seconds="1", extra_body=OPTS)
+        film = c.videos.create_and_poll(prompt="a cat", size=SIZE, seconds="1", model="film", extra_body=OPTS)
+        assert (base.model, film.model) == (served.name, "film")
+        assert not torch.equal(tokens(c, base.id), tokens(c, film.id))
     finally:
         s.close()
 
