@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 import warnings
 
@@ -363,9 +364,17 @@ def test_json_bodies_motion_and_progress(server, served):
     import httpx
 
     h = {"Authorization": f"Bearer {KEY_A}"}
+
+    def identified() -> int:
+        text = httpx.get(server.url + "/metrics", headers=h).text
+        found = re.search(r'^ursa_key_identified_requests_total\{key="k0"\} (\d+)', text, re.M)
+        return int(found.group(1)) if found else 0
+
+    before = identified()
     r = httpx.post(server.url + "/v1/videos", headers=h, json={"prompt": "a cat", "size": SIZE, "seconds": 1,
-                                                               "motion": 4.0, **OPTS})
+                                                               "motion": 4.0, "user": "u-1", **OPTS})
     assert r.status_code == 200, r.text
+    assert identified() == before + 1  # user is recorded per key, as the images routes do
     c = client(server)
     v = c.videos.poll(r.json()["id"])
     assert v.status == "completed" and v.seconds == "1"

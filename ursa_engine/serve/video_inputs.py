@@ -78,6 +78,12 @@ class _Common(BaseModel):
     cond_noise_scale: float | None = Field(None, ge=0, le=1)
     freeze_cond: bool = False
     lora: str | None = Field(None, pattern=_ID)
+    user: str | None = Field(None, max_length=256)  # recorded (per-key metrics), as the images routes do
+    safety_identifier: str | None = Field(None, max_length=256)  # recorded; wins over user
+
+    def end_user(self) -> str | None:
+        """The end user's id: a non-empty ``safety_identifier``, else ``user`` (OpenAI's precedence)."""
+        return self.safety_identifier or self.user or None
 
 
 class CreateBody(_Common):

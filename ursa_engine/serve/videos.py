@@ -10,7 +10,8 @@ Routes
   ``{"image_url": "data:..."}``: image-to-video, frame 0 conditioned; URLs and ``file_id`` get a 400
   naming it). Our extensions: ``negative_prompt``, ``seed``, ``steps``, ``guidance``,
   ``guidance_trunc``, ``temperature``, ``top_k``, ``top_p``, ``motion`` (URSA's ``motion=X,``
-  prompt prefix), ``cond_noise_scale`` / ``freeze_cond`` (for the conditioning frames), ``lora``.
+  prompt prefix), ``cond_noise_scale`` / ``freeze_cond`` (for the conditioning frames), ``lora``;
+  ``user`` / ``safety_identifier`` are recorded in the per-key metrics, as the images routes do.
   Answers at once with the ``video`` object, ``status: "queued"``; the job runs on the batcher
   through :meth:`Gateway.submit` (keys, namespaces, per-key concurrency, queue, drain, sizes).
 - ``GET /v1/videos/{id}``: the object; ``progress`` is the job's step / steps in % (99 while the
@@ -233,7 +234,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             return fail("result_too_large", str(err))
         rec.job = None
 
-    async def start(request: Request, make, prompt: str) -> JSONResponse:
+    async def start(request: Request, make, body) -> JSONResponse:
         """Submit through the gateway, record the video, watch its job; the queued object."""
         owner = request.state.owner
         video_id = f"video_{new_id()}"
@@ -243,11 +244,11 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             job, plans["plan"] = make(job_id)
             return job
 
-        job = await gw.submit(owner, build, request_id=video_id)
+        job = await gw.submit(owner, build, request_id=video_id, user=body.end_user())
         if isinstance(job, JSONResponse):
             return job
         model = job.request.lora or served.name
-        rec = VideoRecord(prompt=prompt, model=model, plan=plans["plan"], steps=job.steps, job=job)
+        rec = VideoRecord(prompt=body.prompt, model=model, plan=plans["plan"], steps=job.steps, job=job)
         entry = store.add(owner, video_id, rec)
         task = asyncio.get_running_loop().create_task(watch(owner, video_id, rec, job))
         watchers.add(task)
@@ -290,7 +291,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
                 raise ValueError(f"{name}: applies to input_reference, which is not given")
             return prepare(request_of(body, plan, **cond), job_id), plan
 
-        return await start(request, make, body.prompt)
+        return await start(request, make, body)
 
     @app.post("/v1/videos/extensions", openapi_extra=documented(ExtendBody))
     async def extend_video(request: Request):
@@ -339,7 +340,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
                              freeze_cond=body.freeze_cond)
             return prepare(req, job_id), plan
 
-        return await start(request, make, body.prompt)
+        return await start(request, make, body)
 
     @app.get("/v1/videos")
     async def list_videos(request: Request, after: str | None = None, limit: str = "20", order: str = "desc"):
