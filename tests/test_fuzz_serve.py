@@ -223,4 +223,4 @@ def test_openapi_operations_never_answer_5xx(app):
         case.call_and_validate(checks=[not_a_server_error])
 
     run()
-    assert "/v1/images/generations" in seen
+    assert "/v1/images/generations" in seen and "/v1/images/edits" in seen  # the multipart route too

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
+import time
 
 import numpy as np
 import pytest
@@ -143,7 +145,7 @@ def test_quality_maps_to_steps(client, served):
     assert r.to_dict()["steps"] == STEPS and r.quality == "low"
 
 
-def test_accepted_ignored_recorded_and_refused_fields(client, server):
+def test_accepted_ignored_recorded_and_refused_fields(client, server, caplog):
     ref = gen(client).data[0].b64_json
     # ignored: the same image for the same seed
     for kw in (dict(style="vivid"), dict(moderation="low"), dict(complexity="high"), dict(model="gpt-image-1"),
@@ -163,7 +165,10 @@ def test_accepted_ignored_recorded_and_refused_fields(client, server):
         return int(line[0].split()[-1]) if line else 0
 
     before = count("ursa_key_identified_requests_total"), count("ursa_key_requests_total")
+    caplog.set_level(logging.INFO, logger="ursa_engine.serve")
     assert gen(client, user="alice-hash").safety_identifier == "alice-hash"
+    lines = [r.getMessage() for r in caplog.records if r.name == "ursa_engine.serve"]
+    assert any("images.generations" in m and "key=k0" in m and "user='alice-hash'" in m for m in lines), lines
     assert gen(client, user="alice-hash", safety_identifier="sid-7").safety_identifier == "sid-7"
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert (count("ursa_key_identified_requests_total"), count("ursa_key_requests_total")) == \
@@ -316,3 +321,26 @@ def test_masks_property(client, served, size, fill, seed):
     out, ref = pixels(r.data[0].b64_json), _round_trip(served, img)
     patch = keep.reshape(4, 2, 8, 2).all(axis=(1, 3)).repeat(2, 0).repeat(2, 1)  # kept patches
     assert np.array_equal(out[patch], ref[patch])
+
+
+def test_edit_limits_go_through_the_gateway(served):
+    """Prompt characters, n and per-key concurrency hold for edits as for every route."""
+    s = Server(served, Limits(max_prompt_chars=8, max_n=2, max_concurrent_per_key=1), max_rows=8, max_queue=8)
+    try:
+        with openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60) as c:
+            img = ("in.png", png_bytes(_source()))
+            refused(lambda: c.images.edit(image=img, prompt="7" * 9), "prompt", text="max_prompt_chars")
+            refused(lambda: c.images.edit(image=img, prompt="7", n=3), "n", text="max_n")
+            hog = c.images.edit(image=img, prompt="7", stream=True, partial_images=3,
+                                extra_body={"steps": 1000, "guidance": 1.0, "request_id": "hog"})
+            assert next(iter(hog)).type == "image_edit.partial_image"
+            err = refused(lambda: c.images.edit(image=img, prompt="7", extra_body={"steps": 2}),
+                          "max_concurrent_per_key", status=429)
+            assert err.response.headers["retry-after"]
+            hog.close()  # a client that goes away cancels its job
+            deadline = time.time() + 20
+            while s.batcher.stats()["running"] and time.time() < deadline:
+                time.sleep(0.05)
+            assert s.batcher.stats()["running"] == 0 and s.batcher.metrics.cancelled == 1
+    finally:
+        s.close()

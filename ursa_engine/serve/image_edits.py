@@ -94,11 +94,20 @@ async def read_body(request: Request, limits) -> tuple[dict, bytes, bytes | None
     return fields, image, mask
 
 
+def openapi_body() -> dict:
+    """The multipart body as ``/openapi.json`` shows it (the route reads the form itself)."""
+    props = {k: v for k, v in EditRequest.model_json_schema()["properties"].items()}
+    props["image"] = {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}
+    props["mask"] = {"type": "string", "format": "binary", "description": "PNG / WebP with alpha: 0 = edit"}
+    schema = {"type": "object", "required": ["image", "prompt"], "properties": props}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 def add_edit_route(app: FastAPI, routes: ImageRoutes) -> None:
     """Register ``POST /v1/images/edits`` on ``app``."""
     gw, served = routes.gw, routes.served
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", openapi_extra=openapi_body())
     async def edits(request: Request):
         try:
             fields, image_bytes, mask_bytes = await read_body(request, gw.limits)
