@@ -286,6 +286,8 @@ def test_delete_cancels_and_drops(server):
     ({"seconds": "abc"}, "seconds"), ({"seconds": "-4"}, "seconds"),
     ({"seconds": "12"}, "seconds"),  # 145 frames, over max_video_frames
     ({"size": "50x32"}, "size"), ({"size": "big"}, "size"),
+    ({"size": "4096x4096"}, "size"),  # over max_tokens with one latent frame
+    ({"seconds": "8", "size": "512x320"}, "seconds"),  # 97 frames: within max_video_frames, over max_tokens
     ({"quality": "hd"}, "quality"),  # unknown field
     ({"steps": 0}, "steps"), ({"freeze_cond": True}, "freeze_cond"),
 ])

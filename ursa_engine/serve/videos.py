@@ -153,8 +153,11 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             guidance_trunc=body.guidance_trunc, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
             seed=plan.seed, lora=lora, **cond)
 
-    def prepare(req: GenerationRequest, job_id: str, field: str = "seconds") -> Job:
-        """The batcher's job; its size errors name ``field`` (the window grows with ``seconds``)."""
+    def prepare(req: GenerationRequest, job_id: str) -> Job:
+        """The batcher's job; a grid over ``max_tokens`` is a 400 naming ``size`` when one guided latent
+        frame is already over it, else ``seconds`` (the window grows with it)."""
+        _, h, w = req.latents_shape
+        field = "size" if 2 * h * w > batcher.max_tokens else "seconds"
         try:
             batcher.check_size(req.latents_shape, 1, field=field)
             return batcher.prepare(req, job_id)
