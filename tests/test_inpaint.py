@@ -118,8 +118,8 @@ def _pixel_mask(mask: torch.Tensor, s: int) -> np.ndarray:
     return mask.repeat_interleave(s, -2).repeat_interleave(s, -1).numpy()
 
 
-def _run(engine, labels, seed, scale, **kw):
-    return engine.generate(_prompts(engine, labels), latents_shape=(1, 4, 8), num_steps=STEPS, guidance_scale=scale,
+def _run(engine, labels, seed, scale, steps=STEPS, **kw):
+    return engine.generate(_prompts(engine, labels), latents_shape=(1, 4, 8), num_steps=steps, guidance_scale=scale,
                            seed=seed, **kw)
 
 
@@ -150,11 +150,12 @@ def test_an_empty_mask_is_a_plain_run_and_a_full_mask_returns_the_input(engine, 
     engine.sampler_backend = backend
     try:
         known, _ = engine.encode_inpaint(source, np.ones(source.shape[:2], bool))
-        plain = _run(engine, [3, 5], 2, GUIDANCE[guidance])
-        empty = _run(engine, [3, 5], 2, GUIDANCE[guidance], known_tokens=known,
+        plain = _run(engine, [3, 5], 2, GUIDANCE[guidance], 4)
+        empty = _run(engine, [3, 5], 2, GUIDANCE[guidance], 4, known_tokens=known,
                      known_mask=torch.zeros(1, 4, 8, dtype=torch.bool))
         assert torch.equal(empty.tokens, plain.tokens)
-        full = _run(engine, [3, 5], 2, GUIDANCE[guidance], known_tokens=known[0], known_mask=np.ones((1, 4, 8), int))
+        full = _run(engine, [3, 5], 2, GUIDANCE[guidance], 3, known_tokens=known[0],
+                    known_mask=np.ones((1, 4, 8), int))
         assert torch.equal(full.tokens, known.expand(2, -1, -1, -1))
         assert not torch.equal(plain.tokens[0], known[0])  # the full mask did something
     finally:
