@@ -202,6 +202,37 @@ def test_image_to_video_and_extension_equal_engine_generate(studio, served):
         studio.generate_video("3", "", None, None, 4, STEPS, 3.0, 7, False, video=clip, cond_frames=4)
 
 
+@pytest.mark.skipif(not conditioning_available(), reason="the batcher takes no conditioning frames")
+def test_a_video_checkpoint_with_text_prompts_motion_and_uploads(tmp_path):
+    """A tiny URSA video root (tokenizer of temporal stride 4, text prompts): text -> video with a motion
+    score, image -> video and the extension of a 5-frame clip by its last 5 frames (1 + 4k)."""
+    from roots import write_tiny_root
+
+    from ursa_engine.media import read_video
+
+    served = ServedModel.load(write_tiny_root(tmp_path / "root", family="cosmos3d"))
+    b = Batcher(served.engine).start()
+    try:
+        st = Studio(served, b)
+        assert st.video_size == (512, 320) and st.default_negative.startswith("worst quality")
+        path, _ = st.generate_video("a bear in the snow", "", 16, 16, 5, 2, 7.0, 1, False, 9)
+        clip = read_video(path)[0]
+        assert clip.shape == (5, 16, 16, 3)
+        e = served.engine
+        ref = e.generate(["a bear in the snow"], latents_shape=(2, 2, 2), num_steps=2, guidance_scale=7.0, seed=1,
+                         motion=9, decode=False).tokens
+        req = st.request("a bear in the snow", "", 16, 16, 5, 2, 7.0, 1, False, 9)
+        assert torch.equal(st.run(req), ref)  # the motion prefix is in the prompt ids
+        assert read_video(st.generate_video("a bear", "", None, None, 5, 2, 7.0, 1, False, 9, image=clip[0])[0])[
+            0].shape == (5, 16, 16, 3)
+        longer = st.generate_video("a bear", "", None, None, 9, 2, 7.0, 1, False, 9, video=clip, cond_frames=5)[0]
+        assert read_video(longer)[0].shape == (5 + 4, 16, 16, 3)
+        with pytest.raises(UIError, match=r"^cond_frames: the video tokenizer encodes 1 \+ 4k frames"):
+            st.generate_video("a bear", "", None, None, 9, 2, 7.0, 1, False, 9, video=clip, cond_frames=3)
+    finally:
+        b.stop()
+
+
 # ---------------------------------------------------------------------------------------------- over HTTP
 def test_named_endpoint_through_gradio_client(ui, served):
     client = gradio_client.Client(ui.url, verbose=False)

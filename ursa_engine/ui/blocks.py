@@ -174,13 +174,14 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         """The shared inputs of a tab: prompt, negative prompt, (size), (frames), steps, guidance, seed."""
         prompt = gr.Textbox(label="Prompt", elem_id=f"{tab}-prompt", lines=2,
                             placeholder="a digit 0-9, e.g. 7" if served.digits else "describe the picture")
-        negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative", value="")
+        negative = gr.Textbox(label="Negative prompt", elem_id=f"{tab}-negative", value=studio.default_negative)
         out = {"prompt": prompt, "negative": negative}
         if size:
+            w, h = studio.video_size if frames else (W, H)
             with gr.Row():
-                out["width"] = gr.Number(label="Width (px)", value=W, precision=0, step=stride, elem_id=f"{tab}-width",
+                out["width"] = gr.Number(label="Width (px)", value=w, precision=0, step=stride, elem_id=f"{tab}-width",
                                          info=f"a multiple of {stride}")
-                out["height"] = gr.Number(label="Height (px)", value=H, precision=0, step=stride,
+                out["height"] = gr.Number(label="Height (px)", value=h, precision=0, step=stride,
                                           elem_id=f"{tab}-height", info=f"a multiple of {stride}")
         if frames:
             out["frames"] = gr.Number(label="Frames", value=studio.default_frames, precision=0,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine import NEGATIVE_PROMPT
 from ..serve.batcher import Batcher, Cancelled, Draining, GenerationRequest, QueueFull
 from ..serve.models import ServedModel
 from ..serve.security import InFlight, Limits, internal_id, new_id
@@ -64,6 +65,9 @@ class Studio:
         vae = served.engine.vae
         self.stride = int(vae.spatial_stride) if vae is not None else 8
         self.default_frames = 4 if served.digits else 49
+        video = vae is not None and int(getattr(vae, "temporal_stride", 1)) > 1
+        self.video_size = (512, 320) if video else served.default_size  # the authors' 49 x 320 x 512 videos
+        self.default_negative = "" if served.digits else NEGATIVE_PROMPT  # the authors' README negative prompt
         self.default_cond_frames = 1 if served.digits else 13  # generate --cond-frames
 
     # ------------------------------------------------------------------ inputs
@@ -85,11 +89,12 @@ class Studio:
         if field == "prompt" and not text.strip():
             raise UIError("prompt: type a prompt first" + (" (a digit 0-9)" if self.served.digits else ""))
         try:
-            if motion is not None and not self.served.digits and text:
-                return self.served.engine.encode_prompts([text], motion=motion, name=field)[0]
+            if motion is not None and not self.served.digits and text:  # the prefix goes on "prompt_ids" only
+                return self.served.engine.encode_prompts([text], motion=motion)[0]
             return self.served.prompt_ids(text, field=field)
         except ValueError as err:
-            raise UIError(_one_line(err)) from None
+            msg = _one_line(err)
+            raise UIError(field + msg[len("prompt_ids"):] if msg.startswith("prompt_ids:") else msg) from None
 
     def latents_shape(self, width, height, frames) -> tuple[int, int, int]:
         """The latent grid of a size in pixels; refused with the sizes that would work."""
@@ -199,6 +204,8 @@ class Studio:
         followed by the new frames, as ``ursa-engine generate --video``). Returns (the MP4's path, the
         seed used)."""
         frames = self.default_frames if frames is None else frames
+        if width is None and height is None and image is None and video is None:
+            width, height = self.video_size
         if image is not None:
             image = self.read_image(image)
         if video is not None:
