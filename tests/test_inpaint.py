@@ -373,3 +373,19 @@ def test_cli_image_and_mask_inpaint_in_openai_convention(ibq_root, tmp_path, mon
     assert "--mask: 8x24 pixels (HxW), but --image is 16x24" in capsys.readouterr().err
     assert main([*base[:4], *base[6:], "--mask", "mask.png", "--out", "out.pt"]) == 2
     assert "--mask: inpaints --image" in capsys.readouterr().err
+
+
+def test_a_video_tokenizer_inpaints_latent_frame_0(tmp_path):
+    """Tiny Cosmos root (strides 4 x 8): one image is latent frame 0 (pixel frame 0 alone); the later
+    frames have no known token and are generated (an image-to-video whose first frame is partly repainted)."""
+    eng = ue.Engine.from_pretrained(write_tiny_root(tmp_path / "cosmos", family="cosmos3d"), device="cpu",
+                                    dtype=torch.float32, prompt_length=8, mode="eager")
+    image = eng.decode(torch.randint(0, 64, (1, 1, 4, 6), generator=torch.Generator().manual_seed(2)))[0, 0]
+    keep = np.ones(image.shape[:2], bool)
+    keep[:, 20:] = False  # 32 x 48 pixels: token columns 0, 1 kept (pixels 0..15), 2 cut, 3..5 repainted
+    known, mask = eng.encode_inpaint(image, keep, latents_shape=(2, 4, 6))
+    assert known.shape == (1, 2, 4, 6) and mask[0, :, :2].all() and not mask[0, :, 2:].any() and not mask[1].any()
+    out = eng.generate("a bear", latents_shape=(2, 4, 6), num_steps=3, seed=0, known_tokens=known, known_mask=mask,
+                       decode=False)
+    assert torch.equal(out.tokens[:, mask], known[:, mask])
+    assert torch.equal(known[0, 0], eng.encode_condition(image=image, latents_shape=(2, 4, 6))[0, 0])
