@@ -307,6 +307,37 @@ def test_serve_ui_mount_keeps_the_api_and_its_key(served):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def test_ursa_engine_ui_serves_the_page(tmp_path):
+    """``ursa-engine ui --port P`` as a user runs it: the page and its endpoints answer, Ctrl-C ends it."""
+    import signal
+    import subprocess
+    import sys
+
+    from ui_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ursa_engine", "ui", "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.time() + 120, None
+        while page is None and time.time() < deadline and proc.poll() is None:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.25)
+        assert page is not None and page.status_code == 200, proc.stdout.read() if proc.poll() is not None else ""
+        info = httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=30).json()["named_endpoints"]
+        assert "/generate_image" in info and "/generate_video" in info
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert f"ursa-engine ui: http://127.0.0.1:{port}/ (digits on cpu)" in out and proc.returncode == 0, out
+
+
 def test_ui_subcommand_flags(monkeypatch):
     from ursa_engine import cli
 
