@@ -275,6 +275,14 @@ def test_edit_without_mask_conditions_on_the_image(client, served):
     refused(lambda: client.images.edit(image=("in.png", png_bytes(img)), prompt="2", output_format="gif"),
             "output_format")
 
+    def run(src, strength):
+        return client.images.edit(image=("in.png", png_bytes(src)), prompt="2",
+                                  extra_body={"steps": STEPS, "seed": 1, "strength": strength}).data[0].b64_json
+
+    other = _source(2)
+    assert run(img, 0.0) != run(other, 0.0) and run(img, 0.7) != run(other, 0.7)  # the image is the start
+    assert run(img, 1.0) == run(other, 1.0)  # strength 1: resampled from t = 0, the image no longer matters
+
 
 def test_bad_edits(client):
     img = png_bytes(_source())
