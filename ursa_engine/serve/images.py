@@ -24,9 +24,10 @@ token-level inpainting (:func:`~ursa_engine.conditioning.encode_inpaint`: the to
 wholly kept hold the image's codes at every step, DESIGN §2.4). Without a mask the image conditions
 the generation: its codes are frame 0, resampled at ``t = 1 - strength`` (default
 :data:`~.image_schema.EDIT_STRENGTH`), then stepped like any other token (DESIGN §2.4): where sampling
-starts, not a constraint (at strength 1 the image no longer matters). Uploads are decoded by :mod:`.uploads` under the server's
-byte (413, the guard), pixel (from the header: decompression bombs) limits; prompt characters, ``n``
-and per-key concurrency go through the :class:`~.gateway.Gateway` as for every route.
+starts, not a constraint (at strength 1 the image no longer matters). Uploads are decoded by
+:mod:`.uploads` under the server's byte (413, the guard) and pixel (from the header: decompression
+bombs) limits; prompt characters, ``n`` and per-key concurrency go through the
+:class:`~.gateway.Gateway` as for every route.
 
 Requests over the server's ``max_tokens`` (n x latent tokens, x2 rows while guided) are refused with
 a 400 naming ``size``, ``frames``, ``latents_shape``, ``image`` or ``n`` before anything is allocated.
