@@ -161,8 +161,9 @@ def test_import_graph_sees_relative_lazy_and_package_imports():
     edges = {(e.source, e.target, e.lazy) for e in import_graph()}
     assert ("ursa_engine.model", "ursa_engine.checkpoint", False) in edges  # from . import checkpoint
     assert ("ursa_engine.checkpoint", "ursa_engine.config", False) in edges  # from .config import ModelConfig
-    assert ("ursa_engine.engine", "ursa_engine.compat", True) in edges  # inside Engine.from_pretrained
-    assert ("ursa_engine.engine", "ursa_engine.vae", True) in edges  # from .vae import load_tokenizer
+    assert ("ursa_engine.engine", "ursa_engine.pretrained", True) in edges  # inside Engine.from_pretrained
+    assert ("ursa_engine.pretrained", "ursa_engine.compat", True) in edges  # inside load_engine
+    assert ("ursa_engine.pretrained", "ursa_engine.vae", True) in edges  # from .vae import load_tokenizer
     assert ("ursa_engine.vae.loading", "ursa_engine.checkpoint", False) in edges  # from ..checkpoint import
 
 

@@ -159,49 +159,11 @@ class Engine:
         over ``root/transformer``: its ``config.json`` is kept, its weights are not read
         (:func:`ursa_engine.checkpoint.read_weights`, DESIGN §9).
         """
-        from .compat import KineticOptimalScheduler
-        from .hub import resolve_root
+        from .pretrained import load_engine
 
-        root = resolve_root(root, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                            token=token, variant=variant, transformer_weights=transformer_weights is None)
-        for sub in ("transformer", "scheduler"):
-            if not (root / sub).is_dir():
-                raise FileNotFoundError(f"root: {root} has no {sub}/ folder (expected transformer/, scheduler/, "
-                                        "optionally tokenizer/ and vae/)")
-        if options.get("mesh") is not None:  # checked and set up before any weight is read (issue 13)
-            from .distributed import setup_mesh
-
-            options["mesh"], device = setup_mesh(options["mesh"], config_folder=root / "transformer", device=device)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype is None and torch.device(device).type == "cuda":
-            dtype = torch.bfloat16  # DESIGN §4
-        loaded = KineticOptimalScheduler.from_pretrained(root / "scheduler")
-        vae = None
-        if load_vae and (root / "vae").is_dir():
-            from .vae import load_tokenizer
-
-            vae = load_tokenizer(root / "vae", dtype=dtype, device=device, variant=variant)
-            if vae.codebook_size != loaded.path.size:
-                raise ValueError(f"root: {root / 'vae'} has a tokenizer of K={vae.codebook_size} codes but the "
-                                 f"codebook of {root / 'scheduler'} has K={loaded.path.size}")
-        if transformer_weights is None:
-            model = URSATransformer.from_pretrained(root / "transformer", dtype=dtype, device=device, variant=variant)
-        else:
-            from .checkpoint import read_weights
-
-            cfg, state = read_weights(root / "transformer", dtype=dtype, device=device, overlay=transformer_weights)
-            model = URSATransformer(cfg, device="meta")
-            model.load_state_dict(state, strict=True, assign=True)
-            model.requires_grad_(False)
-        if vae is not None and dtype is None:
-            vae.to(dtype=model.dtype)  # the engine's dtype: the transformer checkpoint's own
-        sched = Scheduler(loaded.path, num_steps or 50, shift=loaded.shift if shift is None else shift)
-        tokenizer = None
-        if (root / "tokenizer" / "tokenizer.json").is_file():
-            tokenizer = PromptTokenizer.from_pretrained(root / "tokenizer",
-                                                        length=options.get("prompt_length", PROMPT_LENGTH))
-        return cls(model, sched, tokenizer=tokenizer, default_steps=num_steps or "authors", vae=vae, **options)
+        return load_engine(cls, root, dtype=dtype, device=device, num_steps=num_steps, shift=shift, variant=variant,
+                           load_vae=load_vae, transformer_weights=transformer_weights, revision=revision,
+                           cache_dir=cache_dir, local_files_only=local_files_only, token=token, **options)
 
     @property
     def device(self) -> torch.device:
