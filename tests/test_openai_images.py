@@ -165,9 +165,14 @@ def test_accepted_ignored_recorded_and_refused_fields(client, server, caplog):
         return int(line[0].split()[-1]) if line else 0
 
     before = count("ursa_key_identified_requests_total"), count("ursa_key_requests_total")
-    caplog.set_level(logging.INFO, logger="ursa_engine.serve")
-    assert gen(client, user="alice-hash").safety_identifier == "alice-hash"
-    lines = [r.getMessage() for r in caplog.records if r.name == "ursa_engine.serve"]
+    log = logging.getLogger("uvicorn.error.ursa")  # uvicorn's loggers do not propagate to the root (caplog)
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger=log.name)
+    try:
+        assert gen(client, user="alice-hash").safety_identifier == "alice-hash"
+    finally:
+        log.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.name == log.name]
     assert any("images.generations" in m and "key=k0" in m and "user='alice-hash'" in m for m in lines), lines
     assert gen(client, user="alice-hash", safety_identifier="sid-7").safety_identifier == "sid-7"
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text

@@ -14,7 +14,8 @@ import secrets
 import threading
 
 MAX_USERS_PER_KEY = 10_000
-log = logging.getLogger("ursa_engine.serve")
+# under uvicorn's server logger: the request lines appear where ``ursa-engine serve`` prints its own (INFO)
+log = logging.getLogger("uvicorn.error.ursa")
 
 
 class KeyMetrics:
@@ -53,6 +54,6 @@ class KeyMetrics:
 
 
 def log_request(route: str, request_id: str, owner: str, user: str | None, **info) -> None:
-    """The request log line (``ursa_engine.serve`` logger, INFO): route, id, key index, end user, details."""
+    """The request log line (logger ``uvicorn.error.ursa``, INFO): route, id, key index, end user, details."""
     details = " ".join(f"{k}={v}" for k, v in info.items())
     log.info("%s id=%s key=%s user=%s %s", route, request_id, owner, repr(user[:256]) if user else "-", details)
