@@ -2,7 +2,8 @@
 
 Routes
 ------
-- Images (:mod:`.images`): ``POST /v1/images/generations``.
+- Images (:mod:`.images`, :mod:`.image_edits`): ``POST /v1/images/generations``, ``POST /v1/images/edits``
+  (OpenAI's request schema, :mod:`.image_schema`; uploads through :mod:`.uploads`).
 - Jobs, any route's (our extension): ``GET /v1/requests/{id}`` (status), ``GET /v1/requests/{id}/events``
   (SSE progress: ``queued``, ``started``, ``step``, then ``done`` / ``cancelled`` / ``failed``),
   ``DELETE /v1/requests/{id}`` (cancel: its rows leave at the next step boundary; a running one
