@@ -236,7 +236,8 @@ example:
     sec.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                      help="width x height of an uploaded image or video frame, read from its header before decoding "
                           "(decompression bombs; default 4096 x 4096)")
-    sec.add_argument("--max-video-frames", type=int, default=257, help="frames of an uploaded video (default 257)")
+    sec.add_argument("--max-video-frames", type=int, default=257,
+                     help="frames of an uploaded video, and of a video the videos routes return (default 257)")
     sec.add_argument("--max-stored-results", type=int, default=256,
                      help="finished video jobs kept for download, oldest dropped first (default 256)")
     sec.add_argument("--max-stored-bytes", type=int, default=2 << 30,
