@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .batcher import DEFAULT_MAX_TOKENS, Batcher
 from .gateway import Gateway, error, sse
+from .image_edits import add_edit_route
 from .images import add_image_routes
 from .models import ServedModel
 from .security import Guard, Limits, bind_warning, internal_id
@@ -75,7 +76,7 @@ def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = No
         msg = first.get("msg", "invalid request")
         return error(400, f"{param}: {msg}" if param else msg, param)
 
-    add_image_routes(app, gw)
+    add_edit_route(app, add_image_routes(app, gw))
     add_video_routes(app, gw)
 
     def not_found(request_id: str, what: str = "request") -> JSONResponse:

@@ -78,17 +78,16 @@ def error_event(message: str, kind: str, code: str | None = None) -> str:
     return sse("error", {"type": "error", "error": {"message": message, "type": kind, "param": None, "code": code}})
 
 
-def add_image_routes(app: FastAPI, gw: Gateway) -> None:
-    """Register the images routes on ``app``."""
-    from .image_edits import add_edit_route
-
+def add_image_routes(app: FastAPI, gw: Gateway) -> ImageRoutes:
+    """Register ``POST /v1/images/generations`` on ``app``; returns the routes' shared machinery
+    (the edits route, :func:`ursa_engine.serve.image_edits.add_edit_route`, runs on it)."""
     routes = ImageRoutes(gw)
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageRequest, request: Request):
         return await routes.generations(body, request)
 
-    add_edit_route(app, routes)
+    return routes
 
 
 class ImageRoutes:
