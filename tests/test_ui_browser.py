@@ -274,3 +274,41 @@ def test_bad_input_shows_its_message(browser, ui, tmp_path):
     ask(d, "t2i", "12", seed=1)  # the digits model takes one digit
     WebDriverWait(d, WAIT).until(lambda d: "one digit class" in d.find_element(By.TAG_NAME, "body").text)
     shot(d, tmp_path, "bad_prompt")
+
+
+def test_with_api_keys_the_page_asks_for_a_key(browser, served, tmp_path):
+    """Keys configured: the page is a login (password = an API key); a wrong key stays out, a right one
+    gets the page and can generate."""
+    from ursa_engine.serve.security import Limits
+
+    s = UIServer(served, limits=Limits(api_keys=("sesame",)))
+    try:
+        d = browser()
+        d.get(s.url)
+        css(d, "input[type=password]")
+        WebDriverWait(d, WAIT).until(lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Login']"))
+        assert "enter it as the password" in d.find_element(By.TAG_NAME, "body").text
+        shot(d, tmp_path, "login")
+        for key in ("wrong", "sesame"):
+            fill(d, "input[type=text]", "ann")
+            fill(d, "input[type=password]", key)
+            d.find_element(By.XPATH, "//button[normalize-space()='Login']").click()
+            if key == "wrong":
+                WebDriverWait(d, WAIT).until(lambda d: "Incorrect" in d.find_element(By.TAG_NAME, "body").text)
+                assert not d.find_elements(By.CSS_SELECTOR, "#t2i-prompt")
+        ask(d, "t2i", "1", seed=2)
+        assert fetch_image_with(d, result_src(d, "#t2i-out img")).shape == (8, 16, 3)
+        shot(d, tmp_path, "logged_in")
+    finally:
+        s.close()
+
+
+def fetch_image_with(d, src: str) -> np.ndarray:
+    """A file of the page, fetched with the browser's login cookie (the files need the login too)."""
+    from PIL import Image
+
+    cookies = {c["name"]: c["value"] for c in d.get_cookies()}
+    assert httpx.get(src, timeout=30).status_code in (401, 403)
+    r = httpx.get(src, cookies=cookies, timeout=30)
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
