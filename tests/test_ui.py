@@ -285,9 +285,12 @@ def test_api_keys_put_the_page_behind_a_login(served):
 
 
 def test_serve_ui_mount_keeps_the_api_and_its_key(served):
-    s = UIServer(served, limits=Limits(api_keys=("sesame",)), with_api=True)
+    s = UIServer(served, limits=Limits(api_keys=("sesame",), max_upload_bytes=64 << 10), with_api=True)
     try:
+        assert s.studio.inflight is s.app.state.api.state.inflight  # one per-key count for the API and the page
         with httpx.Client(base_url=s.base, timeout=30) as c:
+            big = c.post("/ui/gradio_api/upload", files={"files": ("a.png", b"x" * (100 << 10))})
+            assert big.status_code == 413 and "limit of 65536 bytes" in big.text  # max_upload_bytes, before parsing
             assert c.get("/health").json()["status"] == "ok"
             body = {"prompt": "3", "steps": STEPS, "seed": 1, "response_format": "png"}
             assert c.post("/v1/images/generations", json=body).status_code == 401

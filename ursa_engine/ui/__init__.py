@@ -46,7 +46,9 @@ def create_ui_app(served, batcher, limits=None, *, app=None, path: str = "/", in
     studio = Studio(served, batcher, limits, inflight=inflight, out_dir=out_dir)
     login = KeyLogin(studio)
     blocks = build_blocks(studio, login)
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None) if app is None else app
+    if app is None:
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+        body_limit(app, limits)
     app = gr.mount_gradio_app(app, blocks, path, auth=login if limits.api_keys else None,
                               auth_message="This server needs an API key: enter it as the password (any user name).",
                               allowed_paths=[str(studio.out_dir)], max_file_size=limits.max_upload_bytes,
@@ -65,10 +67,23 @@ def mount(app, served, batcher, limits=None, *, path: str = UI_PATH):
     from fastapi import FastAPI
 
     outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    body_limit(outer, limits)
     create_ui_app(served, batcher, limits, app=outer, path=path, inflight=getattr(app.state, "inflight", None))
     outer.mount("/", app)  # after the page's routes: every other path is the API's
     outer.state.api = app
     return outer
+
+
+def body_limit(app, limits) -> None:
+    """Bound every request body of the page (queue calls, uploads) by ``max_upload_bytes`` before it is
+    parsed: the API's :class:`~ursa_engine.serve.security.Guard` with no keys (Gradio's login checks
+    those), so the page is no way around the server's body limits. The API's routes keep their own
+    guard (keys, ``max_body_bytes``) behind it."""
+    from ..serve.security import Guard, Limits
+
+    limits = Limits() if limits is None else limits
+    app.add_middleware(Guard, limits=Limits(max_body_bytes=limits.max_upload_bytes,
+                                            max_upload_bytes=limits.max_upload_bytes))
 
 
 def launch(root=None, *, host: str = "127.0.0.1", port: int = 7860, max_rows: int = 16, max_queue: int = 64,
