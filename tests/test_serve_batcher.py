@@ -355,3 +355,25 @@ def test_failed_capture_is_not_cached(engine, monkeypatch):
         assert b.graphs.captures == 1 and all(bk.replay is not None for bk in b.graphs.buckets.values())
     with Batcher(engine, max_rows=4) as b:
         assert torch.equal(again, b.submit(request(engine, 3, 5, steps=4)).future.result(60))
+
+
+def test_concurrent_stops_do_not_race(engine):
+    """Two stop() calls at once (a second SIGTERM while serve() stops in its finally) both return cleanly."""
+    import threading
+
+    for _ in range(20):
+        b = Batcher(engine).start()
+        errors = []
+
+        def stop():
+            try:
+                b.stop()
+            except Exception as err:  # AttributeError: 'NoneType' object has no attribute 'is_alive' (before)
+                errors.append(err)
+
+        threads = [threading.Thread(target=stop) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not errors and not b.alive

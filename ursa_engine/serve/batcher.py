@@ -131,10 +131,12 @@ class Batcher:
         with self._lock:
             self._stop = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if not self._thread.is_alive():  # else keep it: a later start() must not run a second worker
-                self._thread = None
+        thread = self._thread  # one read: a concurrent stop() (a second SIGTERM) may clear it meanwhile
+        if thread is not None:
+            thread.join(timeout)
+            with self._lock:  # else keep it: a later start() must not run a second worker
+                if self._thread is thread and not thread.is_alive():
+                    self._thread = None
 
     @property
     def draining(self) -> bool:
