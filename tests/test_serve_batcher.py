@@ -361,7 +361,7 @@ def test_concurrent_stops_do_not_race(engine):
     """Two stop() calls at once (a second SIGTERM while serve() stops in its finally) both return cleanly."""
     import threading
 
-    for _ in range(20):
+    for _ in range(60):  # the old code failed ~1 in 10 iterations
         b = Batcher(engine).start()
         errors = []
 
