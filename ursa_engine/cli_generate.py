@@ -47,14 +47,11 @@ import numpy as np
 
 from . import media
 from ._cli_errors import UsageError, one_line, warn
+from .defaults import DEFAULT_COND_FRAMES, DEFAULT_EXTENSION_NOISE, DEFAULT_FPS, VIDEO_SIZE
 
-VIDEO_SIZE = (320, 512)  # (height, width): the authors' pipeline defaults, URSA-1.7B-FSQ320
 IMAGE_SIZE = (1024, 1024)  # URSA-1.7B-IBQ1024's resolution (the authors' README and T2I demo)
 DEFAULT_VIDEO_FRAMES = 49  # 1 + 4·12: 13 latent frames
 DEFAULT_LATENTS = (1, 40, 64)  # without a tokenizer: a 320x512 image's grid at stride 8
-DEFAULT_COND_FRAMES = 13  # paper appendix E, the README loop: 4 latent frames at temporal stride 4
-DEFAULT_EXTENSION_NOISE = 0.1  # the README loop's cond_noise_scale for --video
-DEFAULT_FPS = 12.0
 
 # argument names in the messages of the engine, the tokenizer and ursa_engine.media -> their flags
 FLAGS = {
