@@ -416,3 +416,37 @@ def test_image_checkpoints_refuse_videos():
 
     with pytest.raises(ValueError, match="^model: .*image model"):
         video_tokenizer(ServedModel.load())  # the bundled digits model
+
+
+def test_huge_seconds_are_refused_at_once(server, served):
+    """``seconds`` over ``max_video_frames`` is a 400 before any search (a huge value once hung a server)."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {KEY_A}"}
+    for route, extra in (("/v1/videos", {"size": SIZE}), ("/v1/videos/extensions", {"video": {"id": "video_x"}})):
+        for seconds in ("1e7", "1e300", 1e7):
+            t0 = time.perf_counter()
+            r = httpx.post(server.url + route, headers=h, json={"prompt": "a cat", "seconds": seconds, **extra},
+                           timeout=30)
+            took = time.perf_counter() - t0
+            assert r.status_code == 400 and r.json()["error"]["param"] == "seconds", r.text
+            assert "max_video_frames" in r.json()["error"]["message"] and took < 1.0, (route, seconds, took)
+    vae = served.engine.vae
+    t0 = time.perf_counter()
+    T = latent_frames_for(vae, 3000.0)  # the search itself: bisection, not a scan of every length
+    assert time.perf_counter() - t0 < 1.0
+    assert vae.encoded_frames(vae.num_frames(T)) == T and abs(vae.num_frames(T) - 1 - 36000) <= vae.num_frames(9)
+
+
+def test_the_bisection_picks_what_a_scan_picks(served):
+    """The nearest whole length (ties: the shorter), as a plain scan of every T finds it."""
+    vae = served.engine.vae
+
+    def scan(seconds, start):
+        base = vae.num_frames(start) if start else 1
+        whole = [T for T in range(start + 1, start + 200) if vae.encoded_frames(vae.num_frames(T)) == T]
+        return min(whole, key=lambda T: (abs(vae.num_frames(T) - base - seconds * FPS), T))
+
+    for start in (0, 1, 2, 3, 7, 18):
+        for seconds in (0.01, 0.3, 1 / 3, 0.5, 2 / 3, 1.0, 2.0, 2.5, 4.0, 7.9, 8.0, 10.0):
+            assert latent_frames_for(vae, seconds, start=start) == scan(seconds, start), (start, seconds)

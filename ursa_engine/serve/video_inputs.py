@@ -11,16 +11,20 @@ Unknown fields are a 400 naming them.
 
 Seconds -> frames
 -----------------
-Videos play at :data:`FPS` = 12 frames per second, the CLI's ``DEFAULT_FPS`` (the authors' exports;
-URSA checkpoints carry no frame rate). A clip of F frames lasts (F − 1) / FPS seconds. The latent
-frame count T is chosen among those the tokenizer decodes *whole* (``encoded_frames(num_frames(T)) ==
-T``: with the authors' temporal tiling a trailing partial tile is not decoded, so e.g. a Cosmos
-tokenizer of ``sample_frames`` 17 takes T = 1..5, 10, 15, ...) as the one whose added duration
-``(num_frames(T) − num_frames(T0)) / FPS`` is nearest to ``seconds`` (ties: the shorter clip), where
-T0 = 0 for a new video (then the base is one frame) and T0 is the conditioning or source length for
-an extension. So "4" at 12 fps is 49 frames: T = 13 at ``sample_frames`` 49, T = 15 at 17 (both
-decode to 49 frames); "8" is 97 frames; the tiny test tokenizer (``sample_frames`` 9) takes T = 18 for "4".
-A clip of more than the server's ``max_video_frames`` frames is refused (400 naming ``seconds``).
+Videos play at :data:`FPS` = 12 frames per second, :data:`ursa_engine.defaults.DEFAULT_FPS` (the
+CLI's too; the authors' exports: URSA checkpoints carry no frame rate). A clip of F frames lasts
+(F − 1) / FPS seconds. The latent frame count T is chosen among those the tokenizer decodes *whole*
+(``encoded_frames(num_frames(T)) == T``: with the authors' temporal tiling a trailing partial tile is
+not decoded, so e.g. a Cosmos tokenizer of ``sample_frames`` 17 takes T = 1..5, 10, 15, ...) as the
+one whose added duration ``(num_frames(T) − num_frames(T0)) / FPS`` is nearest to ``seconds`` (ties:
+the shorter clip), where T0 = 0 for a new video (then the base is one frame) and T0 is the
+conditioning or source length for an extension. So "4" at 12 fps is 49 frames: T = 13 at
+``sample_frames`` 49, T = 15 at 17 (both decode to 49 frames); "8" is 97 frames; the tiny test
+tokenizer (``sample_frames`` 9) takes T = 18 for "4". A clip of more than the server's
+``max_video_frames`` frames is refused (400 naming ``seconds``): first from ``seconds`` alone (the
+frames before + ``seconds`` x FPS, before any search), then from the chosen T. The search is a
+bisection on ``num_frames`` (non-decreasing in T) plus a short scan for the nearest whole lengths, so
+its cost does not grow with ``seconds``.
 
 Conditioning (DESIGN §2.4)
 --------------------------
@@ -52,7 +56,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..cli_generate import DEFAULT_COND_FRAMES, DEFAULT_EXTENSION_NOISE, DEFAULT_FPS, VIDEO_SIZE
+from ..defaults import DEFAULT_COND_FRAMES, DEFAULT_EXTENSION_NOISE, DEFAULT_FPS, VIDEO_SIZE
 
 FPS = DEFAULT_FPS
 DEFAULT_VIDEO_SIZE = f"{VIDEO_SIZE[1]}x{VIDEO_SIZE[0]}"  # "WxH": the authors' 320x512 (height x width)
@@ -155,25 +159,48 @@ def decodes_whole(vae, T: int) -> bool:
         return False
 
 
+SCAN = 256  # latent frames searched on either side of the target for a length that decodes whole
+
+
+def check_seconds(seconds: float, before: int, limits, field: str = "seconds") -> None:
+    """Refuse ``seconds`` when ``before`` frames + ``seconds`` x FPS are already over ``max_video_frames``
+    (before any search: its cost must not depend on a huge ``seconds``)."""
+    cap = int(getattr(limits, "max_video_frames", 257))
+    if before + seconds * FPS > cap:
+        what = "" if before <= 1 else f" after the {before} frames before it"
+        raise ValueError(f"{field}: {fmt_seconds(seconds)} s is {seconds * FPS:.6g} frames at {FPS:g} frames per "
+                         f"second{what}, over this server's limit of {cap} frames in a video (max_video_frames)")
+
+
 def latent_frames_for(vae, seconds: float, *, start: int = 0, fps: float = FPS, field: str = "seconds") -> int:
     """The latent frame count T > ``start`` whose added duration is nearest to ``seconds`` (module
-    docstring; ties: the shorter). ``start`` 0: a new clip (its base is one frame)."""
+    docstring; ties: the shorter). ``start`` 0: a new clip (its base is one frame).
+
+    ``num_frames`` is non-decreasing in T, so the first T that reaches the target is found by
+    bisection; the nearest lengths that decode whole are then at most :data:`SCAN` latent frames
+    below / above it: O(log T + SCAN) calls of ``num_frames``. Callers bound ``seconds`` first
+    (:func:`check_seconds`): a tokenizer's ``num_frames(T)`` may cost O(T)."""
     base = vae.num_frames(start) if start else 1
     target = seconds * fps
-    best, best_err = None, math.inf
-    T = start + 1
-    while True:
-        if decodes_whole(vae, T):
-            added = vae.num_frames(T) - base
-            err = abs(added - target)
-            if err < best_err:
-                best, best_err = T, err
-            if added >= target:  # later T only add frames: farther from the target
-                break
-        T += 1
-        if T > start + 100_000:  # pragma: no cover - a tokenizer that never decodes whole
-            raise ValueError(f"{field}: no clip length of this tokenizer is near {fmt_seconds(seconds)} s")
-    return best
+
+    def added(T: int) -> int:
+        return vae.num_frames(T) - base
+
+    lo, hi = start + 1, start + 1
+    while added(hi) < target:  # exponential, then bisection: the first T with added(T) >= target
+        lo, hi = hi + 1, start + 2 * (hi - start)
+        if hi - start > 1 << 40:  # pragma: no cover - a tokenizer whose clips stop growing
+            raise ValueError(f"{field}: no clip length of this tokenizer reaches {fmt_seconds(seconds)} s")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if added(mid) < target else (lo, mid)
+    below = next((T for T in range(lo - 1, max(start, lo - 1 - SCAN), -1) if decodes_whole(vae, T)), None)
+    above = next((T for T in range(lo, lo + SCAN) if decodes_whole(vae, T)), None)
+    if below is None and above is None:
+        raise ValueError(f"{field}: no clip length of this tokenizer is near {fmt_seconds(seconds)} s")
+    if below is None or (above is not None and abs(added(above) - target) < abs(added(below) - target)):
+        return above
+    return below
 
 
 def cond_pixel_frames(vae, available: int) -> int:
@@ -263,6 +290,7 @@ def new_video_plan(served, body: CreateBody, limits, image: np.ndarray | None) -
     if image is not None and image.shape[:2] != (h, w):
         raise ValueError(f"input_reference: the image is {image.shape[1]}x{image.shape[0]}, the video's size is "
                          f"{w}x{h}: they must match (or leave size out to take the image's)")
+    check_seconds(seconds, 1, limits)
     T = latent_frames_for(vae, seconds)
     shape = grid(vae, T, w, h)
     frames = vae.num_frames(T)
@@ -275,6 +303,7 @@ def token_extension_plan(served, body: ExtendBody, limits, source_tokens: torch.
     vae = video_tokenizer(served)
     seconds = seconds_of(body.seconds)
     T0, h, w = (int(v) for v in source_tokens.shape[1:])
+    check_seconds(seconds, vae.num_frames(T0), limits)
     total_T = latent_frames_for(vae, seconds, start=T0)
     tc = cond_latent_frames(vae, T0)
     frames = vae.num_frames(total_T)
@@ -292,6 +321,7 @@ def pixel_extension_plan(served, body: ExtendBody, limits, frames_in: np.ndarray
     F0, H, W = (int(v) for v in frames_in.shape[:3])
     nc = cond_pixel_frames(vae, F0)
     tc = vae.encoded_frames(nc)
+    check_seconds(seconds, F0, limits)
     T = latent_frames_for(vae, seconds, start=tc)
     shape = grid(vae, T, W, H, field="video")
     frames = F0 + vae.num_frames(T) - nc
@@ -319,6 +349,6 @@ def extension_noise(body) -> float:
     return DEFAULT_EXTENSION_NOISE if body.cond_noise_scale is None else body.cond_noise_scale
 
 
-__all__ = ["CreateBody", "DEFAULT_VIDEO_SIZE", "ExtendBody", "FPS", "Plan", "cond_latent_frames",
+__all__ = ["CreateBody", "DEFAULT_VIDEO_SIZE", "ExtendBody", "FPS", "Plan", "check_seconds", "cond_latent_frames",
            "cond_pixel_frames", "latent_frames_for", "nest", "new_video_plan", "parse", "pixel_extension_plan",
            "seconds_of", "stitch", "token_extension_plan", "video_tokenizer"]

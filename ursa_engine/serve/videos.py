@@ -271,6 +271,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             if "input_reference" in files and "input_reference" in data:
                 raise ValueError("input_reference: give a file or an object, not both")
             body = vi.parse(CreateBody, data)
+            vi.check_seconds(vi.seconds_of(body.seconds), 1, limits)  # before admission: cheap, bounded
         except ValueError as err:
             return bad_request(err)
         refused = gw.check_texts({"prompt": body.prompt, "negative_prompt": body.negative_prompt})
@@ -309,7 +310,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
                                  "video (the client sends video[id])")
             if ref is not None and (set(ref) != {"id"} or not isinstance(ref["id"], str)):
                 raise ValueError(f"video: expected {{'id': '<video id>'}}, got keys {sorted(ref)}")
-            vi.seconds_of(body.seconds)
+            vi.check_seconds(vi.seconds_of(body.seconds), 1, limits)  # the source's frames are checked later
         except ValueError as err:
             return bad_request(err)
         refused = gw.check_texts({"prompt": body.prompt, "negative_prompt": body.negative_prompt})
