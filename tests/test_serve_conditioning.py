@@ -1,7 +1,8 @@
 """Conditioning and previews in the continuous batcher (issues 20 / 23): a conditioned request's
 tokens equal Engine.generate's (image to video, video extension both ways of freeze_cond and with
 cond_noise_scale, inpainting), conditioned and plain requests share forward passes without touching
-each other, preview events carry the tokens after their step, and bad fields are named.
+each other, preview events carry the model's x̂1 of their step (Engine.generate's recorded draw), and
+bad fields are named.
 
 Frames run on a tiny cosmos3d root (tests/roots.py: a 9 x 32 x 48 clip <-> 3 x 4 x 6 codes, pixels
 through the engine's own encode); inpainting on the digits model (its patch tokenizer)."""
@@ -132,7 +133,8 @@ def digit_request(dm, label, *, seed, n=1, frames=1, **kw):
     from ursa_engine import digits
 
     return GenerationRequest(prompt_ids=digits.prompt_ids([label], pad)[0], latents_shape=(frames, *dm.grid),
-                             seed=seed, n=n, num_steps=kw.pop("num_steps", 6), guidance_scale=3.0, **kw)
+                             seed=seed, n=n, num_steps=kw.pop("num_steps", 6),
+                             guidance_scale=kw.pop("guidance_scale", 3.0), **kw)
 
 
 def digit_reference(dm, label, *, seed, n=1, frames=1, **kw):
@@ -179,41 +181,127 @@ def test_inpainting_whole_frames_equals_frozen_frames(dm):
 
 
 # ---------------------------------------------------------------------------- previews
-def test_preview_events_carry_the_tokens_after_their_step(dm, known):
-    """Previews at steps 1 (the metric path's identity: the initial tokens), 3 and N (the result) of an
-    inpainting request; the middle one equals the recorded trajectory's state after step 3."""
-    tokens, mask = known
-    N, n = 6, 2
+def preview_run(dm, request, **batcher_kw):
+    """(result, {step: preview tokens}, step numbers of the "step" events) of one batcher request."""
     events = []
-    with Batcher(dm.engine, max_rows=8) as b:
-        job = b.prepare(digit_request(dm, 5, seed=3, n=n, num_steps=N, preview_steps=(1, 3, N)))
+    with Batcher(dm.engine, max_rows=8, **batcher_kw) as b:
+        job = b.prepare(request)
         b.subscribe(job, events.append)
         result = b.submit(job).future.result(120)
-        plain = b.submit(digit_request(dm, 5, seed=3, n=n, num_steps=N)).future.result(120)
     steps = [e for e in events if e["event"] == "step"]
-    assert [e["step"] for e in steps] == list(range(1, N + 1))
-    shown = {e["step"]: e["tokens"] for e in steps if "tokens" in e}
-    assert sorted(shown) == [1, 3, N]
+    return result, {e["step"]: e["tokens"] for e in steps if "tokens" in e}, [e["step"] for e in steps]
+
+
+def recorded(dm, label, *, seed, n, num_steps, guidance_scale, **kw):
+    """Engine.generate's trajectory of the same request (every model call's x̂1 and state)."""
+    return dm.engine.generate(dm.prompts([label] * n), latents_shape=(1, *dm.grid), seed=seed, num_steps=num_steps,
+                              guidance_scale=guidance_scale, decode=False, return_trajectory=True, **kw)
+
+
+def call_of(traj, step: int) -> int:
+    """The trajectory's index of the model call that the 1-based ``step`` event follows (grid k = step - 1)."""
+    return traj.steps.tolist().index(step - 1)
+
+
+@pytest.mark.parametrize("scale, per_row", [(3.0, False), (1.0, False), (3.0, True)],
+                         ids=["guided", "unguided", "guided-per-row-token-ranges"])
+def test_previews_are_the_steps_x1(dm, scale, per_row, monkeypatch):
+    """A preview is x̂1 of its step's model call, exactly as Engine.generate draws (and records) it,
+    guided or not; the metric path's step 1 (no call) is dropped; previews change no token. The last
+    call's x̂1 is the result on the metric path (its last step lands on x̂1). Per-row: the logits in
+    token ranges of 9 tokens (each range's draw at its own token offset)."""
+    N, n = 6, 2
+    if per_row:
+        monkeypatch.setattr(dm.engine, "logits_budget", 4 * 256 * 4 * 9)  # 4 rows x K x float32 x 9 tokens
+    ask = digit_request(dm, 5, seed=3, n=n, num_steps=N, guidance_scale=scale, preview_steps=(1, 3, 4, N))
+    result, shown, steps = preview_run(dm, ask, per_row_sampler=per_row)
+    plain, = serve(dm.engine, digit_request(dm, 5, seed=3, n=n, num_steps=N, guidance_scale=scale),
+                   per_row_sampler=per_row)
+    assert steps == list(range(2, N + 1)) and sorted(shown) == [3, 4, N]  # step 1: no model call, no x̂1
     for t in shown.values():
         assert t.device.type == "cpu" and t.dtype == torch.int64 and t.shape == (n, 1, *dm.grid)
-    assert torch.equal(shown[N], result) and torch.equal(result, plain)  # previews change nothing
-    assert torch.equal(shown[1], dm.engine.initial_tokens(n, (1, *dm.grid), 3))
-    traj = dm.engine.generate(dm.prompts([5] * n), latents_shape=(1, *dm.grid), seed=3, num_steps=N,
-                              guidance_scale=3.0, decode=False, return_trajectory=True).trajectory
-    call = traj.steps.tolist().index(2)  # grid step k = 2 is the 3rd step
-    assert torch.equal(shown[3], traj.next_states[:, call])
-    assert not torch.equal(shown[3], shown[N])
+    out = recorded(dm, 5, seed=3, n=n, num_steps=N, guidance_scale=scale)
+    traj = out.trajectory
+    assert torch.equal(result, plain) and torch.equal(result, out.tokens)  # previews change nothing
+    assert bool(traj.guided[call_of(traj, 3)]) == (scale != 1.0)
+    for s in (3, 4, N):
+        assert torch.equal(shown[s], traj.x1[:, call_of(traj, s)]), s
+        assert not torch.equal(shown[s], traj.next_states[:, call_of(traj, s)]) or s == N  # not the state
+    assert torch.equal(shown[N], result)  # the last call's x̂1: the metric path's last step lands on it
+    assert not torch.equal(shown[3], shown[4])
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar-k", "per-row"])
+def test_preview_of_a_job_sharing_a_pass(dm, per_row):
+    """Two guided jobs in every forward pass (both queued before the loop starts), the second one
+    previewing: its x̂1 comes from its own rows (cond and uncond) of the shared logits."""
+    N = 6
+    events = []
+    with Batcher(dm.engine, max_rows=8, per_row_sampler=per_row) as b:
+        b.stop()  # queue both, then start: they join the same steps
+        first = b.submit(digit_request(dm, 1, seed=2, n=2, num_steps=N))
+        second = b.prepare(digit_request(dm, 5, seed=3, n=2, num_steps=N, preview_steps=(3,)))
+        b.subscribe(second, events.append)
+        b.submit(second)
+        b.start()
+        got = [first.future.result(120), second.future.result(120)]
+    assert b.metrics.max_rows_seen == 8  # 2 jobs x (cond + uncond) x 2 samples in one pass
+    shown = [e["tokens"] for e in events if "tokens" in e]
+    out = recorded(dm, 5, seed=3, n=2, num_steps=N, guidance_scale=3.0)
+    assert len(shown) == 1 and torch.equal(shown[0], out.trajectory.x1[:, call_of(out.trajectory, 3)])
+    assert torch.equal(got[1], out.tokens)
 
 
 def test_previews_of_a_frozen_request_show_the_held_tokens(dm, known):
+    """Inpainting: the preview is the recorded x̂1 with the known tokens written in."""
     tokens, mask = known
-    events = []
-    with Batcher(dm.engine, max_rows=8) as b:
-        job = b.prepare(digit_request(dm, 7, seed=8, known_tokens=tokens, known_mask=mask, preview_steps=(2, 4)))
-        b.subscribe(job, events.append)
-        b.submit(job).future.result(120)
-    shown = [e["tokens"] for e in events if "tokens" in e]
-    assert len(shown) == 2 and all(torch.equal(t[:, mask], tokens[:, mask]) for t in shown)
+    ask = digit_request(dm, 7, seed=8, known_tokens=tokens, known_mask=mask, preview_steps=(2, 4))
+    result, shown, _ = preview_run(dm, ask)
+    out = recorded(dm, 7, seed=8, n=1, num_steps=6, guidance_scale=3.0, known_tokens=tokens, known_mask=mask)
+    traj = out.trajectory
+    assert torch.equal(result, out.tokens) and sorted(shown) == [2, 4]
+    for s, t in shown.items():
+        assert torch.equal(t[:, mask], tokens[:, mask])  # known tokens are known
+        x1 = traj.x1[:, call_of(traj, s)]
+        assert torch.equal(t, torch.where(traj.frozen, tokens.expand_as(x1), x1)), s
+        assert not torch.equal(t, x1)  # the draw under the mask was written over
+
+
+def test_previews_through_graph_buckets_on_the_cpu(dm, monkeypatch):
+    """``graphs=True`` (capture replaced by calling its body, as above): a previewing step runs eagerly,
+    the others replay; previews and tokens equal the eager batcher's."""
+    monkeypatch.setattr(graphs, "cuda_graph_capture", lambda fn, pool, device=None: fn)
+    monkeypatch.setattr(graphs.GraphCache, "capturable", lambda self, jobs: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    replays = []
+    run = graphs.GraphCache.run
+    monkeypatch.setattr(graphs.GraphCache, "run",
+                        lambda self, jobs, *a: replays.append(jobs[0].k) or run(self, jobs, *a))
+    N = 6
+    ask = digit_request(dm, 2, seed=5, n=2, num_steps=N, preview_steps=(3, 5))
+    eager, eager_shown, _ = preview_run(dm, ask)
+    assert not replays
+    bucketed, shown, _ = preview_run(dm, ask, graphs=True)
+    assert replays == [1, 3, 5]  # grid steps k of the replays: steps 2, 4, 6 (3 and 5 preview: eager)
+    assert torch.equal(bucketed, eager) and sorted(shown) == [3, 5]
+    assert all(torch.equal(shown[s], eager_shown[s]) for s in shown)
+
+
+def test_early_previews_are_close_to_the_final_image(dm):
+    """What issue 23 asked: a streamed partial image shows the model's current prediction. Mean
+    |pixel − final pixel| (0-255) of the decoded preview vs the decoded state x_t after the same steps
+    (25 steps, as the HTTP stream's default)."""
+    N, at = 25, (6, 13, 19)
+    ask = digit_request(dm, 3, seed=7, num_steps=N, preview_steps=at)
+    result, shown, _ = preview_run(dm, ask)
+    traj = recorded(dm, 3, seed=7, n=1, num_steps=N, guidance_scale=3.0).trajectory
+    final = dm.decode(result) * 255
+    pred = [float(np.abs(dm.decode(shown[s]) * 255 - final).mean()) for s in at]
+    state = [float(np.abs(dm.decode(traj.next_states[:, call_of(traj, s)]) * 255 - final).mean()) for s in at]
+    print(f"\nmean |image - final| at steps {at} of {N}: preview (x̂1) {[round(v, 1) for v in pred]}, "
+          f"state (x_t) {[round(v, 1) for v in state]}")
+    assert pred[0] < 0.5 * state[0] and pred[1] < 0.5 * state[1]
+    assert all(p <= s for p, s in zip(pred, state, strict=True))
 
 
 # ---------------------------------------------------------------------------- bad fields

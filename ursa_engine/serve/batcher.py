@@ -29,8 +29,11 @@ to video, video extension) and known tokens (``known_tokens`` / ``known_mask``, 
 encoded. They are written into the job's initial tokens and, when frozen, written back over its rows
 after every step, as :meth:`Engine.generate` does: conditioned and plain jobs share forward passes.
 Previews: for each step of ``preview_steps`` the ``"step"`` event carries ``"tokens"``, a CPU int64
-(n, T, h, w) copy of the job's tokens after that step (decoding is the caller's, off this thread; on
-the metric path step 1 is the identity and its preview, the initial tokens, follows ``"started"``).
+(n, T, h, w) copy of the model's prediction of the clean tokens at that step (x̂1, drawn with the
+step's own uniforms beside the step: :mod:`ursa_engine.serve.step`; frozen tokens written in), not
+the noisy state. Decoding is the caller's, off this thread. On the metric path step 1 is the identity
+(no model call, no x̂1, no ``"step"`` event): a preview asked there is dropped. At the last step x̂1
+is the last call's draw; on the metric path that step lands on x̂1, so it equals the result.
 A finished job keeps its preview tokens in its stored events while it is one of the last
 :data:`PREVIEW_JOBS` finished (for a subscriber that comes late), then only the events.
 
@@ -362,9 +365,7 @@ class Batcher:
                 self._queue.remove(job)
                 self._running.append(job)
                 job.status, job.t_start = "running", time.perf_counter()
-                job._event({"event": "started", "steps": job.steps})
-                if job.k in job.previews:  # the metric path's identity step 1 (no model call): the initial tokens
-                    job._event({"event": "step", "step": job.k, "steps": job.steps, "tokens": job.tokens_now()})
+                job._event({"event": "started", "steps": job.steps})  # the metric path's step 1: no call, no x̂1
         if not self._running:
             return []
         shapes = list(dict.fromkeys(j.shape for j in self._running))  # round robin over latent shapes
@@ -404,6 +405,8 @@ class Batcher:
         try:
             rows = self._forward_and_step(jobs)
         except Exception as err:  # a failing step fails its requests, never the server
+            for job in jobs:
+                job.preview = None  # a half-drawn x̂1 is never shown
             if len(jobs) > 1:  # nothing was written back: find the culprits by stepping each alone
                 for job in jobs:
                     self.step([job])
@@ -418,12 +421,12 @@ class Batcher:
         m.steps, m.rows, m.last_rows, m.last_step_seconds = m.steps + 1, m.rows + rows, rows, dt
         m.step_seconds += dt
         m.max_rows_seen = max(m.max_rows_seen, rows)
-        previews = {job.id: job.tokens_now() for job in jobs if job.k + 1 in job.previews}  # copied outside the lock
+        previews = {job.id: job.take_preview() for job in jobs}  # x̂1 copied outside the lock
         with self._lock:
             for job in jobs:
                 job.k += 1
                 event = {"event": "step", "step": job.k, "steps": job.steps}
-                if job.id in previews:
+                if previews[job.id] is not None:
                     event["tokens"] = previews[job.id]
                 job._event(event)
                 if job.k == job.steps:

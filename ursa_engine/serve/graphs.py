@@ -24,6 +24,9 @@ part of the captured step: :func:`ursa_engine.serve.step.forward_and_step` write
 job's rows of the replay's ``x_next``, as after an eager step, so conditioned and plain jobs share
 buckets (no key of their own) and the tokens equal the eager step's (tests/test_serve_conditioning.py).
 
+Previews (``preview_steps``): a step where any job of the bucket previews its x̂1 runs eagerly
+(:meth:`GraphCache.usable`); the other steps of the same jobs replay as before.
+
 Per-request LoRA adapters (DESIGN §9): the rows each adapter covers are python slices of the
 captured step, so the (adapter, rows) runs and the batcher's adapter set (``RowAdapters.version``)
 are part of the key too; traffic that mixes adapters in changing orders captures more buckets.
@@ -91,8 +94,14 @@ class GraphCache:
         self.pool = None
         self.captures = 0
 
-    def usable(self, jobs) -> bool:
+    def capturable(self, jobs) -> bool:
+        """Whether the step of ``jobs`` can be captured at all (a CUDA engine, no confidence sampler)."""
         return self.batcher.engine.device.type == "cuda" and all(j.sched.mask_sampler != "confidence" for j in jobs)
+
+    def usable(self, jobs) -> bool:
+        """Whether this step replays a graph: :meth:`capturable`, and no job previews this step (a
+        preview draws x̂1 from the step's logits, which a replay never exposes: that step runs eagerly)."""
+        return self.capturable(jobs) and not any(j.k + 1 in j.previews for j in jobs)
 
     def _layout(self, jobs, Rp: int):
         """Row runs (start, end, options) of one scheduler and filtering: the captured scalars."""

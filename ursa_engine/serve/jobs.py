@@ -38,8 +38,10 @@ class GenerationRequest:
     - ``known_tokens`` (1 or n, T, h, w) codes and ``known_mask`` bool (T, h, w) (or 0/1 ints):
       inpainting, the tokens under the mask start at and hold ``known_tokens`` at every step.
 
-    ``preview_steps``: 1-based step counts after which the ``"step"`` event carries the job's tokens
-    (``"tokens"``, a CPU int64 (n, T, h, w) copy; decoded by the caller, never in the worker thread).
+    ``preview_steps``: 1-based step counts whose ``"step"`` event carries the model's current prediction
+    of the clean tokens, x̂1 of that step's model call (``"tokens"``, a CPU int64 (n, T, h, w) copy, frozen
+    tokens written in; decoded by the caller, never in the worker thread: :mod:`ursa_engine.serve.step`).
+    A step without a model call (step 1 of the metric path, the identity) has no x̂1: it is not previewed.
     """
 
     prompt_ids: torch.Tensor
@@ -62,7 +64,7 @@ class GenerationRequest:
     freeze_cond: bool = False  # hold the given frames at every step
     known_tokens: torch.Tensor | None = None  # (1 or n, T, h, w) codes held under known_mask
     known_mask: torch.Tensor | None = None  # bool (T, h, w)
-    preview_steps: tuple[int, ...] = ()  # 1-based steps whose "step" event carries the tokens
+    preview_steps: tuple[int, ...] = ()  # 1-based steps whose "step" event carries x̂1 (the prediction)
 
 
 @dataclass(eq=False)  # identity semantics: jobs are compared (queue.remove, `in`) as objects, never by tensors
@@ -88,7 +90,8 @@ class Job:
     cancel_requested: bool = False
     cancel_reason: str | None = None  # the notice of a cancel by the server (drain), else a plain cancel
     freeze: tuple | None = None  # (mask (1, tokens) bool, values (n, tokens)): written back after every step
-    previews: frozenset = frozenset()  # steps whose "step" event carries the tokens
+    previews: frozenset = frozenset()  # steps whose "step" event carries x̂1
+    preview: torch.Tensor | None = None  # (n, tokens) x̂1 of the step that runs now, when it previews
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -110,8 +113,14 @@ class Job:
                     self.listeners.remove(fn)
 
     def tokens_now(self) -> torch.Tensor:
-        """A CPU int64 copy of the current tokens, (n, T, h, w): a preview (``preview_steps``)."""
+        """A CPU int64 copy of the current tokens (the state x_t), (n, T, h, w)."""
         return self.x.view(self.request.n, *self.shape).to("cpu", torch.int64, copy=True)
+
+    def take_preview(self) -> torch.Tensor | None:
+        """A CPU int64 copy of the x̂1 of the step just run, (n, T, h, w), or None when it did not
+        preview (``preview_steps``); the buffer is released."""
+        x1, self.preview = self.preview, None
+        return None if x1 is None else x1.view(self.request.n, *self.shape).to("cpu", torch.int64, copy=True)
 
     def drop_previews(self) -> None:
         """Forget the preview tokens of the stored events (the dicts listeners got stay as they were)."""

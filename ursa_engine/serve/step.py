@@ -8,6 +8,15 @@ After the step (eager, or a CUDA-graph replay of :mod:`ursa_engine.serve.graphs`
 its rows back and its frozen tokens (conditioning frames, inpainting's known tokens: DESIGN §2.4)
 are written back over them, as :meth:`Engine.generate` does after each step; the write-back is
 outside the captured graph, so conditioned and plain jobs share forward passes and graph buckets.
+
+Previews (issue 23: streamed partial images): a job whose 1-based step ``k + 1`` is one of its
+``preview_steps`` also gets the model's prediction of its clean tokens at this step, x̂1, drawn by
+:meth:`Scheduler.draw <ursa_engine.scheduler.Scheduler.draw>` on the same logits with the step's own
+uniforms (lane 0 of DESIGN §2.5: its seeds, step and token indices; its guidance, temperature,
+filtering and ``argmax_last``), token range by token range, into ``job.preview`` (n, tokens), frozen
+tokens written in. The draw is a read beside the step: the step's tokens are the same with or without
+it. Such a step runs eagerly (:meth:`GraphCache.usable <ursa_engine.serve.graphs.GraphCache.usable>`
+says no): a graph replay never exposes its logits.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ def forward_and_step(batcher, jobs: list[Job]) -> int:
     latents = torch.cat([x, x[:G]]) if G else x
     ids = sequence_ids(ids, latents, model.config)
     rope = rope_for(batcher, P, shape)
+    for j in jobs:  # x̂1 buffers of the jobs that preview this step (filled by the eager step)
+        j.preview = torch.empty_like(j.x) if j.k + 1 in j.previews else None
     if batcher.graphs is not None and batcher.graphs.usable(jobs):
         x_next = batcher.graphs.run(jobs, ids, x, G, rope)
     else:
@@ -53,6 +64,8 @@ def forward_and_step(batcher, jobs: list[Job]) -> int:
         if j.freeze is not None:  # Engine.generate's write-back (LoopState.body): given tokens hold
             mask, values = j.freeze
             rows = torch.where(mask, values, rows)
+            if j.preview is not None:  # known tokens are known in the prediction too
+                j.preview = torch.where(mask, values, j.preview)
         j.x = rows
         r += j.request.n
     return R + G
@@ -73,6 +86,7 @@ def eager_step(batcher, jobs: list[Job], ids, x, G: int, rope, n: int) -> torch.
         out = torch.empty_like(xs)
         for a, b, group in groups:
             sampler_step(batcher, group, logits, xs, out, a, b, R, s)
+            preview_draws(batcher, group, logits, xs, a, R, s)
         x_next[:, s:e] = out
     return x_next
 
@@ -101,6 +115,24 @@ def sampler_step(batcher, group, logits, xs, out, a: int, b: int, R: int, s: int
                   temperature=rep([j.request.temperature for j in group], reps), **common)
 
 
+def preview_draws(batcher, group, logits, xs, a: int, R: int, s: int) -> None:
+    """x̂1 of tokens [s, s + xs.shape[1]) for the jobs of ``group`` (rows from ``a``) that preview
+    this step, into ``job.preview``: :meth:`Scheduler.draw` at the job's own step ``k`` (a python int)
+    with the step's arguments (its cond rows, the matching uncond rows ``R + r`` while guided, its seeds,
+    ``token_offset=s``), so the same uniforms as the step's own draw (DESIGN §2.5)."""
+    r, e = a, s + xs.shape[1]
+    for j in group:
+        n, rq = j.request.n, j.request
+        if j.preview is not None:
+            guided = j.guided[j.k]
+            j.preview[:, s:e] = j.sched.draw(
+                logits[r : r + n], j.k, xs[r : r + n], uncond_logits=logits[R + r : R + r + n] if guided else None,
+                guidance_scale=rq.guidance_scale, guidance_trunc=rq.guidance_trunc, temperature=rq.temperature,
+                top_k=rq.top_k, top_p=rq.top_p, argmax_last=rq.argmax_last, seed=j.seeds, token_offset=s,
+                backend=batcher.backend, validate=batcher.engine.validate_steps)
+        r += n
+
+
 def rope_for(batcher, P: int, shape):
     """The rope tables of (prompt length, shape), the last :data:`ROPE_CACHE` kept (``batcher._rope``)."""
     cache: OrderedDict = batcher._rope
@@ -114,4 +146,4 @@ def rope_for(batcher, P: int, shape):
     return cache[key]
 
 
-__all__ = ["ROPE_CACHE", "eager_step", "forward_and_step", "rope_for", "sampler_step"]
+__all__ = ["ROPE_CACHE", "eager_step", "forward_and_step", "preview_draws", "rope_for", "sampler_step"]
