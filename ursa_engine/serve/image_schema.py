@@ -27,7 +27,7 @@ frame_duration_ms       honoured    gif frame delay (default 200, rounded to 10 
 stream                  honoured    SSE in OpenAI's format (``image_generation.partial_image`` /
                                     ``.completed``, edits: ``image_edit.*``); with
                                     ``response_format="tokens"`` our per-step events instead
-partial_images          honoured    0-3 partial images (the decoded current tokens at evenly spaced steps)
+partial_images          honoured    0-3 partial images (the decoded prediction x̂1 at evenly spaced steps)
 background              honoured    auto / opaque (the output is opaque); transparent refused (no alpha)
 response_format         honoured    b64_json (default); url refused (no result store for images: the
                                     400 names b64_json); our png / mp4 (the file itself) and tokens

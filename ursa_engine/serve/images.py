@@ -8,7 +8,7 @@ is a 400 naming it. The response is OpenAI's ``ImagesResponse`` (``created``, ``
 
 Streaming (``stream: true``): server-sent events whose ``data:`` lines are OpenAI's events (and whose
 ``event:`` line repeats the type): ``image_generation.partial_image`` (edits: ``image_edit.*``) with
-``partial_image_index``, ``b64_json`` (the decoded current tokens after evenly spaced steps,
+``partial_image_index``, ``b64_json`` (the decoded prediction x̂1 of evenly spaced steps,
 :func:`~.image_schema.partial_steps`), ``size``, ``output_format``, ``quality``, ``background``,
 ``created_at``; then one ``image_generation.completed`` with the final image and ``usage``. A failure
 or a cancel ends the stream with ``{"type": "error", "error": {...}}`` (the client raises it); a

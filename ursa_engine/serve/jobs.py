@@ -112,10 +112,6 @@ class Job:
                 if fn in self.listeners:
                     self.listeners.remove(fn)
 
-    def tokens_now(self) -> torch.Tensor:
-        """A CPU int64 copy of the current tokens (the state x_t), (n, T, h, w)."""
-        return self.x.view(self.request.n, *self.shape).to("cpu", torch.int64, copy=True)
-
     def take_preview(self) -> torch.Tensor | None:
         """A CPU int64 copy of the x̂1 of the step just run, (n, T, h, w), or None when it did not
         preview (``preview_steps``); the buffer is released."""
