@@ -288,6 +288,8 @@ def test_delete_cancels_and_drops(server):
     ({"size": "50x32"}, "size"), ({"size": "big"}, "size"),
     ({"size": "4096x4096"}, "size"),  # over max_tokens with one latent frame
     ({"seconds": "8", "size": "512x320"}, "seconds"),  # 97 frames: within max_video_frames, over max_tokens
+    ({"size": "1280x720"}, "size"),  # one frame fits, but not even the default 4 s: the size is the problem
+    ({"seconds": "2", "size": "1280x720"}, "size"),
     ({"quality": "hd"}, "quality"),  # unknown field
     ({"steps": 0}, "steps"), ({"freeze_cond": True}, "freeze_cond"),
 ])
@@ -296,6 +298,21 @@ def test_bad_fields_get_a_400_naming_them(server, extra, param):
     body = api_error(lambda: c.videos.create(prompt="a cat", size=SIZE, extra_body=extra), 400)
     assert body["error"]["param"] == param, body
     assert body["error"]["message"].startswith(param)
+    if "size" in extra and "max_tokens" in body["error"]["message"] and extra["size"] != "4096x4096":
+        assert "size x seconds" in body["error"]["message"]  # too long for this size: both are named
+
+
+def test_the_size_x_seconds_message_says_what_fits(server, served):
+    """Over max_tokens with a size one frame of which fits: the message names both and the longest clip
+    that fits at that size (guided: 2 rows)."""
+    c = client(server)
+    body = api_error(lambda: c.videos.create(prompt="a cat", size="1280x720", seconds="4", extra_body=OPTS), 400)
+    found = re.search(r"at 1280x720 at most ([0-9.]+) s fit", body["error"]["message"])
+    assert found, body
+    vae = served.engine.vae
+    T = latent_frames_for(vae, float(found.group(1)))
+    longer = next(t for t in range(T + 1, T + 50) if vae.encoded_frames(vae.num_frames(t)) == t)
+    assert 2 * T * 90 * 160 <= server.batcher.max_tokens < 2 * longer * 90 * 160  # the next whole length does not
 
 
 def test_upload_limits(server):

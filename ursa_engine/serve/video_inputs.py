@@ -273,6 +273,35 @@ def check_frames(frames: int, limits, field: str = "seconds") -> None:
                          f"{limits.max_video_frames} (max_video_frames; {FPS:g} frames per second)")
 
 
+def guided_rows(req) -> int:
+    """Forward rows of one sample at its peak: 2 while guided (``guidance`` != 1 and ``guidance_trunc``
+    > 0, as :func:`~ursa_engine.rowwise.guided_steps` decides for some step), else 1."""
+    return 2 if req.guidance_scale != 1.0 and req.guidance_trunc > 0 else 1
+
+
+def too_large(vae, plan: Plan, seconds: float, rows: int, max_tokens: int) -> ValueError:
+    """The 400 of a new video over ``max_tokens`` (``rows`` x T x h x w token-rows a step).
+
+    When one latent frame of its size is already over, the size alone is named (``size``). Otherwise
+    the message names both size and seconds, and ``param`` is the one to change: ``seconds`` when a
+    clip of min(``seconds``, the default 4 s) fits at this size (more time was asked than fits),
+    else ``size`` (even the default length does not fit: the size is the problem)."""
+    T, h, w = plan.shape
+    if rows * h * w > max_tokens:
+        return ValueError(f"size: {plan.size} is {h}x{w} = {h * w} latent tokens a frame; {rows} rows of one frame "
+                          f"are over this server's limit of {max_tokens} token-rows per step (max_tokens): give a "
+                          "smaller size")
+    fit = max(t for t in range(1, min(T, max_tokens // (rows * h * w) + 1)) if decodes_whole(vae, t))  # < T
+    fit_s = (vae.num_frames(fit) - 1) / FPS
+    shorter = latent_frames_for(vae, min(seconds, float(DEFAULT_SECONDS)))
+    param = "seconds" if rows * shorter * h * w <= max_tokens else "size"
+    hint = "give fewer seconds" if param == "seconds" else "give a smaller size"
+    return ValueError(f"{param}: size x seconds: {plan.size} x {fmt_seconds(seconds)} s is {T} latent frames of "
+                      f"{h}x{w} tokens, {rows} rows x {T * h * w} = {rows * T * h * w} token-rows per step, over "
+                      f"this server's limit of {max_tokens} (max_tokens); at {plan.size} at most "
+                      f"{fmt_seconds(fit_s)} s fit: {hint}")
+
+
 def seed_of(body) -> int:
     return secrets.randbelow(2**31) if body.seed is None else body.seed
 
@@ -350,5 +379,6 @@ def extension_noise(body) -> float:
 
 
 __all__ = ["CreateBody", "DEFAULT_VIDEO_SIZE", "ExtendBody", "FPS", "Plan", "check_seconds", "cond_latent_frames",
+           "guided_rows",
            "cond_pixel_frames", "latent_frames_for", "nest", "new_video_plan", "parse", "pixel_extension_plan",
-           "seconds_of", "stitch", "token_extension_plan", "video_tokenizer"]
+           "seconds_of", "stitch", "token_extension_plan", "too_large", "video_tokenizer"]

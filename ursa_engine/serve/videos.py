@@ -44,6 +44,7 @@ returned video too: more than ``max_video_frames`` frames is a 400 naming ``seco
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 
@@ -153,19 +154,30 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             guidance_trunc=body.guidance_trunc, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
             seed=plan.seed, lora=lora, **cond)
 
-    def prepare(req: GenerationRequest, job_id: str) -> Job:
-        """The batcher's job; a grid over ``max_tokens`` is a 400 naming ``size`` when one guided latent
-        frame is already over it, else ``seconds`` (the window grows with it)."""
-        _, h, w = req.latents_shape
-        field = "size" if 2 * h * w > batcher.max_tokens else "seconds"
+    def prepare(req: GenerationRequest, job_id: str, blame) -> Job:
+        """The batcher's job; a grid over ``max_tokens`` is the ValueError ``blame(rows)`` returns
+        (``rows``: the sample's forward rows at its peak)."""
         try:
-            batcher.check_size(req.latents_shape, 1, field=field)
+            batcher.check_size(req.latents_shape, 1)
             return batcher.prepare(req, job_id)
         except ValueError as err:
-            msg = str(err)
-            if msg.startswith("latents_shape:"):
-                raise ValueError(field + msg[len("latents_shape"):]) from None
+            if str(err).startswith("latents_shape:") and "(max_tokens)" in str(err):
+                rows = vi.guided_rows(req)
+                if rows * math.prod(req.latents_shape) <= batcher.max_tokens:  # refused at more rows than guessed
+                    rows += 1
+                raise blame(rows) from None
             raise
+
+    def extension_too_large(req: GenerationRequest):
+        """An extension over ``max_tokens``: ``video`` when one frame of its size is already over (the
+        size is the given video's), else ``seconds`` (the window grows with it)."""
+        def blame(rows: int) -> ValueError:
+            T, h, w = req.latents_shape
+            field = "video" if rows * h * w > batcher.max_tokens else "seconds"
+            return ValueError(f"{field}: the window of {T}x{h}x{w} latent tokens needs {rows} rows x {T * h * w} = "
+                              f"{rows * T * h * w} token-rows per step, over this server's limit of "
+                              f"{batcher.max_tokens} (max_tokens)")
+        return blame
 
     def lookup(owner: str, video_id: str, param: str = "video_id") -> Entry | JSONResponse:
         try:
@@ -286,6 +298,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             elif body.input_reference is not None:
                 image = read_image(reference_bytes(body.input_reference, limits), "input_reference", limits)
             plan = vi.new_video_plan(served, body, limits, image)
+            vae = served.engine.vae
             cond = {}
             if image is not None:
                 cond = dict(cond_latents=served.engine.encode_condition(image=image, latents_shape=plan.shape),
@@ -293,7 +306,9 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             elif body.cond_noise_scale is not None or body.freeze_cond:
                 name = "cond_noise_scale" if body.cond_noise_scale is not None else "freeze_cond"
                 raise ValueError(f"{name}: applies to input_reference, which is not given")
-            return prepare(request_of(body, plan, **cond), job_id), plan
+            req = request_of(body, plan, **cond)
+            seconds = vi.seconds_of(body.seconds)
+            return prepare(req, job_id, lambda rows: vi.too_large(vae, plan, seconds, rows, batcher.max_tokens)), plan
 
         return await start(request, make, body)
 
@@ -342,7 +357,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
                                                       num_cond_frames=plan.cond)
             req = request_of(body, plan, cond_latents=cond, cond_noise_scale=vi.extension_noise(body),
                              freeze_cond=body.freeze_cond)
-            return prepare(req, job_id), plan
+            return prepare(req, job_id, extension_too_large(req)), plan
 
         return await start(request, make, body)
 
