@@ -290,18 +290,30 @@ def test_previews_through_graph_buckets_on_the_cpu(dm, monkeypatch):
 def test_early_previews_are_close_to_the_final_image(dm):
     """What issue 23 asked: a streamed partial image shows the model's current prediction. Mean
     |pixel − final pixel| (0-255) of the decoded preview vs the decoded state x_t after the same steps
-    (25 steps, as the HTTP stream's default)."""
-    N, at = 25, (6, 13, 19)
-    ask = digit_request(dm, 3, seed=7, num_steps=N, preview_steps=at)
-    result, shown, _ = preview_run(dm, ask)
-    traj = recorded(dm, 3, seed=7, n=1, num_steps=N, guidance_scale=3.0).trajectory
-    final = dm.decode(result) * 255
+    (25 steps, as the HTTP stream's default), over the ten digits (sample b: label b, seed b). x̂1 is
+    a draw, not a mean: early on it is a plausible digit, not yet the final one."""
+    N, at, labels = 25, (6, 13, 19), list(range(10))
+    events = {}
+    with Batcher(dm.engine, max_rows=8) as b:
+        jobs = []
+        for label in labels:
+            job = b.prepare(digit_request(dm, label, seed=label, num_steps=N, preview_steps=at))
+            events[label] = []
+            b.subscribe(job, events[label].append)
+            jobs.append(b.submit(job))
+        results = torch.cat([j.future.result(120) for j in jobs])
+    shown = {s: torch.cat([next(e["tokens"] for e in events[label] if e.get("step") == s) for label in labels])
+             for s in at}
+    out = dm.engine.generate(dm.prompts(labels), latents_shape=(1, *dm.grid), seed=0, num_steps=N,
+                             guidance_scale=3.0, decode=False, return_trajectory=True)
+    assert torch.equal(results, out.tokens)
+    final = dm.decode(results) * 255
     pred = [float(np.abs(dm.decode(shown[s]) * 255 - final).mean()) for s in at]
-    state = [float(np.abs(dm.decode(traj.next_states[:, call_of(traj, s)]) * 255 - final).mean()) for s in at]
-    print(f"\nmean |image - final| at steps {at} of {N}: preview (x̂1) {[round(v, 1) for v in pred]}, "
-          f"state (x_t) {[round(v, 1) for v in state]}")
-    assert pred[0] < 0.5 * state[0] and pred[1] < 0.5 * state[1]
-    assert all(p <= s for p, s in zip(pred, state, strict=True))
+    state = [float(np.abs(dm.decode(out.trajectory.next_states[:, call_of(out.trajectory, s)]) * 255 - final).mean())
+             for s in at]
+    print(f"\nmean |image - final| over the 10 digits at steps {at} of {N}: preview (x̂1) "
+          f"{[round(v, 1) for v in pred]}, state (x_t) {[round(v, 1) for v in state]}")
+    assert pred[0] < 0.7 * state[0] and pred[1] < 0.6 * state[1] and pred[2] < 0.6 * state[2]
 
 
 # ---------------------------------------------------------------------------- bad fields
