@@ -333,6 +333,15 @@ def test_upload_limits(server):
     assert body["error"]["param"] == "video" and "max_video_frames" in body["error"]["message"]
     body = api_error(lambda: c.videos.extend(prompt="x", seconds="1", video=("v.mp4", b"garbage")), 400)
     assert body["error"]["param"] == "video"
+    with warnings.catch_warnings(), __import__("tempfile").TemporaryDirectory() as tmp:
+        big = np.zeros((10, 1024, 1280, 3), np.uint8)  # 39 MB decoded, a ~20 KB file
+        data = save_video(f"{tmp}/big.mp4", big, fps=FPS).read_bytes()
+    assert len(data) < MAX_UPLOAD
+    t0 = time.perf_counter()
+    body = api_error(lambda: c.videos.extend(prompt="x", seconds="1", video=("big.mp4", data, "video/mp4")), 400)
+    assert body["error"]["param"] == "video" and "max_tokens" in body["error"]["message"], body
+    assert "1280x1024 video of 10 frames" in body["error"]["message"]  # from the header, before decoding
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_store_bounds_expiry_and_per_key_limit(served):

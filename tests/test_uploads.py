@@ -107,3 +107,53 @@ def test_video_limits():
     for bad in (b"garbage bytes here", data[:12], encode(frames[0])):
         with pytest.raises(ValueError, match=r"^video: "):
             read_video(bad, "video")
+
+
+def test_video_decoded_bytes_are_bounded_before_decoding():
+    """A small MP4 that announces a big decode is refused from its header (nothing decoded), by the
+    byte budget and by the caller's check; a legit one is decoded into one array (no 2x peak)."""
+    import tracemalloc
+
+    ramp = np.linspace(0, 255, 24).astype(np.uint8)[:, None, None, None]
+    frames = np.broadcast_to(ramp, (24, 64, 96, 3)).copy()  # compresses to a few KB
+    data = _mp4(frames)
+    one = 64 * 96 * 3
+    assert len(data) < one  # the file is smaller than one decoded frame
+    with pytest.raises(ValueError, match=r"^video: the stream header announces 24 frames .*budget of"):
+        read_video(data, "video", Limits(), max_bytes=10 * one)
+    seen = []
+
+    def check(w, h, n):
+        seen.append((w, h, n))
+        if n > 10:
+            raise ValueError(f"video: {n} frames of {w}x{h}: too many for this caller")
+
+    with pytest.raises(ValueError, match=r"^video: 24 frames of 96x64"):
+        read_video(data, "video", Limits(), check=check)
+    assert seen == [(96, 64, 24)]  # the header's size and count, before any frame
+    tracemalloc.start()
+    try:
+        out, _ = read_video(data, "video", Limits(), max_bytes=24 * one)  # exactly enough
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (24, 64, 96, 3) and np.abs(out.astype(int) - frames).mean() < 3
+    assert peak < 1.3 * out.nbytes, (peak, out.nbytes)  # frames in a list then np.stack: 2x
+
+
+def test_video_upload_bounds_follow_the_token_budget():
+    """The videos routes' check: off the tokenizer's grid, or a window (the last frames' latents + 1)
+    over max_tokens, is refused from the header; the running count refuses a header that said nothing."""
+    from roots import tiny_tokenizer
+
+    from ursa_engine.serve.video_inputs import upload_bounds
+
+    vae = tiny_tokenizer("cosmos3d")  # stride 4 x 8; sample_frames 9: 9+ frames condition 3 latent frames
+    check, max_bytes = upload_bounds(vae, Limits(max_video_frames=50), max_tokens=2 * 4 * 8 * 12, rows=2)
+    check(96, 64, 24)  # 2 rows x (3 + 1) x 8 x 12 tokens: fits exactly
+    with pytest.raises(ValueError, match=r"^video: 100x64 is not on this tokenizer's grid"):
+        check(100, 64, 1)
+    with pytest.raises(ValueError, match=r"^video: a 96x72 video of 24 frames .*max_tokens"):
+        check(96, 72, 24)
+    check(96, 72, 4)  # 4 frames condition 1 latent frame: 2 x 2 x 9 x 12 fits
+    assert max_bytes == 50 * (2 * 4 * 8 * 12 // 4) * 64 * 3

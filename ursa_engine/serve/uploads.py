@@ -12,7 +12,12 @@ here, so that the same limits hold everywhere:
   ``max_image_pixels`` before a pixel is decoded (decompression bombs: a 100-byte PNG may announce
   100,000 x 100,000 pixels); for videos every frame's size too (a stream may change size);
 - **frames**: a video's frames are counted while decoding and the decoding stops past
-  ``max_video_frames``.
+  ``max_video_frames``;
+- **decoded bytes** (videos): frames x width x height x 3 within a budget (``max_bytes``, by default
+  ``max_video_frames`` x ``max_image_pixels`` x 3; the videos routes pass a tighter one from their
+  token budget), checked from the header's announced frame count before decoding and at every
+  frame; the caller's ``check`` (its grid, its ``max_tokens``) runs on the header too. Frames are
+  decoded into one preallocated array.
 
 Every refusal is one ``ValueError("field: ...")`` naming the form field, which the gateway turns into
 an OpenAI-shaped 400 with ``param`` = field.
@@ -158,22 +163,30 @@ def _demuxer(data: bytes, field: str) -> str:
     raise ValueError(f"{field}: not an MP4 / MOV or WebM / Matroska video file")
 
 
-def read_video(data: bytes, field: str, limits=None) -> tuple[np.ndarray, float]:
+def read_video(data: bytes, field: str, limits=None, *, check=None, max_bytes: int | None = None
+               ) -> tuple[np.ndarray, float]:
     """An uploaded video as uint8 RGB frames (F, H, W, 3) and its frame rate (0.0 when the file does
-    not say), with PyAV.
+    not say), with PyAV, decoded into one preallocated array (no list of frames stacked at the end).
 
     Parameters
     ----------
     data : the file's bytes (MP4 / MOV or WebM / Matroska)
     field : the form field, named in errors
-    limits : :class:`~ursa_engine.serve.security.Limits` (``max_image_pixels`` per frame, from the
-        stream header before decoding and from every decoded frame before converting it;
-        ``max_video_frames``, counted while decoding; None: the defaults)
+    limits : :class:`~ursa_engine.serve.security.Limits` (``max_image_pixels`` per frame and
+        ``max_video_frames``; None: the defaults)
+    check : the caller's ``check(width, height, frames)``, raising ValueError naming ``field`` when it
+        cannot take such a video (its grid, its token budget): called with the stream header's size
+        and announced frame count (0: not announced) before any frame is decoded, then with the
+        running count before each frame is converted
+    max_bytes : the decoded bytes F x H x W x 3 allowed (default: ``max_video_frames`` x
+        ``max_image_pixels`` x 3), checked against the header's announced frames before decoding and
+        against every decoded frame
 
     Raises
     ------
     ValueError ``"field: ..."``: not a readable video, no video stream, no decodable frame, frames
-    over ``max_image_pixels``, more than ``max_video_frames`` frames.
+    over ``max_image_pixels``, more than ``max_video_frames`` frames, over ``max_bytes``, frames that
+    change size, or what ``check`` refuses.
     """
     import av
 
@@ -182,30 +195,51 @@ def read_video(data: bytes, field: str, limits=None) -> tuple[np.ndarray, float]
     fmt = _demuxer(data, field)
     cap_px = _limit(limits, "max_image_pixels", 4096 * 4096)
     cap_f = _limit(limits, "max_video_frames", 257)
+    budget = cap_f * cap_px * 3 if max_bytes is None else int(max_bytes)
 
-    def check_size(w: int, h: int) -> None:
+    def check_size(w: int, h: int, frames: int, where: str) -> None:
         if w * h > cap_px:
             raise ValueError(f"{field}: {w}x{h} frames ({w * h} pixels) are over this server's limit of {cap_px} "
                              "pixels (max_image_pixels)")
+        if frames > cap_f:
+            raise ValueError(f"{field}: more than {cap_f} frames ({where} {frames}), this server's limit "
+                             "(max_video_frames)")
+        if frames * w * h * 3 > budget:
+            raise ValueError(f"{field}: {where} {frames} frames of {w}x{h} = {frames * w * h * 3} decoded bytes, over "
+                             f"this server's budget of {budget} bytes for an upload (max_video_frames x its frame "
+                             "size)")
+        if check is not None:
+            check(w, h, frames)
 
-    frames = []
+    out, n, rate = None, 0, None
     try:
         with av.open(io.BytesIO(bytes(data)), mode="r", format=fmt) as container:
             if not container.streams.video:
                 raise ValueError(f"{field}: the file has no video stream")
             stream = container.streams.video[0]
-            check_size(int(stream.width or 0), int(stream.height or 0))  # the header, before decoding
+            W, H, announced = int(stream.width or 0), int(stream.height or 0), max(0, int(stream.frames or 0))
+            if W * H:
+                check_size(W, H, announced, "the stream header announces")  # before decoding
             rate = stream.average_rate or stream.guessed_rate
             for frame in container.decode(stream):
-                check_size(int(frame.width), int(frame.height))
-                if len(frames) == cap_f:
-                    raise ValueError(f"{field}: more than {cap_f} frames, this server's limit (max_video_frames)")
-                frames.append(frame.to_ndarray(format="rgb24"))
+                w, h = int(frame.width), int(frame.height)
+                if out is None:
+                    check_size(w, h, 1, "the video has")
+                    W, H = w, h
+                    cap = min(cap_f, budget // (w * h * 3))  # frames the budget allows
+                    out = np.empty((max(1, min(announced or 16, cap)), h, w, 3), np.uint8)
+                elif (w, h) != (W, H):
+                    raise ValueError(f"{field}: the video's frames change size ({W}x{H} first, then {w}x{h}); give "
+                                     "frames of one size")
+                check_size(w, h, n + 1, "the video has")
+                if n == len(out):  # the header announced fewer frames (or none): grow, within the checks
+                    grown = np.empty((min(2 * n, cap), h, w, 3), np.uint8)
+                    grown[:n] = out
+                    out = grown
+                out[n] = frame.to_ndarray(format="rgb24")
+                n += 1
     except av.error.FFmpegError as err:
         raise ValueError(f"{field}: not a readable {VIDEO_DEMUXERS[fmt]} video ({err})") from None
-    if not frames:
+    if not n:
         raise ValueError(f"{field}: the video has no decodable frames")
-    if len({f.shape for f in frames}) != 1:
-        raise ValueError(f"{field}: the video's frames change size ({frames[0].shape[1]}x{frames[0].shape[0]} "
-                         "first); give frames of one size")
-    return np.stack(frames), float(rate) if rate else 0.0
+    return out[:n], float(rate) if rate else 0.0

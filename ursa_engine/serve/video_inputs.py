@@ -273,10 +273,36 @@ def check_frames(frames: int, limits, field: str = "seconds") -> None:
                          f"{limits.max_video_frames} (max_video_frames; {FPS:g} frames per second)")
 
 
-def guided_rows(req) -> int:
+def guided_rows(guidance_scale: float, guidance_trunc: float) -> int:
     """Forward rows of one sample at its peak: 2 while guided (``guidance`` != 1 and ``guidance_trunc``
     > 0, as :func:`~ursa_engine.rowwise.guided_steps` decides for some step), else 1."""
-    return 2 if req.guidance_scale != 1.0 and req.guidance_trunc > 0 else 1
+    return 2 if guidance_scale != 1.0 and guidance_trunc > 0 else 1
+
+
+def upload_bounds(vae, limits, max_tokens: int, rows: int, field: str = "video"):
+    """``(check, max_bytes)`` for :func:`~ursa_engine.serve.uploads.read_video` of a video to extend.
+
+    ``check(W, H, F)`` refuses, from the stream header before decoding and then frame by frame, a
+    size off the tokenizer's grid, and a video whose extension cannot fit ``max_tokens``: its last
+    ``nc`` frames (:func:`cond_pixel_frames` of F frames) are Tc latent frames, and the window holds
+    at least Tc + 1, at ``rows`` rows (so a 1024x1024 upload announcing 200 frames is refused before
+    a frame is decoded when 2 x 5 x 128 x 128 > ``max_tokens``). ``max_bytes``: ``max_video_frames``
+    frames of the largest frame size any extension fits (Tc = 1: two latent frames)."""
+    s = int(vae.spatial_stride)
+    cap_px = int(getattr(limits, "max_image_pixels", 4096 * 4096))
+    max_px = min(cap_px, max_tokens // (2 * rows) * s * s)
+    max_bytes = int(getattr(limits, "max_video_frames", 257)) * max_px * 3
+
+    def check(w: int, h: int, frames: int) -> None:
+        _, gh, gw = grid(vae, 1, w, h, field)
+        tc = vae.encoded_frames(cond_pixel_frames(vae, max(1, frames)))
+        if rows * (tc + 1) * gh * gw > max_tokens:
+            raise ValueError(f"{field}: a {w}x{h} video of {frames or 'at least 1'} frames cannot be extended on "
+                             f"this server: its last frames are {tc} latent frames of {gh}x{gw} tokens and the "
+                             f"window adds at least one: {rows} rows x {(tc + 1) * gh * gw} tokens are over the limit "
+                             f"of {max_tokens} token-rows per step (max_tokens); give a smaller video")
+
+    return check, max_bytes
 
 
 def too_large(vae, plan: Plan, seconds: float, rows: int, max_tokens: int) -> ValueError:
@@ -379,6 +405,6 @@ def extension_noise(body) -> float:
 
 
 __all__ = ["CreateBody", "DEFAULT_VIDEO_SIZE", "ExtendBody", "FPS", "Plan", "check_seconds", "cond_latent_frames",
-           "guided_rows",
+           "guided_rows", "upload_bounds",
            "cond_pixel_frames", "latent_frames_for", "nest", "new_video_plan", "parse", "pixel_extension_plan",
            "seconds_of", "stitch", "token_extension_plan", "too_large", "video_tokenizer"]

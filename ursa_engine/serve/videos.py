@@ -37,8 +37,10 @@ Results live in a :class:`~ursa_engine.serve.store.ResultStore` bounded by ``max
 (another key's id is a 404, as an unknown one; an expired or dropped one is a 404 that says so).
 A video that fails (generation, rendering, a result over ``max_stored_bytes``, a cancel by the
 server's drain) is ``status: "failed"`` with ``error: {code, message}``. Uploads are bounded by
-``max_upload_bytes`` (413, the Guard), ``max_image_pixels`` and ``max_video_frames`` (400); the
-returned video too: more than ``max_video_frames`` frames is a 400 naming ``seconds``.
+``max_upload_bytes`` (413, the Guard), ``max_image_pixels`` and ``max_video_frames`` (400); a video
+to extend also by the tokenizer's grid, ``max_tokens`` and a decoded-bytes budget, from its stream
+header before a frame is decoded (:func:`.video_inputs.upload_bounds`); the returned video too: more
+than ``max_video_frames`` frames is a 400 naming ``seconds``.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             return batcher.prepare(req, job_id)
         except ValueError as err:
             if str(err).startswith("latents_shape:") and "(max_tokens)" in str(err):
-                rows = vi.guided_rows(req)
+                rows = vi.guided_rows(req.guidance_scale, req.guidance_trunc)
                 if rows * math.prod(req.latents_shape) <= batcher.max_tokens:  # refused at more rows than guessed
                     rows += 1
                 raise blame(rows) from None
@@ -341,17 +343,20 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
                 return error(400, f"video: {ref['id']!r} is {status}: only a completed video can be extended", "video")
 
         def make(job_id: str):
+            guidance = served.default_guidance if body.guidance is None else body.guidance
+            check, max_bytes = vi.upload_bounds(vi.video_tokenizer(served), limits, batcher.max_tokens,
+                                                vi.guided_rows(guidance, body.guidance_trunc))
             if source is not None and source.meta.covers:
                 src = {"id": source.key, "seconds": source.meta.plan.seconds, "size": source.meta.plan.size}
                 plan = vi.token_extension_plan(served, body, limits, source.payload["tokens"], src)
                 cond = plan.source_tokens[:, plan.source_tokens.shape[1] - plan.cond:]
             else:
                 if source is not None:  # extended from an upload: its MP4's frames (lossy) are the source
-                    frames, _ = read_video(source.payload["video"], "video", limits)
+                    frames, _ = read_video(source.payload["video"], "video", limits, check=check, max_bytes=max_bytes)
                     plan = vi.pixel_extension_plan(served, body, limits, frames, source.key,
                                                    vi.seconds_of(source.meta.plan.seconds))
                 else:
-                    frames, _ = read_video(upload, "video", limits)
+                    frames, _ = read_video(upload, "video", limits, check=check, max_bytes=max_bytes)
                     plan = vi.pixel_extension_plan(served, body, limits, frames, None)
                 cond = served.engine.encode_condition(video=plan.source_frames, latents_shape=plan.shape,
                                                       num_cond_frames=plan.cond)
