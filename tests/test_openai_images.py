@@ -357,3 +357,23 @@ def test_edit_limits_go_through_the_gateway(served):
             assert s.batcher.stats()["running"] == 0 and s.batcher.metrics.cancelled == 1
     finally:
         s.close()
+
+
+def test_edits_refuse_a_field_given_twice(server):
+    """One form reader for every upload route: a repeated field or file is a 400 naming it (as /v1/videos)."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {KEY}"}
+    img = ("in.png", png_bytes(_source()), "image/png")
+    mask = ("m.png", _mask(np.ones((8, 16), bool)), "image/png")
+    cases = [({"prompt": ["1", "2"]}, [("image", img)], "prompt"),
+             ({"prompt": "1", "steps": ["2", "3"]}, [("image", img)], "steps"),
+             ({"prompt": "1"}, [("image", img), ("mask", mask), ("mask", mask)], "mask"),
+             ({"prompt": "1", "image": "x"}, [("image", img)], "image")]
+    for data, files, param in cases:
+        r = httpx.post(server.url + "/v1/images/edits", headers=h, data=data, files=files, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (param, r.text)
+        assert r.json()["error"]["message"].startswith(f"{param}: ")
+    body = b'{"prompt": "1", "prompt": "2", "image": "aaaa"}'  # JSON too: not the last one silently
+    r = httpx.post(server.url + "/v1/images/edits", headers={**h, "Content-Type": "application/json"}, content=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text

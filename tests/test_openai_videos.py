@@ -476,3 +476,22 @@ def test_the_bisection_picks_what_a_scan_picks(served):
     for start in (0, 1, 2, 3, 7, 18):
         for seconds in (0.01, 0.3, 1 / 3, 0.5, 2 / 3, 1.0, 2.0, 2.5, 4.0, 7.9, 8.0, 10.0):
             assert latent_frames_for(vae, seconds, start=start) == scan(seconds, start), (start, seconds)
+
+
+def test_a_field_given_twice_is_refused(server):
+    """``-F seconds=4 -F seconds=1`` is a 400 naming seconds (not the last one silently), as the edits route."""
+    import httpx
+
+    h = {"Authorization": f"Bearer {KEY_A}"}
+    ref = ("r.png", png(np.zeros((32, 48, 3), np.uint8)), "image/png")
+    cases = [("/v1/videos", {"prompt": "a", "seconds": ["4", "1"]}, None, "seconds"),
+             ("/v1/videos", {"prompt": "a", "seconds": ["4", "1"]}, [("input_reference", ref)], "seconds"),  # multipart
+             ("/v1/videos", {"prompt": "a", "size": SIZE}, [("input_reference", ref)] * 2, "input_reference"),
+             ("/v1/videos/extensions", {"prompt": "a", "seconds": "1", "video[id]": ["v1", "v2"]}, None, "video")]
+    for route, data, files, param in cases:
+        r = httpx.post(server.url + route, headers=h, data=data, files=files, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (param, r.text)
+        assert "given more than once" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/videos", headers={**h, "Content-Type": "application/json"},
+                   content=b'{"prompt": "a", "seconds": "4", "seconds": "1"}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seconds", r.text

@@ -15,16 +15,13 @@ import time
 
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
 from ..conditioning import encode_inpaint, encode_pixels
 from .batcher import Job
 from .gateway import bad_request, error
 from .image_schema import EditRequest, output_of
 from .images import ImageRoutes, Plan, validation_error
-from .uploads import b64_bytes, read_image, read_mask_alpha
-
-MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
+from .uploads import b64_bytes, is_form, read_form, read_image, read_mask_alpha
 
 
 def _data_of(value, field: str, limits) -> bytes:
@@ -44,54 +41,28 @@ def _data_of(value, field: str, limits) -> bytes:
 
 
 async def read_body(request: Request, limits) -> tuple[dict, bytes, bytes | None]:
-    """(the non-file fields, the image's bytes, the mask's bytes or None) of a multipart or JSON body."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("application/json"):
-        try:
-            fields = await request.json()
-        except ValueError:
-            raise ValueError("body: not valid JSON") from None
-        if not isinstance(fields, dict):
-            raise ValueError("body: expected a JSON object")
+    """(the non-file fields, the image's bytes, the mask's bytes or None) of a multipart or JSON body,
+    read by :func:`~.uploads.read_form` as every upload route reads its body (a field given twice is
+    a 400 naming it)."""
+    fields, files = await read_form(request, ("image", "image[]", "mask"), repeatable=("image", "image[]"))
+    if not is_form(request):
         images = [fields.pop(k) for k in ("image", "images") if k in fields]
         if len(images) != 1:
             raise ValueError("image: give one image (base64 or a data URL)")
         mask = fields.pop("mask", None)
         return fields, _data_of(images[0], "image", limits), None if mask is None else _data_of(mask, "mask", limits)
-    if not ctype.startswith("multipart/form-data"):
-        raise ValueError("body: expected multipart/form-data (as the OpenAI client sends it) or application/json")
-    try:
-        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
-    except Exception as err:  # starlette's multipart errors (too many parts, malformed)
-        raise ValueError(f"body: not a readable multipart form ({getattr(err, 'detail', err)})") from None
-    fields, files = {}, {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            files.setdefault(key, []).append(value)
-        elif key in fields:
-            raise ValueError(f"{key}: given twice")
-        else:
-            fields[key] = value
-    for key in list(fields) + list(files):
-        if key == "svg" or key.startswith("svg["):
-            raise ValueError("svg: SVG output is not served here (raster output only)")
-        if key == "markup":
-            raise ValueError("markup: markup images are not supported here")
-    for key in ("image", "image[]", "mask"):
+    if "svg" in fields:
+        raise ValueError("svg: SVG output is not served here (raster output only)")
+    if "markup" in fields:
+        raise ValueError("markup: markup images are not supported here")
+    for key in ("image", "mask"):
         if key in fields:
             raise ValueError(f"{key}: expected a file upload")
     images = files.pop("image", []) + files.pop("image[]", [])
     if len(images) != 1:
         raise ValueError(f"image: expected one image file (image or image[]), got {len(images)}")
     masks = files.pop("mask", [])
-    if len(masks) > 1:
-        raise ValueError(f"mask: expected one mask file, got {len(masks)}")
-    if files:
-        name = next(iter(files))
-        raise ValueError(f"{name}: unexpected file field")
-    image = await images[0].read()
-    mask = await masks[0].read() if masks else None
-    return fields, image, mask
+    return fields, images[0], masks[0] if masks else None
 
 
 def openapi_body() -> dict:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import re
 import warnings
 
@@ -35,6 +36,8 @@ import numpy as np
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 VIDEO_DEMUXERS = {"mp4": "MP4 / MOV", "matroska": "WebM / Matroska"}
+MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def _limit(limits, name: str, default: int) -> int:
@@ -61,6 +64,92 @@ def b64_bytes(text: str, field: str, limits=None) -> bytes:
     if not data:
         raise ValueError(f"{field}: empty")
     return data
+
+
+# ---------------------------------------------------------------------------- bodies
+class _Repeated(ValueError):
+    """A key given twice in a JSON object."""
+
+
+def _no_repeats(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Repeated(f"{key}: given more than once")
+        out[key] = value
+    return out
+
+
+def is_form(request) -> bool:
+    """Whether a request's body is a multipart / urlencoded form (else it is read as JSON)."""
+    return request.headers.get("content-type", "").lower().startswith(FORM_TYPES)
+
+
+def nest(fields: dict) -> dict:
+    """Form keys ``a[b]`` as ``{"a": {"b": ...}}`` (other keys as they are)."""
+    out: dict = {}
+    for key, value in fields.items():
+        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\[([A-Za-z_][A-Za-z0-9_]*)\]", key)
+        if m:
+            inner = out.setdefault(m.group(1), {})
+            if not isinstance(inner, dict):
+                raise ValueError(f"{m.group(1)}: given both as a value and as an object")
+            inner[m.group(2)] = value
+        elif isinstance(out.get(key), dict):
+            raise ValueError(f"{key}: given both as a value and as an object")
+        else:
+            out[key] = value
+    return out
+
+
+async def read_form(request, file_fields: tuple[str, ...], *, repeatable: tuple[str, ...] = ()
+                    ) -> tuple[dict, dict[str, list[bytes]]]:
+    """``(fields, files)`` of an upload route's body, read one way for every route.
+
+    A multipart / urlencoded form (at most :data:`MAX_FORM_FILES` files and :data:`MAX_FORM_FIELDS`
+    fields): its text fields, bracket keys nested (``video[id]`` -> ``{"video": {"id": ...}}``), and its
+    files by key (``file_fields`` only: another file is a 400 naming its key). Otherwise a JSON object
+    (no files). A field or file given more than once is a 400 naming it (the last one is never taken
+    silently), in a form as in JSON; only the file keys in ``repeatable`` may repeat (the caller counts).
+
+    Raises
+    ------
+    ValueError ``"field: ..."`` (``body`` for an unreadable body).
+    """
+    from starlette.datastructures import UploadFile
+
+    if not is_form(request):
+        try:
+            data = json.loads(await request.body(), object_pairs_hook=_no_repeats)
+        except _Repeated:
+            raise
+        except Exception:
+            raise ValueError("body: expected a JSON object or a multipart form") from None
+        if not isinstance(data, dict):
+            raise ValueError("body: expected a JSON object")
+        return data, {}
+    try:
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    except Exception as err:  # python-multipart's / starlette's parse errors (too many parts, malformed)
+        raise ValueError(f"body: not a readable form ({getattr(err, 'detail', err)})") from None
+    fields: dict = {}
+    files: dict[str, list[bytes]] = {}
+    try:
+        for key, value in form.multi_items():
+            name = key.split("[", 1)[0] or key  # the field a bracket key belongs to (video[id] -> video)
+            if isinstance(value, UploadFile):
+                if key not in file_fields:
+                    raise ValueError(f"{name}: unexpected file (files go in {', '.join(file_fields)})")
+                if key in fields or (key in files and key not in repeatable):
+                    raise ValueError(f"{name}: given more than once")
+                files.setdefault(key, []).append(await value.read())
+            elif key in fields or key in files:
+                raise ValueError(f"{name}: given more than once")
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    return nest(fields), files
 
 
 # ---------------------------------------------------------------------------- images

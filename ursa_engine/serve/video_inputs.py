@@ -105,23 +105,6 @@ class ExtendBody(_Common):
     video: dict | None = None
 
 
-def nest(fields: dict) -> dict:
-    """Form keys ``a[b]`` as ``{"a": {"b": ...}}`` (other keys as they are)."""
-    out: dict = {}
-    for key, value in fields.items():
-        m = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\[([A-Za-z_][A-Za-z0-9_]*)\]", key)
-        if m:
-            inner = out.setdefault(m.group(1), {})
-            if not isinstance(inner, dict):
-                raise ValueError(f"{m.group(1)}: given both as a value and as an object")
-            inner[m.group(2)] = value
-        elif isinstance(out.get(key), dict):
-            raise ValueError(f"{key}: given both as a value and as an object")
-        else:
-            out[key] = value
-    return out
-
-
 def parse(model: type[BaseModel], data: dict) -> BaseModel:
     """``model`` of ``data``; a ValidationError becomes ``ValueError("field: ...")``."""
     try:
@@ -406,5 +389,5 @@ def extension_noise(body) -> float:
 
 __all__ = ["CreateBody", "DEFAULT_VIDEO_SIZE", "ExtendBody", "FPS", "Plan", "check_seconds", "cond_latent_frames",
            "guided_rows", "upload_bounds",
-           "cond_pixel_frames", "latent_frames_for", "nest", "new_video_plan", "parse", "pixel_extension_plan",
+           "cond_pixel_frames", "latent_frames_for", "new_video_plan", "parse", "pixel_extension_plan",
            "seconds_of", "stitch", "token_extension_plan", "too_large", "video_tokenizer"]

@@ -53,18 +53,16 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import UploadFile
 
 from . import video_inputs as vi
 from .batcher import Cancelled, GenerationRequest, Job
 from .gateway import Gateway, bad_request, error
 from .security import new_id
 from .store import Entry, Gone, ResultStore, TooLarge
-from .uploads import b64_bytes, read_image, read_video
+from .uploads import b64_bytes, read_form, read_image, read_video
 from .video_inputs import FPS, CreateBody, ExtendBody, Plan
 
 POLL_AFTER_MS = 250  # the poll interval suggested to the client (openai-poll-after-ms)
-MAX_FORM_FIELDS = 64
 
 
 @dataclass(eq=False)
@@ -79,35 +77,6 @@ class VideoRecord:
     error: dict | None = None
     progress_at_end: int = 0
     covers: bool = True  # the stored tokens cover the whole video (else: an upload's frames come first)
-
-
-async def read_request(request: Request, file_fields: tuple[str, ...]) -> tuple[dict, dict[str, bytes]]:
-    """``(fields, files)`` of a multipart / urlencoded form (bracket keys nested) or a JSON object."""
-    ctype = request.headers.get("content-type", "").lower()
-    if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        try:
-            form = await request.form(max_files=len(file_fields), max_fields=MAX_FORM_FIELDS)
-        except Exception as err:  # python-multipart's / starlette's parse errors
-            raise ValueError(f"body: not a readable form ({err})") from None
-        fields, files = {}, {}
-        try:
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    if key not in file_fields:
-                        raise ValueError(f"{key}: unexpected file (files go in {', '.join(file_fields)})")
-                    files[key] = await value.read()
-                else:
-                    fields[key] = value
-        finally:
-            await form.close()
-        return vi.nest(fields), files
-    try:
-        data = await request.json()
-    except Exception:
-        raise ValueError("body: expected a JSON object or a multipart form") from None
-    if not isinstance(data, dict):
-        raise ValueError("body: expected a JSON object")
-    return data, {}
 
 
 def reference_bytes(ref: dict, limits) -> bytes:
@@ -281,7 +250,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/videos", openapi_extra=documented(CreateBody))
     async def create_video(request: Request):
         try:
-            data, files = await read_request(request, ("input_reference",))
+            data, files = await read_form(request, ("input_reference",))
             if "input_reference" in files and "input_reference" in data:
                 raise ValueError("input_reference: give a file or an object, not both")
             body = vi.parse(CreateBody, data)
@@ -291,7 +260,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
         refused = gw.check_texts({"prompt": body.prompt, "negative_prompt": body.negative_prompt})
         if refused is not None:
             return refused
-        upload = files.get("input_reference")
+        upload = files["input_reference"][0] if "input_reference" in files else None
 
         def make(job_id: str):
             image = None
@@ -318,8 +287,8 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
     async def extend_video(request: Request):
         owner = request.state.owner
         try:
-            data, files = await read_request(request, ("video",))
-            upload = files.get("video")
+            data, files = await read_form(request, ("video",))
+            upload = files["video"][0] if "video" in files else None
             body = vi.parse(ExtendBody, data)
             ref = body.video
             if (upload is None) == (ref is None):
