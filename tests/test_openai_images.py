@@ -377,3 +377,22 @@ def test_edits_refuse_a_field_given_twice(server):
     body = b'{"prompt": "1", "prompt": "2", "image": "aaaa"}'  # JSON too: not the last one silently
     r = httpx.post(server.url + "/v1/images/edits", headers={**h, "Content-Type": "application/json"}, content=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def test_the_routes_share_one_body_base():
+    """Images and videos bodies: one definition of the shared fields, ``end_user`` one property, one LoRA pick."""
+    from types import SimpleNamespace
+
+    from ursa_engine.serve.body_fields import GenerationFields, lora_of
+    from ursa_engine.serve.image_schema import EditRequest, ImageRequest
+    from ursa_engine.serve.video_inputs import CreateBody, ExtendBody
+
+    loras = SimpleNamespace(names=["film"])
+    for cls, extra in ((ImageRequest, {}), (EditRequest, {}), (CreateBody, {}), (ExtendBody, {"seconds": "1"})):
+        assert issubclass(cls, GenerationFields)
+        body = cls(prompt="a", user="u", safety_identifier="s", model="film", **extra)
+        assert body.end_user == "s" and cls(prompt="a", user="u", **extra).end_user == "u"
+        assert lora_of(body, loras) == "film" and lora_of(cls(prompt="a", model="sora-2", **extra), loras) is None
+        assert lora_of(cls(prompt="a", model="film", lora="other", **extra), loras) == "other"
+        with pytest.raises(ValueError, match="top_p"):
+            cls(prompt="a", top_p=0, **extra)

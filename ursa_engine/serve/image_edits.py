@@ -89,8 +89,7 @@ def add_edit_route(app: FastAPI, routes: ImageRoutes) -> None:
         except ValidationError as err:
             return validation_error(err)
         rid = {"X-Request-Id": body.request_id} if body.request_id else None
-        refused = gw.check_texts({"prompt": body.prompt, "negative_prompt": body.negative_prompt}, rid) or \
-            gw.check_n(body.n, rid)
+        refused = routes.refused(body, rid)
         if refused is not None:
             return refused
         try:

@@ -57,9 +57,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+from .body_fields import ID, GenerationFields
 
 QUALITY_STEPS = {"low": 0.25, "medium": 0.5, "standard": 0.5, "high": 1.0, "hd": 1.0, "auto": 1.0, "xhigh": 1.5,
                  "max": 2.0}
@@ -78,38 +78,25 @@ FIELDS = {
 }
 
 
-class _Common(BaseModel):
-    """The fields generations and edits share (OpenAI's, then ours)."""
+class _Common(GenerationFields):
+    """The fields generations and edits share (OpenAI's, then ours; those of every generation body,
+    ``prompt``, ``model``, ``user``, ``safety_identifier`` and the sampling extensions, come from
+    :class:`~.body_fields.GenerationFields`)."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
     background: Literal["transparent", "opaque", "auto"] = "auto"
     complexity: Literal["low", "medium", "high"] | None = None
     frame_count: int | None = Field(None, ge=2, le=16)
     frame_duration_ms: int | None = Field(None, ge=1, le=655_350)
-    model: str | None = Field(None, max_length=256)
     n: int = Field(1, ge=1, le=64)
     output_compression: int | None = Field(None, ge=0, le=100)
     output_format: Literal["png", "jpeg", "webp", "gif", "svg", "mp4"] | None = None
     partial_images: int = Field(0, ge=0, le=3)
     quality: Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"] = "auto"
     response_format: Literal["b64_json", "url", "png", "mp4", "tokens"] = "b64_json"
-    safety_identifier: str | None = Field(None, max_length=256)
     size: str | None = Field(None, max_length=32)
     stream: bool = False
     svg: dict | str | None = None
-    user: str | None = Field(None, max_length=256)
-    # extensions
-    negative_prompt: str | None = None
-    seed: int | None = Field(None, ge=0, lt=2**62)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=-100, le=100)
-    guidance_trunc: float = Field(0.9, ge=0, le=1)
-    temperature: float = Field(1.0, gt=0, le=100)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    request_id: str | None = Field(None, pattern=ID)
-    lora: str | None = Field(None, pattern=ID)
+    request_id: str | None = Field(None, pattern=ID)  # extension
 
     @model_validator(mode="before")
     @classmethod
@@ -118,11 +105,6 @@ class _Common(BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
-
-    @property
-    def end_user(self) -> str | None:
-        """The end user's id: a non-empty ``safety_identifier``, else ``user`` (OpenAI's precedence)."""
-        return self.safety_identifier or self.user or None
 
 
 class ImageRequest(_Common):

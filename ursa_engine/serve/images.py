@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from .batcher import GenerationRequest, Job
+from .body_fields import lora_of
 from .gateway import Gateway, bad_request, error, sse
 from .image_schema import ImageRequest, Output, output_of, partial_steps, quality_steps, usage
 from .keymetrics import log_request
@@ -97,13 +98,9 @@ class ImageRoutes:
         self.gw, self.served, self.batcher = gw, gw.served, gw.batcher
 
     # ------------------------------------------------------------------ building
-    def lora_of(self, body) -> str | None:
-        """``lora``, else ``model`` when it names an adapter of this server (``/v1/models``)."""
-        if body.lora is not None:
-            return body.lora
-        if body.model is not None and body.model in self.batcher.loras.adapters:
-            return body.model
-        return None
+    def refused(self, body, headers: dict | None) -> JSONResponse | None:
+        """The gateway's body checks of an images request: prompt characters, then ``n`` (a 400, or None)."""
+        return self.gw.check_texts(body.texts, headers) or self.gw.check_n(body.n, headers)
 
     def steps_of(self, body, frames: int) -> tuple[int | None, int]:
         """(the request's ``num_steps``: ``steps``, else from ``quality``, else None; the resolved count)."""
@@ -130,7 +127,7 @@ class ImageRoutes:
             n=body.n, num_steps=steps,
             guidance_scale=served.default_guidance if body.guidance is None else body.guidance,
             guidance_trunc=body.guidance_trunc, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            seed=secrets.randbelow(2**31) if body.seed is None else body.seed, lora=self.lora_of(body),
+            seed=secrets.randbelow(2**31) if body.seed is None else body.seed, lora=lora_of(body, self.batcher.loras),
             preview_steps=previews, **conditioning)
 
     def generation_shape(self, body: ImageRequest, out: Output) -> tuple[tuple[int, int, int], str]:
@@ -170,10 +167,8 @@ class ImageRoutes:
 
     # ------------------------------------------------------------------ generations
     async def generations(self, body: ImageRequest, request: Request):
-        gw = self.gw
         rid = {"X-Request-Id": body.request_id} if body.request_id else None
-        refused = gw.check_texts({"prompt": body.prompt, "negative_prompt": body.negative_prompt}, rid) or \
-            gw.check_n(body.n, rid)
+        refused = self.refused(body, rid)
         if refused is not None:
             return refused
         try:

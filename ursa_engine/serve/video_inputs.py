@@ -54,40 +54,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from ..defaults import DEFAULT_COND_FRAMES, DEFAULT_EXTENSION_NOISE, DEFAULT_FPS, VIDEO_SIZE
+from .body_fields import GenerationFields
 
 FPS = DEFAULT_FPS
 DEFAULT_VIDEO_SIZE = f"{VIDEO_SIZE[1]}x{VIDEO_SIZE[0]}"  # "WxH": the authors' 320x512 (height x width)
 DEFAULT_SECONDS = "4"  # OpenAI's default
-_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
-class _Common(BaseModel):
-    """Fields of both video routes: OpenAI's, then our extensions."""
+class _Common(GenerationFields):
+    """Fields of both video routes: those of every generation body (:class:`~.body_fields.GenerationFields`),
+    then the videos' extensions."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    model: str | None = None  # accepted; a name of /v1/models that is a LoRA adapter picks it
-    negative_prompt: str | None = None
-    seed: int | None = Field(None, ge=0, lt=2**62)
-    steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=-100, le=100)
-    guidance_trunc: float = Field(0.9, ge=0, le=1)
-    temperature: float = Field(1.0, gt=0, le=100)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
     motion: float | None = Field(None, ge=0, le=100)
     cond_noise_scale: float | None = Field(None, ge=0, le=1)
     freeze_cond: bool = False
-    lora: str | None = Field(None, pattern=_ID)
-    user: str | None = Field(None, max_length=256)  # recorded (per-key metrics), as the images routes do
-    safety_identifier: str | None = Field(None, max_length=256)  # recorded; wins over user
-
-    def end_user(self) -> str | None:
-        """The end user's id: a non-empty ``safety_identifier``, else ``user`` (OpenAI's precedence)."""
-        return self.safety_identifier or self.user or None
 
 
 class CreateBody(_Common):

@@ -56,6 +56,7 @@ from fastapi.responses import JSONResponse, Response
 
 from . import video_inputs as vi
 from .batcher import Cancelled, GenerationRequest, Job
+from .body_fields import lora_of
 from .gateway import Gateway, bad_request, error
 from .security import new_id
 from .store import Entry, Gone, ResultStore, TooLarge
@@ -113,9 +114,6 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             raise ValueError(str(err).replace("prompt_ids:", "prompt:", 1)) from None
 
     def request_of(body, plan: Plan, **cond) -> GenerationRequest:
-        lora = body.lora
-        if lora is None and body.model is not None and body.model in batcher.loras.names:
-            lora = body.model
         neg = body.negative_prompt if body.negative_prompt is not None else ""
         return GenerationRequest(
             prompt_ids=prompt_ids(body.prompt, body.motion),
@@ -123,7 +121,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             num_steps=body.steps,
             guidance_scale=served.default_guidance if body.guidance is None else body.guidance,
             guidance_trunc=body.guidance_trunc, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-            seed=plan.seed, lora=lora, **cond)
+            seed=plan.seed, lora=lora_of(body, batcher.loras), **cond)
 
     def prepare(req: GenerationRequest, job_id: str, blame) -> Job:
         """The batcher's job; a grid over ``max_tokens`` is the ValueError ``blame(rows)`` returns
@@ -230,7 +228,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             job, plans["plan"] = make(job_id)
             return job
 
-        job = await gw.submit(owner, build, request_id=video_id, user=body.end_user())
+        job = await gw.submit(owner, build, request_id=video_id, user=body.end_user)
         if isinstance(job, JSONResponse):
             return job
         model = job.request.lora or served.name
@@ -257,7 +255,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             vi.check_seconds(vi.seconds_of(body.seconds), 1, limits)  # before admission: cheap, bounded
         except ValueError as err:
             return bad_request(err)
-        refused = gw.check_texts({"prompt": body.prompt, "negative_prompt": body.negative_prompt})
+        refused = gw.check_texts(body.texts)
         if refused is not None:
             return refused
         upload = files["input_reference"][0] if "input_reference" in files else None
@@ -299,7 +297,7 @@ def add_video_routes(app: FastAPI, gw: Gateway) -> None:
             vi.check_seconds(vi.seconds_of(body.seconds), 1, limits)  # the source's frames are checked later
         except ValueError as err:
             return bad_request(err)
-        refused = gw.check_texts({"prompt": body.prompt, "negative_prompt": body.negative_prompt})
+        refused = gw.check_texts(body.texts)
         if refused is not None:
             return refused
         source = None
