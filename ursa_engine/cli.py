@@ -244,6 +244,9 @@ example:
                      help="bytes of stored results, oldest dropped first (default 2 GiB)")
     sec.add_argument("--result-ttl-s", type=int, default=3600,
                      help="seconds a stored result is kept (default 3600)")
+    sec.add_argument("--max-body-bytes-in-flight", type=int, default=256 << 20,
+                     help="request body bytes buffered at once across all requests; 429 + Retry-After over it "
+                          "(default 256 MiB)")
     srv.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]",
                      help="a PEFT LoRA adapter folder, repeatable: PATH[:SCALE] is merged into the served model (every "
                           "request); NAME=PATH[:SCALE] is applied per request, to the requests that send "
@@ -270,8 +273,9 @@ def _add_checkpoint_flags(parser) -> None:
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id ROOT (default: main)")
 
 
+# serve flags that go to ursa_engine.serve.security.Limits as they are
 UPLOAD_LIMITS = ("max_upload_bytes", "max_image_pixels", "max_video_frames", "max_stored_results", "max_stored_bytes",
-                 "result_ttl_s")  # serve flags that go to ursa_engine.serve.security.Limits as they are
+                 "result_ttl_s", "max_body_bytes_in_flight")
 
 
 def _serve(args) -> int:

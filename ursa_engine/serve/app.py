@@ -59,7 +59,10 @@ def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = No
     gw = Gateway(served, batcher, limits)
     app.state.served, app.state.batcher, app.state.limits, app.state.gateway = served, batcher, limits, gw
     app.state.inflight = gw.inflight
-    app.add_middleware(Guard, limits=limits)  # every route, present and future
+    def draining() -> int | None:  # the Guard refuses new jobs unread while the batcher drains
+        return batcher.retry_after() if batcher.draining else None
+
+    app.add_middleware(Guard, limits=limits, draining=draining)  # every route, present and future
     if limits.cors_origins:  # outside the guard: a CORS preflight carries no key
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -72,7 +75,7 @@ def create_app(served: ServedModel, batcher: Batcher, limits: Limits | None = No
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(v) for v in first.get("loc", ()) if v != "body"]
-        param = ".".join(loc) or None
+        param = "body" if first.get("type") == "json_invalid" else ".".join(loc) or None  # loc: a byte offset
         msg = first.get("msg", "invalid request")
         return error(400, f"{param}: {msg}" if param else msg, param)
 

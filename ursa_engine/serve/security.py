@@ -23,6 +23,10 @@
 - **Stored results** (videos, ``GET /v1/videos/{id}/content``): at most ``max_stored_results`` jobs
   and ``max_stored_bytes`` bytes, each kept ``result_ttl_s`` seconds, visible only to their key.
 
+- **Bodies in flight**: the guard buffers a body before its route parses it; the bytes so held by all
+  requests together stay under ``max_body_bytes_in_flight`` (429 + ``Retry-After`` beyond), and a
+  draining server refuses a job-starting POST (:data:`JOB_PATHS`) with 503 before reading its body.
+
 The guard wraps the whole app, so every route added later is covered.
 """
 
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 
 OPEN_PATHS = ("/health",)
 UPLOAD_PATHS = ("/v1/images/edits", "/v1/videos", "/v1/videos/extensions")  # multipart bodies with files
+JOB_PATHS = ("/v1/images/generations", *UPLOAD_PATHS)  # POSTs that start a job (refused unread while draining)
 ANON = "anon"
 
 
@@ -59,6 +64,8 @@ class Limits:
         before decoding (400 naming the field)
     max_video_frames : frames of an uploaded video (400 naming the field)
     max_stored_results, max_stored_bytes, result_ttl_s : the bounded store of finished jobs' files
+    max_body_bytes_in_flight : request body bytes buffered at once across all requests (429 +
+        ``Retry-After`` over it: many concurrent uploads cannot hold unbounded memory)
     """
 
     api_keys: tuple = ()
@@ -75,13 +82,15 @@ class Limits:
     max_stored_results: int = 256
     max_stored_bytes: int = 2 << 30
     result_ttl_s: int = 3600
+    max_body_bytes_in_flight: int = 256 << 20
     _keys: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         self.api_keys = tuple(check_keys(self.api_keys))
         self.cors_origins = tuple(self.cors_origins)
         for name in ("max_body_bytes", "max_prompt_chars", "max_n", "retry_after_s", "max_upload_bytes",
-                     "max_image_pixels", "max_video_frames", "max_stored_results", "max_stored_bytes", "result_ttl_s"):
+                     "max_image_pixels", "max_video_frames", "max_stored_results", "max_stored_bytes", "result_ttl_s",
+                     "max_body_bytes_in_flight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -193,8 +202,9 @@ class Guard:
     long) is refused at the first byte past the limit; the route gets the bytes replayed.
     """
 
-    def __init__(self, app, limits: Limits):
-        self.app, self.limits = app, limits
+    def __init__(self, app, limits: Limits, draining=None):
+        self.app, self.limits, self.draining = app, limits, draining
+        self.held = 0  # body bytes buffered by requests in flight (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -210,6 +220,7 @@ class Guard:
         upload = path in UPLOAD_PATHS
         limit = self.limits.max_upload_bytes if upload else self.limits.max_body_bytes
         length = headers.get(b"content-length")
+        announced = 0
         if length is not None:
             try:
                 announced = int(length)
@@ -220,28 +231,53 @@ class Guard:
                 return await _send(send, 413, _too_big(limit, upload), [(b"connection", b"close")])
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return await _send(send, 413, _too_big(limit, upload), [(b"connection", b"close")])
-            chunks.append(chunk)
-            if not msg.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
+        wait = self.draining() if self.draining is not None and path in JOB_PATHS else None
+        if wait is not None:  # a draining server takes no new job: refused before its body is read
+            return await _send(send, 503, _error_body(f"the server is shutting down: it takes no new request; retry in "
+                                                      f"{wait} s (on a restarted server)", "server_shutting_down",
+                                                      None), [(b"retry-after", str(wait).encode())])
+        budget, held = self.limits.max_body_bytes_in_flight, 0
+        retry = [(b"retry-after", str(self.limits.retry_after_s).encode())]
+        try:
+            if announced and self.held + announced > budget:
+                return await _send(send, 429, _busy(budget), retry)
+            held = announced
+            self.held += held
+            chunks, size = [], 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return await _send(send, 413, _too_big(limit, upload), [(b"connection", b"close")])
+                if size > held:  # more than announced (or chunked): the budget follows the bytes received
+                    if self.held + size - held > budget:
+                        return await _send(send, 429, _busy(budget), retry)
+                    self.held += size - held
+                    held = size
+                chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+            body, replayed = b"".join(chunks), False
+            del chunks
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later: the client's disconnect, as before
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # later: the client's disconnect, as before
 
-        return await self.app(scope, replay, send)
+            return await self.app(scope, replay, send)
+        finally:
+            self.held -= held
+
+
+def _busy(budget: int) -> bytes:
+    return _error_body(f"max_body_bytes_in_flight: the server holds {budget} bytes of request bodies in flight (its "
+                       "limit); retry shortly", "rate_limit_error", "max_body_bytes_in_flight")
 
 
 def _too_big(limit: int, upload: bool = False) -> bytes:
