@@ -184,11 +184,14 @@ def _demo(args) -> int:
 
 def _add_serve(subparsers) -> None:
     srv = subparsers.add_parser(
-        "serve", help="HTTP API with step-level continuous batching (POST /v1/images/generations)",
+        "serve", help="OpenAI-compatible HTTP API with step-level continuous batching (images, edits, videos)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a checkpoint over HTTP (FastAPI + uvicorn): requests join the running batch at the next "
-                    "step boundary and leave when done (ursa_engine.serve). Endpoints: POST /v1/images/generations, "
-                    "GET|DELETE /v1/requests/{id}, GET /v1/requests/{id}/events (SSE), /health, /metrics.",
+                    "step boundary and leave when done (ursa_engine.serve). OpenAI routes: POST "
+                    "/v1/images/generations, POST /v1/images/edits (masks: token-level inpainting), POST /v1/videos, "
+                    "GET|DELETE /v1/videos/{id}, GET /v1/videos, GET /v1/videos/{id}/content, POST "
+                    "/v1/videos/extensions, GET /v1/models; ours: GET|DELETE /v1/requests/{id}, GET "
+                    "/v1/requests/{id}/events (SSE), /health, /metrics.",
         epilog="""\
 example:
   ursa-engine serve --port 8000 &        (the bundled digits model on the CPU)
