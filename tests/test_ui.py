@@ -341,6 +341,16 @@ def test_ursa_engine_ui_serves_the_page(tmp_path):
     assert f"ursa-engine ui: http://127.0.0.1:{port}/ (digits on cpu)" in out and proc.returncode == 0, out
 
 
+def test_serve_ui_flag_passes_through(monkeypatch):
+    from ursa_engine import cli
+
+    seen = {}
+    monkeypatch.setattr("ursa_engine.serve.app.serve", lambda root=None, **kw: seen.update(root=root, **kw))
+    assert cli.main(["serve", "--ui", "--port", "8123"]) == 0
+    assert seen["ui"] is True and seen["port"] == 8123
+    assert cli.main(["serve", "--port", "8123"]) == 0 and seen["ui"] is False
+
+
 def test_ui_subcommand_flags(monkeypatch):
     from ursa_engine import cli
 

@@ -254,6 +254,9 @@ example:
                      help="a PEFT LoRA adapter folder, repeatable: PATH[:SCALE] is merged into the served model (every "
                           "request); NAME=PATH[:SCALE] is applied per request, to the requests that send "
                           "\"lora\": \"NAME\" (rows of different adapters share each forward pass)")
+    srv.add_argument("--ui", action="store_true",
+                     help="also serve the web UI (Gradio, pip install 'ursa-engine[ui]') at /ui on the same batcher; "
+                          "with API keys it opens on a login whose password is a key")
     _add_debug(srv)
     srv.set_defaults(handler=_serve)
 
@@ -329,7 +332,7 @@ def _serve(args) -> int:
               max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, policy=args.policy, device=args.device,
               loras=_lora_specs(args.lora, named=True),
               graphs=args.graphs, log_level=args.log_level, transformer_weights=args.transformer_weights,
-              revision=args.revision, drain_seconds=args.drain_seconds, limits=limits)
+              revision=args.revision, drain_seconds=args.drain_seconds, limits=limits, ui=_ui_available(args.ui))
     except HubError as err:  # a hub id ROOT that cannot be resolved (nothing loaded yet)
         msg = one_line(err)
         raise UsageError("ROOT: " + msg[len("root: "):] if msg.startswith("root: ") else msg) from None
@@ -394,6 +397,16 @@ def _ui(args) -> int:
     ui.launch(args.root, host=args.host, port=args.port, device=args.device, max_rows=args.max_rows,
               max_queue=args.max_queue, limits=limits)
     return 0
+
+
+def _ui_available(ui: bool) -> bool:
+    """``serve --ui``: Gradio must be installed (a UsageError naming the flag otherwise)."""
+    if ui:
+        try:
+            import gradio  # noqa: F401
+        except ImportError as err:
+            raise UsageError(f"--ui: needs Gradio (pip install 'ursa-engine[ui]'): {err}") from None
+    return ui
 
 
 def _add_plan(subparsers) -> None:

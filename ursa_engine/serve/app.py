@@ -219,7 +219,8 @@ def draining_server(config, batcher: Batcher, drain_seconds: float = 30.0):
 def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int = 16, max_queue: int = 64,
           max_tokens: int = DEFAULT_MAX_TOKENS, policy: str = "continuous", device=None, graphs: bool = False,
           log_level: str = "info", transformer_weights=None, revision: str | None = None,
-          loras: list | None = None, drain_seconds: float = 30.0, limits: Limits | None = None) -> None:
+          loras: list | None = None, drain_seconds: float = 30.0, limits: Limits | None = None,
+          ui: bool = False) -> None:
     """Load ``root`` (default: the bundled digits model), start the batch loop and serve HTTP until interrupted.
 
     ``root`` may be a hub id ``org/name`` (``revision``; :func:`ursa_engine.hub.resolve_root`, served
@@ -235,7 +236,10 @@ def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int
     once (what still runs is cancelled with a notice).
 
     ``limits``: API keys and request limits (:class:`~ursa_engine.serve.security.Limits`); binding
-    off loopback without a key prints a warning line to stderr first."""
+    off loopback without a key prints a warning line to stderr first.
+
+    ``ui``: also the web page at ``/ui`` (:func:`ursa_engine.ui.mount`, Gradio; behind its login with
+    the same keys when ``limits`` has keys), on the same batcher."""
     import sys
     from pathlib import Path
 
@@ -273,7 +277,12 @@ def serve(root=None, *, host: str = "127.0.0.1", port: int = 8000, max_rows: int
     batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, max_tokens=max_tokens, policy=policy,
                       graphs=graphs, loras=per_request).start()
     try:
-        config = uvicorn.Config(create_app(served, batcher, limits), host=host, port=port, log_level=log_level)
+        app = create_app(served, batcher, limits)
+        if ui:  # the web page at /ui (issue 21); ursa_engine.ui depends on serve, not the reverse
+            from ..ui import mount
+
+            app = mount(app, served, batcher, limits)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
         draining_server(config, batcher, drain_seconds).run()
     finally:
         batcher.stop()
