@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import DEFAULT_COND_FRAMES, DEFAULT_EXTENSION_NOISE, VIDEO_SIZE
 from ..engine import NEGATIVE_PROMPT
 from ..serve.batcher import Batcher, Cancelled, Draining, GenerationRequest, QueueFull
 from ..serve.models import ServedModel
@@ -66,9 +67,9 @@ class Studio:
         self.stride = int(vae.spatial_stride) if vae is not None else 8
         self.default_frames = 4 if served.digits else 49
         video = vae is not None and int(getattr(vae, "temporal_stride", 1)) > 1
-        self.video_size = (512, 320) if video else served.default_size  # the authors' 49 x 320 x 512 videos
+        self.video_size = VIDEO_SIZE[::-1] if video else served.default_size  # (W, H): the authors' 512 x 320
         self.default_negative = "" if served.digits else NEGATIVE_PROMPT  # the authors' README negative prompt
-        self.default_cond_frames = 1 if served.digits else 13  # generate --cond-frames
+        self.default_cond_frames = 1 if served.digits else DEFAULT_COND_FRAMES  # generate --cond-frames
 
     # ------------------------------------------------------------------ inputs
     def owner(self, api_key: str | None) -> str:
@@ -265,7 +266,7 @@ class Studio:
             if Tc >= T:
                 raise UIError(f"cond_frames: {n} frames are {Tc} latent frames, the new clip has {T}: keep fewer "
                               "frames or ask for more")
-            kw, noise = {"video": clip, "num_cond_frames": n}, 0.1
+            kw, noise = {"video": clip, "num_cond_frames": n}, DEFAULT_EXTENSION_NOISE
         try:
             codes = self.served.engine.encode_condition(latents_shape=req.latents_shape, **kw)
         except ValueError as err:
