@@ -377,3 +377,15 @@ def test_video_extension_writes_the_given_video_then_the_new_frames(roots, work,
     assert error < MP4_MEAN_ABS_ERROR, error
     summary, _ = run_ok([*argv, "--out", "more.pt"], capsys)  # tokens: the new clip's, not decoded
     assert summary["tokens"] == [1, 3, 4, 6] and torch.load(work / "more.pt").shape == (1, 3, 4, 6)
+
+
+@pytest.mark.parametrize("command", ["serve", "ui"])
+@pytest.mark.parametrize("flag", ["--max-prompt-chars", "--max-upload-bytes", "--max-image-pixels",
+                                  "--max-video-frames", "--max-concurrent-per-key"])
+def test_serve_and_ui_share_their_limit_flags(command, flag, capsys):
+    """One set of limits (ursa_engine.cli_serve.add_limit_flags): a bad value is one usage error naming the flag,
+    before anything is loaded, for the API server and the page alike."""
+    pytest.importorskip("fastapi")
+    if command == "ui":
+        pytest.importorskip("gradio")
+    assert_user_error([command, flag, "0"], capsys, flag, ">= 1")

@@ -23,6 +23,8 @@ import argparse
 import sys
 
 from ._cli_errors import PROG, UsageError, one_line, user_error_types
+from ._cli_flags import add_checkpoint_flags, add_debug
+from .cli_serve import add_serve, add_ui
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -92,7 +94,7 @@ video; 25 steps for one frame of a video tokenizer; --image / --video keep their
     gen.add_argument("root", metavar="ROOT", help="checkpoint root: transformer/, scheduler/, tokenizer/, vae/; or a "
                                                   "hub id org/name (downloaded to the hub cache; HF_HUB_OFFLINE=1: "
                                                   "the cache only)")
-    _add_checkpoint_flags(gen)
+    add_checkpoint_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="text prompt (repeat for a batch)")
     gen.add_argument("--negative-prompt", default=None,
                      help="default: the authors' README negative prompt ('worst quality, low quality, ...'); "
@@ -153,7 +155,7 @@ video; 25 steps for one frame of a video tokenizer; --image / --video keep their
     gen.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                      help="a PEFT LoRA adapter folder merged into the transformer, times SCALE (default 1); repeat "
                           "for several (docs/design.md §9)")
-    _add_debug(gen)
+    add_debug(gen)
     gen.set_defaults(handler=_generate)
 
 
@@ -180,233 +182,6 @@ def _demo(args) -> int:
     from .demo import main_from_args
 
     return main_from_args(args)
-
-
-def _add_serve(subparsers) -> None:
-    srv = subparsers.add_parser(
-        "serve", help="OpenAI-compatible HTTP API with step-level continuous batching (images, edits, videos)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve a checkpoint over HTTP (FastAPI + uvicorn): requests join the running batch at the next "
-                    "step boundary and leave when done (ursa_engine.serve). OpenAI routes: POST "
-                    "/v1/images/generations, POST /v1/images/edits (masks: token-level inpainting), POST /v1/videos, "
-                    "GET|DELETE /v1/videos/{id}, GET /v1/videos, GET /v1/videos/{id}/content, POST "
-                    "/v1/videos/extensions, GET /v1/models; ours: GET|DELETE /v1/requests/{id}, GET "
-                    "/v1/requests/{id}/events (SSE), /health, /metrics.",
-        epilog="""\
-example:
-  ursa-engine serve --port 8000 &        (the bundled digits model on the CPU)
-  curl -s localhost:8000/v1/images/generations -H 'content-type: application/json' \\
-       -d '{"prompt": "7", "response_format": "png", "seed": 1}' -o seven.png""")
-    srv.add_argument("root", metavar="ROOT", nargs="?", default=None,
-                     help="checkpoint root or hub id org/name (default: the bundled digits model)")
-    _add_checkpoint_flags(srv)
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-rows", type=int, default=16,
-                     help="rows in flight across all latent shapes, cond + uncond; also the rows of one forward pass "
-                          "(default 16)")
-    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
-    srv.add_argument("--max-tokens", type=int, default=None,
-                     help="latent tokens x rows of one forward pass; bigger requests get a 400 before any allocation "
-                          "(default 4 x 13x40x64: a guided pair of URSA 49-frame 320x512 videos)")
-    srv.add_argument("--policy", default="continuous", choices=["continuous", "static", "sequential"],
-                     help="batching policy (default: continuous)")
-    srv.add_argument("--graphs", action="store_true",
-                     help="CUDA graphs per (rows, shape) bucket (CUDA engines only: an error on the CPU)")
-    srv.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
-    srv.add_argument("--drain-seconds", type=float, default=30.0,
-                     help="on SIGTERM / Ctrl-C: new requests get 503, the accepted ones get this long to finish, "
-                          "then are cancelled with a notice; exit 0 (default 30; a second signal stops at once)")
-    srv.add_argument("--log-level", default="info")
-    sec = srv.add_argument_group("security and limits (ursa_engine.serve.security)")
-    sec.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                     help="accept Authorization: Bearer KEY, repeatable (also URSA_API_KEY, comma-separated); with "
-                          "keys every route but /health needs one, and a request is visible and cancellable only "
-                          "with the key that made it")
-    sec.add_argument("--metrics-public", action="store_true", help="/metrics without a key")
-    sec.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body bytes, 413 over (default 1 MiB)")
-    sec.add_argument("--max-prompt-chars", type=int, default=4096,
-                     help="characters of prompt / negative_prompt, 400 before tokenizing (default 4096)")
-    sec.add_argument("--max-n", type=int, default=16, help="samples of one request (default 16)")
-    sec.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
-                     help="queued + running requests of one key (or of all callers without keys); 429 + Retry-After "
-                          "over it (default: no limit beyond --max-queue)")
-    sec.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
-                     help="allow browser calls from ORIGIN, repeatable (default: no CORS headers)")
-    sec.add_argument("--max-upload-bytes", type=int, default=32 << 20,
-                     help="body bytes of the upload routes (/v1/images/edits, /v1/videos, /v1/videos/extensions), "
-                          "413 over (default 32 MiB)")
-    sec.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                     help="width x height of an uploaded image or video frame, read from its header before decoding "
-                          "(decompression bombs; default 4096 x 4096)")
-    sec.add_argument("--max-video-frames", type=int, default=257,
-                     help="frames of an uploaded video, and of a video the videos routes return (default 257)")
-    sec.add_argument("--max-stored-results", type=int, default=256,
-                     help="finished video jobs kept for download, oldest dropped first (default 256)")
-    sec.add_argument("--max-stored-bytes", type=int, default=2 << 30,
-                     help="bytes of stored results, oldest dropped first (default 2 GiB)")
-    sec.add_argument("--result-ttl-s", type=int, default=3600,
-                     help="seconds a stored result is kept (default 3600)")
-    sec.add_argument("--max-body-bytes-in-flight", type=int, default=256 << 20,
-                     help="request body bytes buffered at once across all requests; 429 + Retry-After over it "
-                          "(default 256 MiB)")
-    srv.add_argument("--lora", action="append", default=None, metavar="[NAME=]PATH[:SCALE]",
-                     help="a PEFT LoRA adapter folder, repeatable: PATH[:SCALE] is merged into the served model (every "
-                          "request); NAME=PATH[:SCALE] is applied per request, to the requests that send "
-                          "\"lora\": \"NAME\" (rows of different adapters share each forward pass)")
-    srv.add_argument("--ui", action="store_true",
-                     help="also serve the web UI (Gradio, pip install 'ursa-engine[ui]') at /ui on the same batcher; "
-                          "with API keys it opens on a login whose password is a key")
-    _add_debug(srv)
-    srv.set_defaults(handler=_serve)
-
-
-def _lora_specs(specs, *, named: bool) -> list:
-    """``--lora`` values -> (name, path, scale) triples; a UsageError names the flag."""
-    from .adapters import parse_lora_spec
-
-    try:
-        return [parse_lora_spec(s, named=named) for s in specs or ()]
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-def _add_checkpoint_flags(parser) -> None:
-    parser.add_argument("--transformer-weights", default=None, metavar="PATH",
-                        help="a fine-tuned transformer-only state dict laid over ROOT's transformer (.safetensors, "
-                             ".bin, .pt or .pth file, or a folder; e.g. UDM-GRPO's transformer/"
-                             "diffusion_pytorch_model.bin); torch files are read with weights_only=True")
-    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id ROOT (default: main)")
-
-
-# serve flags that go to ursa_engine.serve.security.Limits as they are
-UPLOAD_LIMITS = ("max_upload_bytes", "max_image_pixels", "max_video_frames", "max_stored_results", "max_stored_bytes",
-                 "result_ttl_s", "max_body_bytes_in_flight")
-
-
-def _serve(args) -> int:
-    if not 0 <= args.port < 65536:
-        raise UsageError(f"--port: expected 0..65535, got {args.port}")
-    if not 0 <= args.drain_seconds < float("inf"):
-        raise UsageError(f"--drain-seconds: expected seconds >= 0, got {args.drain_seconds}")
-    for name in ("max_rows", "max_queue", "max_tokens", "max_body_bytes", "max_prompt_chars", "max_n",
-                 "max_concurrent_per_key", *UPLOAD_LIMITS):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
-    if args.graphs:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--graphs: CUDA graphs need a CUDA device (an URSA root with --device cuda); none is "
-                             "available")
-        if (args.device or "cuda").split(":")[0] != "cuda":
-            raise UsageError(f"--graphs: CUDA graphs need --device cuda, got --device {args.device}")
-    try:
-        from .serve.app import serve
-        from .serve.batcher import DEFAULT_MAX_TOKENS
-        from .serve.security import Limits, keys_from_env
-    except ImportError as err:
-        raise UsageError(f"serve: needs FastAPI and uvicorn (pip install 'ursa-engine[serve]'): {err}") from None
-    if args.root is None and (args.transformer_weights is not None or args.revision is not None):
-        raise UsageError("--transformer-weights / --revision: need a checkpoint ROOT (the bundled digits model "
-                         "takes neither)")
-    from pathlib import Path
-
-    if args.transformer_weights is not None and not Path(args.transformer_weights).exists():
-        raise UsageError(f"--transformer-weights: {args.transformer_weights} does not exist")
-    import os
-
-    try:  # the flags' keys and URSA_API_KEY's are all accepted
-        limits = Limits(api_keys=(args.api_key or []) + keys_from_env(os.environ.get("URSA_API_KEY")),
-                        metrics_public=args.metrics_public, max_body_bytes=args.max_body_bytes,
-                        max_prompt_chars=args.max_prompt_chars, max_n=args.max_n,
-                        max_concurrent_per_key=args.max_concurrent_per_key, cors_origins=args.cors_origin or (),
-                        **{name: getattr(args, name) for name in UPLOAD_LIMITS})
-    except ValueError as err:
-        name, _, rest = str(err).partition(":")
-        raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None
-    from .hub import HubError
-
-    try:
-        serve(args.root, host=args.host, port=args.port, max_rows=args.max_rows, max_queue=args.max_queue,
-              max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, policy=args.policy, device=args.device,
-              loras=_lora_specs(args.lora, named=True),
-              graphs=args.graphs, log_level=args.log_level, transformer_weights=args.transformer_weights,
-              revision=args.revision, drain_seconds=args.drain_seconds, limits=limits, ui=_ui_available(args.ui))
-    except HubError as err:  # a hub id ROOT that cannot be resolved (nothing loaded yet)
-        msg = one_line(err)
-        raise UsageError("ROOT: " + msg[len("root: "):] if msg.startswith("root: ") else msg) from None
-    except ValueError as err:
-        if str(err).startswith("graphs:"):  # a CPU engine (the digits model) asked for CUDA graphs
-            raise UsageError(f"--{err}") from None
-        if str(err).startswith(("path:", "lora:", "name:")):  # an adapter of --lora that does not apply
-            raise UsageError(f"--lora: {one_line(err).split(': ', 1)[1]}") from None
-        if str(err).startswith("transformer_weights:"):  # the overlay's keys or file (one line, the flag's name)
-            raise UsageError("--transformer-weights:" + one_line(err)[len("transformer_weights:"):]) from None
-        raise
-    return 0
-
-
-def _add_ui(subparsers) -> None:
-    ui = subparsers.add_parser(
-        "ui", help="a web UI (Gradio) on the step-level batcher: text/image to image/video in the browser",
-        description="Serve a web page (Gradio) for a checkpoint: text -> image, text -> video, image -> video and "
-                    "video extension, with a per-step progress bar. Requests from every open page go through one "
-                    "step-level batcher (as `serve`), so they share forward passes. Named API endpoints for "
-                    "gradio_client: /generate_image, /generate_video, /image_to_video, /extend_video "
-                    "(ursa_engine.ui; pip install 'ursa-engine[ui]').",
-        epilog="example: ursa-engine ui --port 7860   (the bundled digits model on the CPU; open http://127.0.0.1:7860)")
-    ui.add_argument("root", metavar="ROOT", nargs="?", default=None,
-                    help="checkpoint root (default: the bundled digits model)")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=7860)
-    ui.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
-    ui.add_argument("--max-rows", type=int, default=16, help="rows of one forward pass, cond + uncond (default 16)")
-    ui.add_argument("--max-queue", type=int, default=64, help="requests waiting before 'queue full' (default 64)")
-    ui.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                    help="the page asks for a login whose password is KEY, repeatable (also URSA_API_KEY)")
-    ui.add_argument("--max-concurrent-per-key", type=int, default=None, metavar="N",
-                    help="queued + running requests of one key (or of everyone without keys)")
-    ui.add_argument("--max-upload-bytes", type=int, default=32 << 20,
-                    help="bytes of an uploaded image / video (default 32 MiB)")
-    _add_debug(ui)
-    ui.set_defaults(handler=_ui)
-
-
-def _ui(args) -> int:
-    import os
-
-    if not 0 <= args.port < 65536:
-        raise UsageError(f"--port: expected 0..65535, got {args.port}")
-    for name in ("max_rows", "max_queue", "max_concurrent_per_key", "max_upload_bytes"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
-    try:
-        import gradio  # noqa: F401 (the ui extra)
-
-        from . import ui
-        from .serve.security import Limits, keys_from_env
-    except ImportError as err:
-        raise UsageError(f"ui: needs Gradio (pip install 'ursa-engine[ui]'): {err}") from None
-    try:
-        limits = Limits(api_keys=(args.api_key or []) + keys_from_env(os.environ.get("URSA_API_KEY")),
-                        max_concurrent_per_key=args.max_concurrent_per_key, max_upload_bytes=args.max_upload_bytes)
-    except ValueError as err:
-        name, _, rest = str(err).partition(":")
-        raise UsageError(f"--{name.replace('_', '-')}:{rest}") from None
-    ui.launch(args.root, host=args.host, port=args.port, device=args.device, max_rows=args.max_rows,
-              max_queue=args.max_queue, limits=limits)
-    return 0
-
-
-def _ui_available(ui: bool) -> bool:
-    """``serve --ui``: Gradio must be installed (a UsageError naming the flag otherwise)."""
-    if ui:
-        try:
-            import gradio  # noqa: F401
-        except ImportError as err:
-            raise UsageError(f"--ui: needs Gradio (pip install 'ursa-engine[ui]'): {err}") from None
-    return ui
 
 
 def _add_plan(subparsers) -> None:
@@ -454,7 +229,7 @@ def _add_plan(subparsers) -> None:
     train.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=None,
                        help="an fp32 master copy of the parameters in the optimizer state (default: when --dtype is "
                             "not float32)")
-    _add_debug(plan)
+    add_debug(plan)
     plan.set_defaults(handler=_plan)
 
 
@@ -527,22 +302,16 @@ def _plan_training(args) -> int:
     return 0
 
 
-def _add_debug(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
-    # SUPPRESS on subcommands: `ursa-engine --debug generate ...` is not reset by the subparser
-    parser.add_argument("--debug", action="store_true", default=default,
-                        help="show the full traceback of every error (user errors too)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    _add_debug(parser, default=False)
+    add_debug(parser, default=False)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_bench(subparsers)
     _add_generate(subparsers)
     _add_plan(subparsers)
-    _add_serve(subparsers)
-    _add_ui(subparsers)
+    add_serve(subparsers)
+    add_ui(subparsers)
     return parser
 
 
