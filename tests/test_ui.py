@@ -8,6 +8,7 @@ The browser half is tests/test_ui_browser.py (``-m browser``).
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 
@@ -285,12 +286,20 @@ def test_api_keys_put_the_page_behind_a_login(served):
 
 
 def test_serve_ui_mount_keeps_the_api_and_its_key(served):
-    s = UIServer(served, limits=Limits(api_keys=("sesame",), max_upload_bytes=64 << 10), with_api=True)
+    s = UIServer(served, limits=Limits(api_keys=("sesame",), max_upload_bytes=2000), with_api=True)
     try:
         assert s.studio.inflight is s.app.state.api.state.inflight  # one per-key count for the API and the page
         with httpx.Client(base_url=s.base, timeout=30) as c:
-            big = c.post("/ui/gradio_api/upload", files={"files": ("a.png", b"x" * (100 << 10))})
-            assert big.status_code == 413 and "limit of 65536 bytes" in big.text  # max_upload_bytes, before parsing
+            big = c.post("/ui/gradio_api/upload", files={"files": ("a.png", b"x" * 3000)})
+            assert big.status_code == 413 and "limit of 2000 bytes" in big.text  # max_upload_bytes, before parsing
+            for query in ("", "?__theme=dark"):  # "/ui" is the page (no key needed to be sent to its login)
+                r = c.get("/ui" + query, follow_redirects=False)
+                assert r.status_code == 307 and r.headers["location"] == "/ui/" + query
+            # the page's body bound is not the API's: a 3 KB JSON body (max_body_bytes 1 MiB) is generated
+            padded = json.dumps({"prompt": "3", "steps": STEPS, "seed": 1, "response_format": "png"}) + " " * 3000
+            r = c.post("/v1/images/generations", content=padded, headers={"Authorization": "Bearer sesame",
+                                                                           "Content-Type": "application/json"})
+            assert r.status_code == 200, r.text
             assert c.get("/health").json()["status"] == "ok"
             body = {"prompt": "3", "steps": STEPS, "seed": 1, "response_format": "png"}
             assert c.post("/v1/images/generations", json=body).status_code == 401
@@ -307,6 +316,31 @@ def test_serve_ui_mount_keeps_the_api_and_its_key(served):
                               np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")))  # API == UI
     finally:
         s.close()
+
+
+def test_serve_ui_without_keys_redirects_ui_to_the_page_and_logs_it(served):
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from ursa_engine.serve.app import create_app
+    from ursa_engine.ui import mount
+
+    seen, log = [], logging.getLogger("uvicorn.error")  # uvicorn's loggers do not reach the root (caplog)
+    handler, level = logging.Handler(logging.INFO), log.level
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    b = Batcher(served.engine)  # not started: nothing is generated here
+    try:
+        with TestClient(mount(create_app(served, b), served, b)) as c:  # runs the app's startup
+            assert any("the web page is at /ui/" in m for m in seen), seen
+            r = c.get("/ui")
+            assert r.status_code == 200 and r.url.path == "/ui/" and "<html" in r.text.lower()
+            assert "worker_alive" in c.get("/health").json()  # every other path is the API's
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -14,6 +14,8 @@ like the HTTP API without keys (bind 127.0.0.1 or pass a key).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 from .handlers import Studio, UIError, conditioning_available
@@ -48,7 +50,7 @@ def create_ui_app(served, batcher, limits=None, *, app=None, path: str = "/", in
     blocks = build_blocks(studio, login)
     if app is None:
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-        body_limit(app, limits)
+        body_limit(app, limits, prefix="")
     app = gr.mount_gradio_app(app, blocks, path, auth=login if limits.api_keys else None,
                               auth_message="This server needs an API key: enter it as the password (any user name).",
                               allowed_paths=[str(studio.out_dir)], max_file_size=limits.max_upload_bytes,
@@ -60,30 +62,64 @@ def create_ui_app(served, batcher, limits=None, *, app=None, path: str = "/", in
 def mount(app, served, batcher, limits=None, *, path: str = UI_PATH):
     """``ursa-engine serve --ui``: the HTTP API ``app`` and the page at ``path`` in one ASGI app.
 
-    Returns a new app: the page at ``path`` (behind Gradio's login when ``limits`` has keys: a
-    browser cannot send the API's ``Authorization: Bearer`` header) and everything else routed to
-    ``app`` unchanged (its key check, limits, routes). UI jobs share the API's batcher and per-key
-    counts (``app.state.inflight``)."""
+    Returns a new app: the page at ``path`` + ``/`` (``path`` itself redirects there; behind Gradio's
+    login when ``limits`` has keys: a browser cannot send the API's ``Authorization: Bearer`` header)
+    and everything else routed to ``app`` unchanged (its key check, body limits, routes). UI jobs share
+    the API's batcher and per-key counts (``app.state.inflight``). At startup the page's path is
+    logged (uvicorn's logger, level info)."""
     from fastapi import FastAPI
+    from fastapi.responses import RedirectResponse
 
-    outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    body_limit(outer, limits)
+    path = "/" + path.strip("/")
+
+    @contextlib.asynccontextmanager
+    async def announce(_app):
+        logging.getLogger("uvicorn.error").info("ursa-engine serve --ui: the web page is at %s/ on this address "
+                                                "(beside the API)", path)
+        yield
+
+    outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, lifespan=announce)
+    body_limit(outer, limits, prefix=path)
+
+    def to_the_page(request):  # "/ui" is the page, not an API path: Gradio serves it at "/ui/"
+        query = request.url.query
+        return RedirectResponse(path + "/" + (f"?{query}" if query else ""), status_code=307)
+
+    outer.router.add_route(path, to_the_page, methods=["GET", "HEAD"], include_in_schema=False)
     create_ui_app(served, batcher, limits, app=outer, path=path, inflight=getattr(app.state, "inflight", None))
     outer.mount("/", app)  # after the page's routes: every other path is the API's
     outer.state.api = app
     return outer
 
 
-def body_limit(app, limits) -> None:
-    """Bound every request body of the page (queue calls, uploads) by ``max_upload_bytes`` before it is
-    parsed: the API's :class:`~ursa_engine.serve.security.Guard` with no keys (Gradio's login checks
-    those), so the page is no way around the server's body limits. The API's routes keep their own
-    guard (keys, ``max_body_bytes``) behind it."""
-    from ..serve.security import Guard, Limits
+class _PageGuard:
+    """ASGI middleware: requests under ``prefix`` (the page's paths; ``""``: all) go through ``guard``,
+    every other request straight to ``app`` (the API, which has its own Guard)."""
+
+    def __init__(self, app, *, limits, prefix: str):
+        from ..serve.security import Guard
+
+        self.app, self.prefix = app, prefix
+        self.guard = Guard(app, limits=limits)
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else None
+        if path is not None and (not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")):
+            return await self.guard(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def body_limit(app, limits, *, prefix: str = "") -> None:
+    """Bound every request body of the page (queue calls, uploads: the paths under ``prefix``) by
+    ``max_upload_bytes`` before it is parsed: the API's :class:`~ursa_engine.serve.security.Guard` with
+    no keys (Gradio's login checks those), so the page is no way around the server's body limits.
+    Other paths (the API's, under ``serve --ui``) are not touched here: their own guard (keys,
+    ``max_body_bytes``) reads them once."""
+    from ..serve.security import Limits
 
     limits = Limits() if limits is None else limits
-    app.add_middleware(Guard, limits=Limits(max_body_bytes=limits.max_upload_bytes,
-                                            max_upload_bytes=limits.max_upload_bytes))
+    app.add_middleware(_PageGuard, limits=Limits(max_body_bytes=limits.max_upload_bytes,
+                                                 max_upload_bytes=limits.max_upload_bytes), prefix=prefix)
 
 
 def launch(root=None, *, host: str = "127.0.0.1", port: int = 7860, max_rows: int = 16, max_queue: int = 64,
