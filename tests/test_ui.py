@@ -130,7 +130,8 @@ def test_sessions_at_once_share_forward_passes_and_get_their_alone_outputs(serve
     (dict(prompt=""), "prompt: type a prompt first"),
     (dict(prompt="12"), "prompt: the digits model takes one digit class 0-9"),
     (dict(negative_prompt="x" * 5000), "negative_prompt: 5000 characters, over this server's limit of 4096"),
-    (dict(width=4096, height=4096), "size: 1 sample(s) of 1x2048x2048"),
+    (dict(width=4096, height=4096), "size: 4096x4096 pixels are 4194304 latent tokens a frame"),
+    (dict(steps=1001), "steps: expected 1..1000"),
 ])
 def test_bad_inputs_are_one_line_naming_the_field(studio, args, message):
     kw = dict(prompt="7", negative_prompt="", width=16, height=8, steps=STEPS, guidance=3.0, seed=0,
@@ -157,9 +158,9 @@ def test_queue_full_and_per_key_limit_are_readable(served):
     b.stop()  # the queued job is cancelled: its session gets a readable error
 
 
-def _quiet(fn, *args):
+def _quiet(fn, *args, **kwargs):
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except UIError:
         pass
 
@@ -170,10 +171,70 @@ def test_conditioning_tabs_refuse_readably(studio, served):
         with pytest.raises(UIError, match="not available on this server"):
             studio.generate_video("6", "", 16, 8, 4, STEPS, 3.0, 0, False, 9, image=img)
         return
-    with pytest.raises(UIError, match=r"^image: 12x8 pixels, but the video is 16x8"):
-        studio.generate_video("6", "", 16, 8, 4, STEPS, 3.0, 0, False, 9, image=img[:, :12])
     with pytest.raises(UIError, match=r"^image: expected an RGB picture"):
         studio.generate_video("6", "", 16, 8, 4, STEPS, 3.0, 0, False, 9, image=np.zeros((8, 16, 2), np.uint8))
+    for junk in (b"not an image" * 50, np.zeros(0, np.uint8).tobytes()):  # Gradio hands over the file unread
+        with pytest.raises(UIError, match=r"^image: ") as info:
+            studio.generate_video("6", "", None, None, 4, STEPS, 3.0, 0, False, 9, image=junk)
+        assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+    assert studio.batcher.stats() == {"queued": 0, "running": 0, "active_rows": 0}
+
+
+def test_an_image_upload_is_resized_and_centre_cropped_to_the_video_size(studio):
+    from ursa_engine.ui.handlers import fit_image
+
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (8, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(fit_image(wide, 16, 8), wide[:, 8:24])  # same height: the middle columns
+    small = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)  # 13x9: scaled to cover 16x8 (16x11), then cropped
+    assert fit_image(small, 16, 8).shape == (8, 16, 3)
+    exact = rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    assert fit_image(exact, 16, 8) is exact
+    if conditioning_available():  # a 13x9 picture on the image -> video tab (no width / height there) works
+        path, _ = studio.generate_video("6", "", None, None, 4, STEPS, 3.0, 0, False, 9, image=small)
+        from ursa_engine.media import read_video
+
+        assert read_video(path)[0].shape == (4, 8, 16, 3)
+
+
+def test_a_stopped_or_closed_page_cancels_its_job(ui, monkeypatch):
+    """The page goes away mid-run: Gradio's /cancel (gradio_client's job.cancel()) and the handler's
+    ``cancelled`` flag free the batch rows within a second, not when the 200-step job would end (~40 s)."""
+    step = ui.batcher._forward_and_step
+
+    def slow(jobs):
+        time.sleep(0.2)
+        return step(jobs)
+
+    monkeypatch.setattr(ui.batcher, "_forward_and_step", slow)
+
+    def wait(cond, timeout=30.0):
+        deadline = time.time() + timeout
+        while not cond() and time.time() < deadline:
+            time.sleep(0.02)
+        return cond()
+
+    def idle():
+        return ui.batcher.stats() == {"queued": 0, "running": 0, "active_rows": 0}
+
+    assert wait(idle)
+    stop = threading.Event()  # the handler level: the flag a closed page / a Gradio cancel sets
+    t = threading.Thread(target=_quiet, args=(ui.studio.generate_image, "3", "", 16, 8, 200, 3.0, 0, False),
+                         kwargs={"cancelled": stop.is_set}, daemon=True)
+    t.start()
+    assert wait(lambda: ui.batcher.stats()["running"] == 1)
+    t0 = time.time()
+    stop.set()
+    assert wait(idle, 5) and time.time() - t0 < 2.0
+    t.join(5)
+    client = gradio_client.Client(ui.url, verbose=False)  # over HTTP: Gradio's cancel of a running event
+    job = client.submit("3", "", 16, 8, 200, 3.0, 0, False, api_name="/generate_image")
+    assert wait(lambda: ui.batcher.stats()["running"] == 1)
+    t0 = time.time()
+    job.cancel()
+    assert wait(idle, 5) and time.time() - t0 < 3.0, ui.batcher.stats()
+    assert ui.studio.inflight.reserve("anon", 1)  # the per-key count was released too
+    ui.studio.inflight.release("anon")
 
 
 @pytest.mark.skipif(not conditioning_available(), reason="the batcher takes no conditioning frames")
@@ -224,12 +285,32 @@ def test_a_video_checkpoint_with_text_prompts_motion_and_uploads(tmp_path):
                          motion=9, decode=False).tokens
         req = st.request("a bear in the snow", "", 16, 16, 5, 2, 7.0, 1, False, 9)
         assert torch.equal(st.run(req), ref)  # the motion prefix is in the prompt ids
-        assert read_video(st.generate_video("a bear", "", None, None, 5, 2, 7.0, 1, False, 9, image=clip[0])[0])[
+        assert read_video(st.generate_video("a bear", "", 16, 16, 5, 2, 7.0, 1, False, 9, image=clip[0])[0])[
             0].shape == (5, 16, 16, 3)
         longer = st.generate_video("a bear", "", None, None, 9, 2, 7.0, 1, False, 9, video=clip, cond_frames=5)[0]
         assert read_video(longer)[0].shape == (5 + 4, 16, 16, 3)
         with pytest.raises(UIError, match=r"^cond_frames: the video tokenizer encodes 1 \+ 4k frames"):
             st.generate_video("a bear", "", None, None, 9, 2, 7.0, 1, False, 9, video=clip, cond_frames=3)
+        # refusals name what the person set: size (one frame over max_tokens), else frames; the upload's
+        # size names the upload; no "size: num_frames:" double prefix; frames the tokenizer cannot decode whole
+        big = st.batcher.max_tokens
+        cases = [((4096, 4096, 5), r"^size: 4096x4096 pixels are \d+ latent tokens a frame"),
+                 ((16, 16, 1 + 4 * (big // 8)), r"^frames: \d+ frames at 16x16 are \d+ latent frames .*: at most 9 "
+                                                r"frames at this size$"),
+                 ((16, 16, 2), r"^frames: this tokenizer takes 1 \+ 4k frames \(1, 5, 9, \.\.\.\), got 2$"),
+                 ((16, 16, 13), r"^frames: this tokenizer decodes 13 frames as 9 \(it decodes temporal tiles of 9 "
+                                r"frames and leaves a partial one out\): ask for 9 frames$"),
+                 ((16, 16, 401), r"^frames: this tokenizer decodes 401 frames as 265 .*: ask for 9 frames$"),
+                 ((13, 16, 5), r"^width: 13 pixels; expected a positive multiple of 8 \(e\.g\. 512\)$")]
+        for (w, h, f), message in cases:
+            with pytest.raises(UIError, match=message):
+                st.generate_video("a bear", "", w, h, f, 2, 7.0, 1, False, 9)
+        with pytest.raises(UIError, match=r"^video: 12x16 pixels; this tokenizer needs a width and height that are "
+                                          r"multiples of 8 \(e\.g\. 512x320\)$"):
+            st.generate_video("a bear", "", None, None, 9, 2, 7.0, 1, False, 9, video=clip[:, :, :12], cond_frames=5)
+        st.video_size = (24, 16)  # (512 x 320 for URSA: too slow here)
+        bear = st.generate_video("a bear", "", None, None, 5, 1, 7.0, 1, False, 9, image=clip[0, :9, :13])[0]
+        assert read_video(bear)[0].shape == (5, 16, 24, 3)  # a 13x9 upload on that tab: the checkpoint's video size
     finally:
         b.stop()
 

@@ -13,11 +13,13 @@ Refusals are ``gr.Error`` toasts with the handler's one-line message (never a tr
 
 from __future__ import annotations
 
+import inspect
 import threading
 
+import anyio
 import gradio as gr
 
-from .handlers import Studio, UIError, conditioning_available
+from .handlers import MAX_STEPS, Studio, UIError, conditioning_available
 
 CSS = """
 .ursa-out img, .ursa-out video, .ursa-in img { width: 100% !important; height: 100% !important; object-fit: contain;
@@ -60,6 +62,75 @@ def _progress(progress: gr.Progress):
     return report
 
 
+class Sessions:
+    """The stop flags of each browser session's running clicks (Gradio's session hash -> flags): closing
+    or reloading the page (Gradio's ``unload``) sets them, so the session's batcher jobs are cancelled."""
+
+    def __init__(self):
+        self._lock, self._flags = threading.Lock(), {}
+
+    def add(self, key, flag: threading.Event) -> None:
+        with self._lock:
+            self._flags.setdefault(key, set()).add(flag)
+
+    def discard(self, key, flag: threading.Event) -> None:
+        with self._lock:
+            flags = self._flags.get(key, set())
+            flags.discard(flag)
+            if not flags:
+                self._flags.pop(key, None)
+
+    def close(self, key) -> None:
+        with self._lock:
+            for flag in self._flags.pop(key, ()):
+                flag.set()
+
+
+def on_click(login: KeyLogin, sessions: Sessions):
+    """Decorator: ``fn(*inputs, call)`` (``call``: the Studio keywords ``owner``, ``progress``,
+    ``cancelled``) as a Gradio handler ``(*inputs, request, progress)``, with ``fn``'s docstring (the
+    API page reads it).
+
+    ``fn`` runs in a worker thread; a :class:`UIError` becomes a ``gr.Error`` toast (no traceback). The
+    click's job is cancelled in the batcher when Gradio cancels the event (``/cancel``: a client's
+    ``job.cancel()``, a ``cancels=`` event) or the page is closed (:class:`Sessions`)."""
+
+    def wrap(fn):
+        async def handler(*args):
+            *inputs, request, progress = args
+            stop, key = threading.Event(), getattr(request, "session_hash", None)
+            sessions.add(key, stop)
+            try:
+                call = {"owner": login.owner_of(request), "progress": _progress(progress), "cancelled": stop.is_set}
+                return await anyio.to_thread.run_sync(lambda: fn(*inputs, call), abandon_on_cancel=True)
+            except UIError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            finally:  # cancelled (the thread then sees the flag within 0.25 s) or done
+                stop.set()
+                sessions.discard(key, stop)
+
+        params = list(inspect.signature(fn).parameters.values())[:-1]
+        handler.__signature__ = inspect.Signature(params + [
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
+            inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress())])
+        handler.__annotations__ = {"request": gr.Request}
+        handler.__name__, handler.__qualname__, handler.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        return handler
+
+    return wrap
+
+
+class ImageUpload(gr.Image):
+    """``gr.Image`` whose upload reaches the handler as its file path, not decoded by Gradio: the
+    server's reader (:meth:`Studio.read_image`, ``max_image_pixels``) decodes it, so an unreadable or
+    oversized file is one message naming ``image``, never Gradio's preprocessing error."""
+
+    is_template = True  # the frontend is gr.Image's
+
+    def preprocess(self, payload):
+        return None if payload is None else str(payload.path)
+
+
 def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
     """The page (a ``gr.Blocks``; queue set up for many sessions at once)."""
     login = login or KeyLogin(studio)
@@ -68,9 +139,11 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
     steps0, guidance0, stride = e.scheduler.num_steps, served.default_guidance, studio.stride
     video_model = not served.digits
     conditioning = conditioning_available()
+    sessions = Sessions()
+    click = on_click(login, sessions)
 
-    def generate_image(prompt, negative_prompt, width, height, steps, guidance, seed, randomize_seed,
-                       request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's convention)
+    @click
+    def generate_image(prompt, negative_prompt, width, height, steps, guidance, seed, randomize_seed, call):
         """Text to image: one sample through the server's step-level batcher.
 
         Parameters:
@@ -85,15 +158,12 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         Returns:
             the image (PNG) and the seed used
         """
-        try:
-            return studio.generate_image(prompt, negative_prompt, width, height, steps, guidance, seed,
-                                         randomize_seed, owner=login.owner_of(request),
-                                         progress=_progress(progress))
-        except UIError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+        return studio.generate_image(prompt, negative_prompt, width, height, steps, guidance, seed, randomize_seed,
+                                     **call)
 
+    @click
     def generate_video(prompt, negative_prompt, width, height, frames, steps, guidance, seed, randomize_seed,
-                       motion, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's convention)
+                       motion, call):
         """Text to video: one clip through the server's step-level batcher.
 
         Parameters:
@@ -110,15 +180,11 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         Returns:
             the video (MP4, H.264) and the seed used
         """
-        try:
-            return studio.generate_video(prompt, negative_prompt, width, height, frames, steps, guidance, seed,
-                                         randomize_seed, motion, owner=login.owner_of(request),
-                                         progress=_progress(progress))
-        except UIError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+        return studio.generate_video(prompt, negative_prompt, width, height, frames, steps, guidance, seed,
+                                     randomize_seed, motion, **call)
 
-    def image_to_video(image, prompt, negative_prompt, frames, steps, guidance, seed, randomize_seed, motion,
-                       request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's convention)
+    @click
+    def image_to_video(image, prompt, negative_prompt, frames, steps, guidance, seed, randomize_seed, motion, call):
         """Image to video: the uploaded image is the first frame; the size is the image's.
 
         Parameters:
@@ -134,17 +200,14 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         Returns:
             the video (MP4) and the seed used
         """
-        try:
-            if image is None:
-                raise UIError("image: upload an image first")
-            return studio.generate_video(prompt, negative_prompt, None, None, frames, steps, guidance, seed,
-                                         randomize_seed, motion, image=image, owner=login.owner_of(request),
-                                         progress=_progress(progress))
-        except UIError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+        if image is None:
+            raise UIError("image: upload an image first")
+        return studio.generate_video(prompt, negative_prompt, None, None, frames, steps, guidance, seed,
+                                     randomize_seed, motion, image=image, **call)
 
+    @click
     def extend_video(video, prompt, negative_prompt, frames, cond_frames, steps, guidance, seed, randomize_seed,
-                     motion, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (Gradio's convention)
+                     motion, call):
         """Video extension: a new clip that starts from the last frames of the uploaded video.
 
         Parameters:
@@ -161,14 +224,10 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         Returns:
             the upload followed by the new frames (MP4) and the seed used
         """
-        try:
-            if video is None:
-                raise UIError("video: upload a video first")
-            return studio.generate_video(prompt, negative_prompt, None, None, frames, steps, guidance, seed,
-                                         randomize_seed, motion, video=video, cond_frames=cond_frames,
-                                         owner=login.owner_of(request), progress=_progress(progress))
-        except UIError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+        if video is None:
+            raise UIError("video: upload a video first")
+        return studio.generate_video(prompt, negative_prompt, None, None, frames, steps, guidance, seed,
+                                     randomize_seed, motion, video=video, cond_frames=cond_frames, **call)
 
     def common(tab: str, *, size: bool = True, frames: bool = False):
         """The shared inputs of a tab: prompt, negative prompt, (size), (frames), steps, guidance, seed."""
@@ -186,7 +245,7 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
         if frames:
             out["frames"] = gr.Number(label="Frames", value=studio.default_frames, precision=0,
                                       elem_id=f"{tab}-frames")
-        out["steps"] = gr.Slider(1, max(100, steps0), value=steps0, step=1, label="Steps", elem_id=f"{tab}-steps")
+        out["steps"] = gr.Slider(1, MAX_STEPS, value=steps0, step=1, label="Steps", elem_id=f"{tab}-steps")
         out["guidance"] = gr.Slider(0, 20, value=guidance0, step=0.5, label="Guidance", elem_id=f"{tab}-guidance")
         with gr.Row():
             out["seed"] = gr.Number(label="Seed", value=0, precision=0, elem_id=f"{tab}-seed")
@@ -219,7 +278,7 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                         result, used = outputs("t2i", video=False)
                 run.click(generate_image, [f["prompt"], f["negative"], f["width"], f["height"], f["steps"],
                                            f["guidance"], f["seed"], f["randomize"]], [result, used],
-                          api_name="generate_image")
+                          api_name="generate_image", show_progress_on=result)
             with gr.Tab("Text → Video", id="t2v"):
                 with gr.Row():
                     with gr.Column():
@@ -229,22 +288,24 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                         result, used = outputs("t2v", video=True)
                 run.click(generate_video, [f["prompt"], f["negative"], f["width"], f["height"], f["frames"],
                                            f["steps"], f["guidance"], f["seed"], f["randomize"], f["motion"]],
-                          [result, used], api_name="generate_video")
+                          [result, used], api_name="generate_video", show_progress_on=result)
             with gr.Tab("Image → Video", id="i2v"):
                 if not conditioning:
                     gr.Markdown("**Not available on this server**: its batcher takes text prompts only "
                                 "(no conditioning frames).", elem_id="i2v-unavailable")
                 with gr.Row(visible=conditioning):
                     with gr.Column():
-                        image = gr.Image(label="First frame", type="filepath", sources=["upload", "clipboard"],
-                                         elem_id="i2v-image", elem_classes="ursa-in", height=240)
+                        w0, h0 = studio.video_size
+                        image = ImageUpload(label=f"First frame (resized and centre-cropped to {w0}x{h0})",
+                                            type="filepath", sources=["upload", "clipboard"],
+                                            elem_id="i2v-image", elem_classes="ursa-in", height=240)
                         f = common("i2v", size=False, frames=True)
                         run = gr.Button("Generate", variant="primary", elem_id="i2v-run")
                     with gr.Column():
                         result, used = outputs("i2v", video=True)
                 run.click(image_to_video, [image, f["prompt"], f["negative"], f["frames"], f["steps"], f["guidance"],
                                            f["seed"], f["randomize"], f["motion"]], [result, used],
-                          api_name="image_to_video")
+                          api_name="image_to_video", show_progress_on=result)
             with gr.Tab("Extend a video", id="extend"):
                 if not conditioning:
                     gr.Markdown("**Not available on this server**: its batcher takes text prompts only "
@@ -261,7 +322,12 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                         result, used = outputs("extend", video=True)
                 run.click(extend_video, [video, f["prompt"], f["negative"], f["frames"], cond, f["steps"],
                                          f["guidance"], f["seed"], f["randomize"], f["motion"]], [result, used],
-                          api_name="extend_video")
+                          api_name="extend_video", show_progress_on=result)
+
+        def closed(request: gr.Request):  # the page was closed or reloaded: its clicks' jobs are cancelled
+            sessions.close(request.session_hash)
+
+        blocks.unload(closed)
     # every session's click runs at once: the batcher, not Gradio's queue, decides what shares a step
     blocks.queue(default_concurrency_limit=None, max_size=None)
     return blocks

@@ -13,6 +13,7 @@ Errors a person reads: every refusal is one :class:`UIError` whose message names
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import queue
 import secrets
@@ -31,6 +32,7 @@ from ..serve.security import InFlight, Limits, internal_id, new_id
 
 TERMINAL = ("done", "cancelled", "failed")
 MAX_SEED = 2**31 - 1
+MAX_STEPS = 1000  # the steps field's range is 1..MAX_STEPS (the page's slider too)
 Progress = Callable[[int, int], None]  # (step, steps)
 
 
@@ -97,32 +99,60 @@ class Studio:
             msg = _one_line(err)
             raise UIError(field + msg[len("prompt_ids"):] if msg.startswith("prompt_ids:") else msg) from None
 
-    def latents_shape(self, width, height, frames) -> tuple[int, int, int]:
-        """The latent grid of a size in pixels; refused with the sizes that would work."""
+    def latents_shape(self, width, height, frames, *, upload: str | None = None) -> tuple[int, int, int]:
+        """The latent grid of a size in pixels, refused with what would work.
+
+        ``upload`` ("image" / "video"): the size is that upload's, so its refusals name it. Over
+        ``max_tokens`` (at 2 rows: guidance) the refusal names the size when one frame of it is already
+        over, else ``frames``; a frame count the tokenizer does not decode whole (a partial temporal tile
+        is left out) is refused with the nearest counts that are."""
         w, h, f = (_int(width, "width"), _int(height, "height"), _int(frames, "frames"))
+        vae = self.served.engine.vae
+        if vae is None:
+            raise UIError("size: this checkpoint has no vae/ to decode pixels")
+        W0, H0 = self.video_size if f > 1 else self.served.default_size
         for name, v in (("width", w), ("height", h)):
             if v < self.stride or v % self.stride:
+                if upload is not None:
+                    raise UIError(f"{upload}: {w}x{h} pixels; this tokenizer needs a width and height that are "
+                                  f"multiples of {self.stride} (e.g. {W0}x{H0})")
                 raise UIError(f"{name}: {v} pixels; expected a positive multiple of {self.stride} "
-                              f"(e.g. {self.served.default_size[0 if name == 'width' else 1]})")
+                              f"(e.g. {W0 if name == 'width' else H0})")
+        s = int(getattr(vae, "temporal_stride", 1))
         if f < 1:
             raise UIError(f"frames: expected at least 1, got {f}")
-        try:
-            shape = self.served.latents_shape(f"{w}x{h}", f)
-        except ValueError as err:
-            raise UIError(_one_line(err)) from None
-        try:
-            self.batcher.check_size(shape, 1, 2, field="size" if f == 1 else "frames")
-        except ValueError as err:
-            raise UIError(_one_line(err)) from None
+        if (f - 1) % s:
+            raise UIError(f"frames: this tokenizer takes 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, ...), got {f}")
+        shape = (1 + (f - 1) // s, h // self.stride, w // self.stride)
+        size = upload or "size"
+        per_frame = 2 * shape[1] * shape[2]
+        if per_frame > self.batcher.max_tokens:
+            raise UIError(f"{size}: {w}x{h} pixels are {shape[1] * shape[2]} latent tokens a frame, x 2 rows "
+                          f"(guidance) = {per_frame} token-rows a step, over this server's limit of "
+                          f"{self.batcher.max_tokens} (max_tokens): use a smaller "
+                          f"{'upload' if upload else 'width / height'}")
+        if shape[0] * per_frame > self.batcher.max_tokens:
+            fit = 1 + s * (self.batcher.max_tokens // per_frame - 1)
+            raise UIError(f"frames: {f} frames at {w}x{h} are {shape[0]} latent frames x {per_frame} token-rows = "
+                          f"{shape[0] * per_frame}, over this server's limit of {self.batcher.max_tokens} "
+                          f"(max_tokens): at most {whole_frames(vae, fit)[0]} frames at this size")
+        decoded = int(vae.num_frames(shape[0]))
+        if decoded != f:
+            below, above = whole_frames(vae, f)
+            tile = getattr(vae, "sample_frames", None)
+            raise UIError(f"frames: this tokenizer decodes {f} frames as {decoded} (it decodes temporal tiles"
+                          f"{f' of {tile} frames' if tile else ''} and leaves a partial one out): ask for "
+                          f"{below}{'' if above is None else f' or {above}'} frames")
         return shape
 
     def request(self, prompt, negative_prompt, width, height, frames, steps, guidance, seed, randomize_seed,
-                motion=None) -> GenerationRequest:
-        """The :class:`GenerationRequest` of the form's values (one sample)."""
-        shape = self.latents_shape(width, height, frames)
+                motion=None, *, upload: str | None = None) -> GenerationRequest:
+        """The :class:`GenerationRequest` of the form's values (one sample); ``upload``: the upload whose
+        size this is (its refusals name it)."""
+        shape = self.latents_shape(width, height, frames, upload=upload)
         steps = _int(steps, "steps")
-        if not 1 <= steps <= 1000:
-            raise UIError(f"steps: expected 1..1000, got {steps}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise UIError(f"steps: expected 1..{MAX_STEPS}, got {steps}")
         guidance = _float(guidance, "guidance")
         if not -100 <= guidance <= 100:
             raise UIError(f"guidance: expected -100..100, got {guidance:g}")
@@ -136,9 +166,12 @@ class Studio:
 
     # ------------------------------------------------------------------ running
     def run(self, request: GenerationRequest, progress: Progress | None = None, *, owner: str = "anon",
-            timeout: float | None = None):
+            timeout: float | None = None, cancelled: Callable[[], bool] | None = None):
         """Queue ``request`` on the batcher and wait for its tokens (1, T, h, w), calling
         ``progress(step, steps)`` at every step of the batch loop (``Batcher.subscribe``).
+
+        ``cancelled()`` is polled every 0.25 s: once true (the page was closed or its request stopped)
+        the job is cancelled, so its rows leave the batch at the next step boundary.
 
         Refusals (queue full, per-key limit, bad request, shutting down, cancelled) are :class:`UIError`."""
         if not self.inflight.reserve(owner, self.limits.max_concurrent_per_key):
@@ -159,6 +192,8 @@ class Studio:
             while not job.future.done():
                 if deadline is not None and time.monotonic() > deadline:
                     raise UIError(f"timeout: not finished within {timeout:g} s")
+                if cancelled is not None and cancelled():
+                    raise UIError("cancelled: the page stopped this request")
                 try:
                     ev = events.get(timeout=0.25)
                 except queue.Empty:
@@ -188,37 +223,40 @@ class Studio:
 
     # ------------------------------------------------------------------ the buttons
     def generate_image(self, prompt, negative_prompt="", width=None, height=None, steps=None, guidance=None,
-                       seed=0, randomize_seed=False, *, owner: str = "anon", progress: Progress | None = None):
+                       seed=0, randomize_seed=False, *, owner: str = "anon", progress: Progress | None = None,
+                       cancelled: Callable[[], bool] | None = None):
         """Text to image. Returns (uint8 (H, W, 3) image, the seed used). ``owner``: the caller's key
-        namespace (:meth:`owner`)."""
+        namespace (:meth:`owner`); ``cancelled``: see :meth:`run`."""
         req = self.request(prompt, negative_prompt, *self._size(width, height), 1, self._steps(steps),
                            self._guidance(guidance), seed, randomize_seed)
-        tokens = self.run(req, progress, owner=owner)
+        tokens = self.run(req, progress, owner=owner, cancelled=cancelled)
         return self.served.frames(tokens)[0, 0], req.seed
 
     def generate_video(self, prompt, negative_prompt="", width=None, height=None, frames=None, steps=None,
                        guidance=None, seed=0, randomize_seed=False, motion=None, *, owner: str = "anon",
-                       progress: Progress | None = None, image=None, video=None, cond_frames=None):
-        """Text to video, or with an upload (a file path, bytes or uint8 pixels; the size defaults to
-        the upload's): ``image`` to video (the image is the first frame), or the extension of
-        ``video`` (its last ``cond_frames`` frames start the new clip; the result is the whole upload
-        followed by the new frames, as ``ursa-engine generate --video``). Returns (the MP4's path, the
-        seed used)."""
+                       progress: Progress | None = None, image=None, video=None, cond_frames=None,
+                       cancelled: Callable[[], bool] | None = None):
+        """Text to video, or with an upload (a file path, bytes or uint8 pixels): ``image`` to video
+        (the image, resized and centre-cropped to the video's size, default :attr:`video_size`, is the
+        first frame), or the extension of ``video`` (the new clip has its size; its last ``cond_frames``
+        frames start the new clip; the result is the whole upload followed by the new frames, as
+        ``ursa-engine generate --video``). Returns (the MP4's path, the seed used)."""
         frames = self.default_frames if frames is None else frames
-        if width is None and height is None and image is None and video is None:
-            width, height = self.video_size
+        upload = None
         if image is not None:
-            image = self.read_image(image)
+            image, upload = self.read_image(image), "image"
         if video is not None:
             video = self.read_video(video)
-        upload = image if image is not None else video[0] if video is not None else None
-        if upload is not None and width is None and height is None:
-            height, width = upload.shape[:2]
+            if width is None and height is None:  # the new clip has the upload's size
+                (height, width), upload = video.shape[1:3], "video"
+        if width is None and height is None:
+            width, height = self.video_size
         req = self.request(prompt, negative_prompt, *self._size(width, height), frames, self._steps(steps),
-                           self._guidance(guidance), seed, randomize_seed, motion)
+                           self._guidance(guidance), seed, randomize_seed, motion,
+                           upload="video" if upload == "video" else None)
         if upload is not None:
             req = self.condition(req, image=image, video=video, cond_frames=cond_frames)
-        tokens = self.run(req, progress, owner=owner)
+        tokens = self.run(req, progress, owner=owner, cancelled=cancelled)
         pixels = self.served.frames(tokens)[0]
         if video is not None:
             kept = self.default_cond_frames if cond_frames is None else _int(cond_frames, "cond_frames")
@@ -245,21 +283,21 @@ class Studio:
         H, W = h * self.stride, w * self.stride
         noise = 0.0
         if image is not None:
-            pixels = self.read_image(image)
-            if pixels.shape[:2] != (H, W):
-                raise UIError(f"image: {pixels.shape[1]}x{pixels.shape[0]} pixels, but the video is {W}x{H}: "
-                              "upload an image of the video's size or change width / height")
-            kw = {"image": pixels}
+            kw = {"image": fit_image(self.read_image(image), W, H)}
         else:
             clip = self.read_video(video)
             if clip.shape[1:3] != (H, W):
                 raise UIError(f"video: {clip.shape[2]}x{clip.shape[1]} pixels, but the new clip is {W}x{H}: "
-                              "set width / height to the uploaded video's size")
+                              "leave width / height out (the upload's size) or upload a video of that size")
             n = self.default_cond_frames if cond_frames is None else _int(cond_frames, "cond_frames")
             s = int(getattr(vae, "temporal_stride", 1))
             if n < 1 or (n - 1) % s:
                 raise UIError(f"cond_frames: the video tokenizer encodes 1 + {s}k frames (1, {1 + s}, {1 + 2 * s}, "
                               f"...), got {n}")
+            kept = int(vae.num_frames(vae.encoded_frames(n)))
+            if kept != n:
+                raise UIError(f"cond_frames: this tokenizer encodes {n} frames in temporal tiles that keep only "
+                              f"{kept} of them; keep at most {whole_frames(vae, n)[0]}")
             if n > clip.shape[0]:
                 raise UIError(f"cond_frames: {n} frames asked, the uploaded video has {clip.shape[0]}")
             Tc = int(vae.encoded_frames(n)) if hasattr(vae, "encoded_frames") else 1 + (n - 1) // s
@@ -308,6 +346,36 @@ class Studio:
 
     def _guidance(self, guidance) -> float:
         return self.served.default_guidance if guidance is None else guidance
+
+
+def fit_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (height, width, 3): ``image`` (H, W, 3) scaled to cover the size (Lanczos), then centre-cropped,
+    as the authors' app prepares an image-to-video upload; an image of that size is returned as is."""
+    H, W = image.shape[:2]
+    if (H, W) == (height, width):
+        return image
+    from PIL import Image
+
+    scale = max(width / W, height / H)
+    w, h = max(width, round(W * scale)), max(height, round(H * scale))
+    big = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.LANCZOS))
+    top, left = (h - height) // 2, (w - width) // 2
+    return np.ascontiguousarray(big[top:top + height, left:left + width])
+
+
+def whole_frames(vae, frames: int) -> tuple[int, int | None]:
+    """The frame counts nearest ``frames`` (at most, then above; None: none nearby) that ``vae``
+    decodes whole: ``num_frames(T) == 1 + s (T - 1)`` for the T latent frames that generate them."""
+    s = int(getattr(vae, "temporal_stride", 1))
+    T = 1 + (max(frames, 1) - 1) // s
+
+    def whole(t: int) -> bool:
+        return int(vae.num_frames(t)) == 1 + s * (t - 1)
+
+    near, low = range(T, max(T - 256, 0), -1), range(min(T - 256, 256), 0, -1)  # bounded scans
+    below = next((1 + s * (t - 1) for t in itertools.chain(near, low) if whole(t)), 1)
+    above = next((1 + s * (t - 1) for t in range(T + 1, T + 256) if whole(t)), None)
+    return below, above
 
 
 def _one_line(err: BaseException) -> str:
