@@ -35,3 +35,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The bundled digits model as ``serve`` loads it, with torch on one thread (the batch worker, the
+    HTTP side and any browser share 2 cores). A test module may define its own ``served``."""
+    from ursa_engine.serve.models import ServedModel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ServedModel.load()
+    torch.set_num_threads(threads)

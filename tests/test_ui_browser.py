@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 REQUIRED = os.environ.get("URSA_REQUIRE_BROWSER") == "1"
 pytestmark = [pytest.mark.browser, pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -51,7 +50,6 @@ from serve_spy import ForwardSpy  # noqa: E402
 from ui_server import UIServer  # noqa: E402
 
 from ursa_engine import digits  # noqa: E402
-from ursa_engine.serve.models import ServedModel  # noqa: E402
 
 STEPS = 6
 WAIT = 90  # seconds for any one thing to appear (2 busy cores)
@@ -89,14 +87,6 @@ def browser():
     yield new
     for d in drivers:
         d.quit()
-
-
-@pytest.fixture(scope="module")
-def served():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the batch worker, uvicorn and Chromium share 2 cores
-    yield ServedModel.load()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +264,42 @@ def test_bad_input_shows_its_message(browser, ui, tmp_path):
     ask(d, "t2i", "12", seed=1)  # the digits model takes one digit
     WebDriverWait(d, WAIT).until(lambda d: "one digit class" in d.find_element(By.TAG_NAME, "body").text)
     shot(d, tmp_path, "bad_prompt")
+
+
+def test_an_unreadable_upload_is_one_message_naming_image(browser, ui, tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image" * 100)
+    d = browser()
+    open_page(d, ui.url)
+    choose_tab(d, "Image → Video")
+    d.find_element(By.CSS_SELECTOR, "#i2v-image input[type=file]").send_keys(str(junk))
+    ask(d, "i2v", "4", seed=1)
+    toast = css(d, "[data-testid=toast-body]")
+    WebDriverWait(d, WAIT).until(lambda _: "image:" in toast.text)
+    assert "preprocess" not in toast.text and "/tmp" not in toast.text and "Traceback" not in d.page_source
+    shot(d, tmp_path, "bad_upload")
+
+
+def test_leaving_the_page_cancels_its_job(browser, ui, monkeypatch):
+    """A page that goes away mid-run (here: navigated off) frees its batch rows (Gradio's unload event),
+    long before its 300 steps (~60 s) would end."""
+    step = ui.batcher._forward_and_step
+
+    def slow(jobs):
+        time.sleep(0.2)
+        return step(jobs)
+
+    monkeypatch.setattr(ui.batcher, "_forward_and_step", slow)
+    d = browser()
+    open_page(d, ui.url)
+    ask(d, "t2i", "5", seed=1, steps=300)
+    WebDriverWait(d, WAIT).until(lambda _: ui.batcher.stats()["running"] == 1)
+    t0 = time.time()
+    d.get("about:blank")
+    WebDriverWait(d, 30, poll_frequency=0.05).until(
+        lambda _: ui.batcher.stats() == {"queued": 0, "running": 0, "active_rows": 0})
+    print(f"rows freed {time.time() - t0:.2f} s after the page went away")
+    assert time.time() - t0 < 20
 
 
 def test_with_api_keys_the_page_asks_for_a_key(browser, served, tmp_path):

@@ -120,15 +120,14 @@ def on_click(login: KeyLogin, sessions: Sessions):
     return wrap
 
 
-class ImageUpload(gr.Image):
-    """``gr.Image`` whose upload reaches the handler as its file path, not decoded by Gradio: the
+def image_upload(**kwargs) -> gr.Image:
+    """A ``gr.Image`` whose upload reaches the handler as its file path, not decoded by Gradio: the
     server's reader (:meth:`Studio.read_image`, ``max_image_pixels``) decodes it, so an unreadable or
-    oversized file is one message naming ``image``, never Gradio's preprocessing error."""
-
-    is_template = True  # the frontend is gr.Image's
-
-    def preprocess(self, payload):
-        return None if payload is None else str(payload.path)
+    oversized file is one message naming ``image``, never Gradio's preprocessing error. (An instance
+    override: a ``gr.Image`` subclass would make Gradio write a ``.pyi`` stub beside this module.)"""
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = lambda payload: None if payload is None else str(payload.path)
+    return image
 
 
 def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
@@ -296,9 +295,9 @@ def build_blocks(studio: Studio, login: KeyLogin | None = None) -> gr.Blocks:
                 with gr.Row(visible=conditioning):
                     with gr.Column():
                         w0, h0 = studio.video_size
-                        image = ImageUpload(label=f"First frame (resized and centre-cropped to {w0}x{h0})",
-                                            type="filepath", sources=["upload", "clipboard"],
-                                            elem_id="i2v-image", elem_classes="ursa-in", height=240)
+                        image = image_upload(label=f"First frame (resized and centre-cropped to {w0}x{h0})",
+                                             sources=["upload", "clipboard"], elem_id="i2v-image",
+                                             elem_classes="ursa-in", height=240)
                         f = common("i2v", size=False, frames=True)
                         run = gr.Button("Generate", variant="primary", elem_id="i2v-run")
                     with gr.Column():

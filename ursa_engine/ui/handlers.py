@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import math
 import queue
+import re
 import secrets
 import tempfile
 import time
@@ -320,8 +321,8 @@ class Studio:
             data = Path(image).read_bytes() if not isinstance(image, bytes) else image
             try:
                 return read_image(data, "image", self.limits)
-            except ValueError as err:
-                raise UIError(_one_line(err)) from None
+            except ValueError as err:  # without PIL's "(cannot identify image file <_io.BytesIO object at 0x..>)"
+                raise UIError(re.sub(r" \([^()]*<[^<>]* at 0x[0-9a-f]+>\)", "", _one_line(err))) from None
         return _pixels(image, "image", 3)
 
     def read_video(self, video) -> np.ndarray:
