@@ -52,5 +52,8 @@ class UIServer:
 
     def close(self) -> None:
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(2)
+        if self.thread.is_alive():  # open heartbeat streams (a page, or gradio_client: the page has an unload
+            self.server.force_exit = True  # event) hold a graceful shutdown until they close: don't wait
+            self.thread.join(10)
         self.batcher.stop()
