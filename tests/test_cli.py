@@ -381,7 +381,7 @@ def test_video_extension_writes_the_given_video_then_the_new_frames(roots, work,
 
 @pytest.mark.parametrize("command", ["serve", "ui"])
 @pytest.mark.parametrize("flag", ["--max-prompt-chars", "--max-upload-bytes", "--max-image-pixels",
-                                  "--max-video-frames", "--max-concurrent-per-key"])
+                                  "--max-video-frames", "--max-concurrent-per-key", "--max-tokens"])
 def test_serve_and_ui_share_their_limit_flags(command, flag, capsys):
     """One set of limits (ursa_engine.cli_serve.add_limit_flags): a bad value is one usage error naming the flag,
     before anything is loaded, for the API server and the page alike."""

@@ -470,3 +470,23 @@ def test_ui_subcommand_flags(monkeypatch):
     assert seen["root"] == "some/root" and seen["limits"].api_keys == ("k3", "k1", "k2")
     assert cli.main(["ui", "--port", "70000"]) == 2
     assert cli.main(["ui", "--max-upload-bytes", "0"]) == 2
+
+
+def test_ui_max_tokens_reaches_the_batcher(monkeypatch):
+    """`ursa-engine ui --max-tokens N` sizes the page's batcher as `serve --max-tokens N` does."""
+    import uvicorn
+
+    from ursa_engine.cli import main
+    from ursa_engine.serve import batcher as batcher_mod
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    original = batcher_mod.Batcher.__init__
+
+    def spy(self, engine, **kw):
+        seen["max_tokens"] = kw.get("max_tokens")
+        original(self, engine, **kw)
+
+    monkeypatch.setattr(batcher_mod.Batcher, "__init__", spy)
+    assert main(["ui", "--port", "0", "--max-tokens", "777"]) == 0
+    assert seen["max_tokens"] == 777 and seen["port"] == 0

@@ -201,6 +201,9 @@ def add_ui(subparsers) -> None:
     ui.add_argument("--device", default=None, help="cpu, cuda, ... (URSA roots; digits run on the CPU)")
     ui.add_argument("--max-rows", type=int, default=16, help="rows of one forward pass, cond + uncond (default 16)")
     ui.add_argument("--max-queue", type=int, default=64, help="requests waiting before 'queue full' (default 64)")
+    ui.add_argument("--max-tokens", type=int, default=None,
+                     help="latent tokens x rows of one forward pass; bigger requests get a 400 before any allocation "
+                          "(default 4 x 13x40x64: a guided pair of URSA 49-frame 320x512 videos)")
     add_limit_flags(ui, page=True)
     add_debug(ui)
     ui.set_defaults(handler=_ui)
@@ -209,7 +212,7 @@ def add_ui(subparsers) -> None:
 def _ui(args) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port: expected 0..65535, got {args.port}")
-    for name in ("max_rows", "max_queue"):
+    for name in ("max_rows", "max_queue", "max_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
     try:
@@ -220,7 +223,7 @@ def _ui(args) -> int:
         raise UsageError(f"ui: needs Gradio (pip install 'ursa-engine[ui]'): {err}") from None
     limits = limits_from(args)
     ui.launch(args.root, host=args.host, port=args.port, device=args.device, max_rows=args.max_rows,
-              max_queue=args.max_queue, limits=limits)
+              max_queue=args.max_queue, max_tokens=args.max_tokens, limits=limits)
     return 0
 
 

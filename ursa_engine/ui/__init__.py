@@ -123,9 +123,9 @@ def body_limit(app, limits, *, prefix: str = "") -> None:
 
 
 def launch(root=None, *, host: str = "127.0.0.1", port: int = 7860, max_rows: int = 16, max_queue: int = 64,
-           limits=None, device=None, log_level: str = "warning") -> None:
+           max_tokens: int | None = None, limits=None, device=None, log_level: str = "warning") -> None:
     """``ursa-engine ui``: load ``root`` (default: the bundled digits model), start the batcher and serve
-    the page until interrupted."""
+    the page until interrupted. ``max_tokens``: the batcher's token-rows a step (default: ``serve``'s)."""
     import sys
 
     import uvicorn
@@ -139,7 +139,8 @@ def launch(root=None, *, host: str = "127.0.0.1", port: int = 7860, max_rows: in
     if warning is not None:
         print(warning.replace("generate, read and cancel requests", "use the page"), file=sys.stderr, flush=True)
     served = ServedModel.load(root, device=device)
-    batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue).start()
+    sizes = {} if max_tokens is None else {"max_tokens": max_tokens}
+    batcher = Batcher(served.engine, max_rows=max_rows, max_queue=max_queue, **sizes).start()
     try:
         app = create_ui_app(served, batcher, limits)
         print(f"ursa-engine ui: http://{host}:{port}/ ({served.name} on {served.engine.device})", flush=True)
