@@ -5,7 +5,9 @@ plans declare it through :func:`ursa_engine.ops_library.workspace_buffers`, fed 
 op's own arguments. Here the real launchers run at small sizes (Triton interpreter, native CPU)
 under :class:`~ursa_engine.memory.LiveBytes` on real tensors, and what they allocate (each tensor,
 and the peak) must equal the declaration; at GPU sizes the declaration follows the CUDA tiling
-(token groups: the tile sums of ⌈D/4⌉ tokens, not D; no x̂1 buffer when ``x1`` is given). Also:
+(token groups: the tile sums of ⌈D/4⌉ tokens, not D; no x̂1 buffer when ``x1`` is given). The native
+step's torch side (float32 chunks of logits its kernels cannot read, the reference's top-k / top-p
+filter per chunk) runs under a small chunk budget and its peak must equal its declaration too. Also:
 declared workspace tensors update the phase records and the (n, K) watch of the tracker.
 """
 
@@ -231,3 +233,167 @@ def test_declared_workspace_tensors_update_phase_records_and_the_watch():
     assert p.largest["shape"] == [1000, 64] and p.most_elements["numel"] == 64_000
     assert p.peak == 1000 * 64 * 4 + 64 + 4 * 6 * 4 and mem.unphased == 0
     assert [t["shape"] for t in mem.big] == [[1000, 64]] and "workspace: demo" in mem.big[0]["op"]
+
+
+# ----------------------------------------------------------------------------- native slow paths
+def _logits(kind, D, K, g):
+    """(D, K) logits of ``kind``: a dtype, ``f32-strided`` (stride 2 in K) or ``f32-rows-copy`` (a
+    (2, D/2, K) view that no (D, K) view exists of: the launcher reshapes it, one copy)."""
+    if kind == "f32-strided":
+        return (torch.randn(D, 2 * K, generator=g) * 2)[:, ::2]
+    if kind == "f32-rows-copy":
+        return (torch.randn(D // 2, K, 2, generator=g) * 2).permute(2, 0, 1)
+    return (torch.randn(D, K, generator=g) * 2).to(getattr(torch, kind))
+
+
+def _native_call(op, cond, uncond, x, table, params, step, seeds, *, row_len, out, top_k, top_p, error, mask_id):
+    """The launcher call (``ursa_engine._native``) and the custom op's argument tuple for the same call."""
+    from ursa_engine import _native
+
+    common = dict(seeds=seeds, row_len=row_len, guidance_scale=2.5, temperature=0.8, top_k=top_k, top_p=top_p,
+                  out=out, error=error)
+    if op == "metric_step":
+        call = lambda: _native.metric_step(cond, uncond, x, table, params, step, **common)  # noqa: E731
+    elif op == "mixture_step":
+        call = lambda: _native.mixture_step(cond, uncond, x, params, step, **common)  # noqa: E731
+    else:
+        call = lambda: _native.mask_step(cond, uncond, x, params, step, mask_id=mask_id, **common)  # noqa: E731
+    named = dict(backend="native", cond=cond, uncond=uncond, x=x, table=table, params=params, step=step,
+                 mask_id=mask_id, seeds=seeds, row_len=row_len, guidance_scale=2.5, temperature=0.8, top_k=top_k,
+                 top_p=top_p, power=2, levels=None, last=False, argmax_last=False, index_offset=0, x1=None, K=None,
+                 out=out, error=error)
+    func = getattr(torch.ops.ursa, op).default
+    return call, func, tuple(named[a.name] for a in func._schema.arguments)
+
+
+NATIVE_CASES = {  # op, cond, uncond, top_k, top_p, error, row_len (None: D)
+    "convert-f64": ("metric_step", "float64", None, 0, 1.0, False, None),
+    "convert-uncond-f16": ("mixture_step", "float32", "float16", 0, 1.0, False, 8),
+    "convert-strided-guided": ("mask_step", "f32-strided", "bfloat16", 0, 1.0, True, None),
+    "rows-copy": ("metric_step", "f32-rows-copy", None, 0, 1.0, False, None),
+    "topk": ("metric_step", "bfloat16", None, 5, 1.0, False, 8),
+    "topp-guided-error": ("mixture_step", "bfloat16", "bfloat16", 0, 0.9, True, None),
+    "topk-topp-guided-error": ("mask_step", "float32", "bfloat16", 5, 0.8, True, None),
+    "topk-guided": ("mixture_step", "bfloat16", "float16", 5, 1.0, True, None),  # peak: guidance (z, u, c == u)
+    "topk-guided-f64": ("metric_step", "float64", "float64", 7, 1.0, False, None),  # uncond read as it is
+    "topk-all-codes": ("metric_step", "bfloat16", None, 97, 1.0, False, None),
+}
+
+
+@pytest.mark.parametrize("case", list(NATIVE_CASES))
+def test_native_slow_paths_allocate_their_declared_workspace(case, monkeypatch):
+    """The native launcher's torch side (float32 chunks of logits it cannot read; the reference's
+    top-k / top-p filter per chunk) under a small chunk budget: its peak bytes equal the declaration
+    of ``native_step_workspace``, which the plans get from the op's arguments; leaving out any buffer
+    of the peak stage would make the declaration fall short."""
+    pytest.importorskip("ursa_engine._native_cpu")
+    from ursa_engine.reference import sampler as ref
+
+    op, ck, uk, top_k, top_p, with_error, row_len = NATIVE_CASES[case]
+    D, K, m = 24, 97, 6
+    monkeypatch.setattr(ref, "CHUNK_BYTES", 10 * K * 8)  # filter: 10 rows a chunk; convert: 20
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = _logits(ck, D, K, g), None if uk is None else _logits(uk, D, K, g)
+    _, x, table, params, step, seeds = (t.cpu() for t in _metric_inputs(D, K, m))
+    out = torch.empty_like(x)
+    error = torch.zeros(1, dtype=torch.int32) if with_error else None
+    call, func, args = _native_call(op, cond, uncond, x, table, params, step, seeds, row_len=row_len or D, out=out,
+                                    top_k=top_k, top_p=top_p, error=error, mask_id=K - 1)
+    call()  # the codebook's verification, once
+    mem = _run(call)
+
+    want = ws.native_step_workspace(cond, uncond, D, K, row_len=row_len or D, top_k=top_k, top_p=top_p,
+                                    error=with_error)
+    path = "filter" if case.startswith("top") else "convert" if case.startswith("convert") else None
+    assert want.config["path"] == path and mem.current == 0 and mem.peak > 0
+    if path is not None:
+        rows = 10 if path == "filter" else 20
+        assert want.config["rows"] == rows and want.config["piece"] == (min(rows // 8 * 8, D) if row_len else rows)
+    assert mem.peak == want.peak_bytes()
+    bufs, nbytes = _declared(func, args)  # the plans' declaration: the same buffers at the same peak
+    assert nbytes == mem.peak and sorted(bufs) == sorted(
+        (b.shape, str(b.dtype).replace("torch.", "")) for b in want.peak_stage())
+    if path == "filter":  # made by torch ops: each buffer of the peak stage was allocated
+        assert set(bufs) <= set(mem.made)
+    else:  # the launcher allocates exactly the declared buffers, and nothing else
+        assert sorted(mem.made) == sorted((b.shape, str(b.dtype).replace("torch.", "")) for b in want.buffers)
+    # the comparison above catches a missing buffer: any one alive in every stage at the peak (top-p's
+    # sort and cumsum stages tie: the softmax alone, only in the first, does not move the peak)
+    stages = {s for b in want.buffers for s in b.stages}
+    at_peak = [s for s in stages if sum(b.nbytes for b in want.stage(s)) == mem.peak]
+    essential = [b for b in want.peak_stage() if all(s in b.stages for s in at_peak)]
+    assert essential
+    for left_out in essential:
+        rest = ws.Workspace([b for b in want.buffers if b is not left_out])
+        assert rest.peak_bytes() < mem.peak, left_out.name
+
+
+def test_native_filter_peak_is_the_sort_stage():
+    """Top-p on a chunk: z, the probabilities, torch.sort's sorted probabilities and order (32 bytes a
+    logit) and top-k's k-th values; at the default budget ~1 GiB, declared at real size on fake
+    tensors (plans: the native backend runs top-k / top-p under ``auto``, Triton does not)."""
+    from ursa_engine import _dispatch
+    from ursa_engine.reference import sampler as ref
+
+    D, K, k = 66_560, 64_000, 50
+    rows = ref.CHUNK_BYTES // (8 * K)
+    with FakeTensorMode(), ops_library.as_gpu():
+        assert _dispatch.resolve("metric_step", "auto", torch.device("cuda"), top_k=k, top_p=0.9) is \
+            ops_library.sampler_op("metric_step", "native")
+        cond = torch.empty(D, K, dtype=torch.bfloat16)
+        x, table = torch.zeros(D, dtype=torch.long), torch.empty(K, 8)
+        _, func, args = _native_call("metric_step", cond, cond, x, table, torch.empty(4), torch.zeros(1).long(),
+                                     torch.zeros(1).long(), row_len=D, out=torch.empty_like(x), top_k=k, top_p=0.9,
+                                     error=None, mask_id=0)
+        bufs, nbytes = _declared(func, args)
+        triton = _declared(func, ("triton",) + args[1:])[0]  # the backend argument picks the declaration
+        assert triton and "float64" not in {d for _, d in triton}
+    assert rows == 524 and nbytes == 32 * rows * K + 8 * rows * k and 1.0e9 < nbytes < 1.1e9
+    assert {"float64", "int64"} == {d for _, d in bufs}
+
+
+def test_native_plain_step_declares_nothing_and_x1_skips_the_logits():
+    """Logits the kernels read as they are (bf16 / fp16 / fp32, contiguous in K, one dtype): no torch
+    scratch; ``x1`` given: the logits are not read, whatever the filter."""
+    D, K = 40, 97
+    with FakeTensorMode():
+        cond, x = torch.empty(D, K, dtype=torch.bfloat16), torch.zeros(D, dtype=torch.long)
+        _, func, args = _native_call("mixture_step", cond, cond, x, None, torch.empty(4), torch.zeros(1).long(),
+                                     torch.zeros(1).long(), row_len=D, out=x, top_k=0, top_p=1.0, error=None,
+                                     mask_id=0)
+        assert _declared(func, args) == ([], 0)
+        _, func, args = _native_call("mixture_step", cond.double(), None, x, None, torch.empty(4),
+                                     torch.zeros(1).long(), torch.zeros(1).long(), row_len=D, out=x, top_k=3,
+                                     top_p=1.0, error=None, mask_id=0)
+        assert _declared(func, args)[1] > 0
+        named = dict(zip((a.name for a in func._schema.arguments), args, strict=True), x1=x)
+        assert _declared(func, tuple(named[a.name] for a in func._schema.arguments)) == ([], 0)
+
+
+def test_native_largest_piece_is_the_launchers():
+    from ursa_engine import _native
+
+    assert set(_native._DTYPES) == set(ws.NATIVE_DTYPES)
+    for D in (1, 7, 24, 100):
+        for L in (1, 3, 8, 24, 200):
+            for rows in (1, 5, 10, 64):
+                pieces = [e - s for s, e, *_ in _native._row_chunks(D, L, 1, rows)]
+                assert ws.native_largest_piece(D, L, rows) == max(pieces), (D, L, rows)
+    assert ws.native_chunk_rows(1000, filtering=True, budget=80_000) == 10
+    assert ws.native_chunk_rows(1000, filtering=False, budget=80_000) == 20
+
+
+def test_native_filter_reads_transposed_logits_by_rows():
+    """A filtered chunk is handed to the kernel contiguous in K whatever the logits' layout (it was
+    float32 in the logits' layout: (D, K) logits transposed in memory drew wrong codes)."""
+    pytest.importorskip("ursa_engine._native_cpu")
+    from ursa_engine import _native
+    from ursa_engine.reference import sampler as ref
+
+    D, K = 6, 50
+    cond = (torch.randn(K, D, generator=torch.Generator().manual_seed(0)) * 3).t()
+    x, params = torch.zeros(D, dtype=torch.long), torch.tensor([0.4, 1.0, 0.5, 0.2])
+    kw = dict(seeds=torch.tensor([7]), row_len=D, top_k=3, last=True, argmax_last=True)
+    got = _native.mixture_step(cond, None, x, params, torch.tensor([3]), **kw)
+    assert torch.equal(got, ref.mixture_step(cond, None, x, params, torch.tensor([3]), **kw))
+    assert torch.equal(got, cond.argmax(-1))

@@ -16,10 +16,12 @@ What the kernels do (csrc/cpu/kernels.h, csrc/cuda/sampler.cu):
   table (used only when the table is exactly ``Codebook.fsq(levels).normalized``).
 * mixture / mask steps draw x̂1 only for tokens whose result depends on it.
 * top-k / top-p (and logits the kernels cannot read directly: another dtype, strided in K,
-  cond and uncond of different dtypes): prepared with the reference's ``guided_logits`` in row
-  chunks (one (rows, K) float64 buffer within ``reference.sampler.CHUNK_BYTES``, the reference's
-  own budget), each chunk sampled by the kernel with the RNG index offset of its tokens: no
-  (D, K) buffer, and exactly the tokens of one whole call.
+  cond and uncond of different dtypes): prepared in row chunks, filtered by the reference's
+  ``guided_logits`` (one (rows, K) float64 buffer within ``reference.sampler.CHUNK_BYTES``, the
+  reference's own budget) or converted into float32 chunk buffers, each chunk sampled by the
+  kernel with the RNG index offset of its tokens: no (D, K) buffer, and exactly the tokens of one
+  whole call. Chunk rows and buffers come from ``triton_kernels.workspaces.native_step_workspace``,
+  which the memory plans declare (``ops_library.op_workspace``).
 * ``x1=`` (x̂1 drawn elsewhere, e.g. by the fused lm_head + draw): the logits are not read.
 * ``error=`` (int32 (1,) on the tokens' device): the kernels OR the ``ERR_*`` bits of
   :mod:`ursa_engine.reference.sampler` (``csrc/include/ursa/errors.h``) for what they read:
@@ -53,6 +55,7 @@ import torch
 
 from . import _cudart
 from .reference import sampler as ref
+from .triton_kernels import workspaces as _ws
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -260,11 +263,6 @@ def _row_chunks(D: int, row_len: int, n_seeds: int, rows: int):
             yield s, e, r0 // L, r0 // L + 1, e - s, s - r0
 
 
-def _chunk_rows(K: int, elem_bytes: int) -> int:
-    """Rows of one chunk: a (rows, K) buffer of ``elem_bytes`` fits the reference's CHUNK_BYTES."""
-    return max(1, ref.CHUNK_BYTES // max(K * elem_bytes, 1))
-
-
 def _prefiltered(cond, uncond, *, guidance_scale, temperature, top_k, top_p, exclude, error):
     """float32 z of a row chunk after guidance, temperature and top-k / top-p, by the reference.
 
@@ -274,8 +272,9 @@ def _prefiltered(cond, uncond, *, guidance_scale, temperature, top_k, top_p, exc
     ref.check_logits(error, cond)
     if uncond is not None:
         ref.check_logits(error, uncond, uncond=True)
-    return ref.guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                             top_p=top_p, exclude=exclude).to(torch.float32)
+    z = ref.guided_logits(cond, uncond, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                          top_p=top_p, exclude=exclude)
+    return z.to(torch.float32, memory_format=torch.contiguous_format)  # rows contiguous in K, as the kernel reads
 
 
 def _launch(mod, fn: str, *, cond, uncond, x, x1, out, error, check_logits, params, step, seeds, row_len,
@@ -314,11 +313,10 @@ def _step_call(mod_fn, cond, uncond, x, params, step, *, K, seeds, row_len, inde
     if cond is not None:
         cond = _logits("cond", cond, D, K)
         uncond = _logits("uncond", uncond, D, K)
-    filtering = cond is not None and (bool(top_k) or top_p < 1.0)
-    # Logits the kernel cannot read as they are go through row chunks (converted or filtered).
-    convert = cond is not None and not filtering and (
-        cond.dtype not in _DTYPES or cond.stride(1) != 1
-        or (uncond is not None and (uncond.dtype != cond.dtype or uncond.stride(1) != 1)))
+    # Logits the kernel cannot read as they are go through row chunks (converted or filtered), sized
+    # and declared to the memory plans by triton_kernels.workspaces (native_step_workspace).
+    path = _ws.native_step_path(cond, uncond, top_k=top_k, top_p=top_p)
+    filtering, convert = path == "filter", path == "convert"
     params = params.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
     if params.numel() < 4:
         raise ValueError(f"params: expected 4 step values, got {params.numel()}")
@@ -336,16 +334,18 @@ def _step_call(mod_fn, cond, uncond, x, params, step, *, K, seeds, row_len, inde
                     seeds=seeds, row_len=row_len, index_offset=index_offset, guidance_scale=guidance_scale,
                     temperature=temperature, **call)
             return _finish(buf, target, out)
-        rows = _chunk_rows(K, 8 if filtering else 4)  # float64 filter buffers / float32 converted logits
-        for s, e, lo, hi, chunk_len, offset in _row_chunks(D, row_len, seeds.numel(), rows):
+        work = _ws.native_step_workspace(cond, uncond, D, K, row_len=row_len, top_k=top_k, top_p=top_p,
+                                         error=error is not None)
+        f32 = work.allocate(device)  # convert: float32 chunk buffers, reused by every chunk
+        for s, e, lo, hi, chunk_len, offset in _row_chunks(D, row_len, seeds.numel(), work.config["rows"]):
             c, u = cond[s:e], None if uncond is None else uncond[s:e]
             if filtering:
                 c = _prefiltered(c, u, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                                  top_p=top_p, exclude=exclude, error=error)
                 u, gs, temp = None, 1.0, 1.0
             else:
-                c = c.to(torch.float32).contiguous()
-                u = None if u is None else u.to(torch.float32).contiguous()
+                c = f32["cond_f32"][: e - s].copy_(c) if "cond_f32" in f32 else c
+                u = f32["uncond_f32"][: e - s].copy_(u) if "uncond_f32" in f32 else u
                 gs, temp = guidance_scale, temperature
             _launch(mod, mod_fn, cond=c, uncond=u, x=x_flat[s:e], x1=None, out=buf[s:e], error=error,
                     check_logits=not filtering, seeds=seeds[lo:hi] if seeds.numel() > 1 else seeds,

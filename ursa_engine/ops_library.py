@@ -436,13 +436,21 @@ def op_workspace(func, args, kwargs):
     buffers with (``ursa_engine.triton_kernels.workspaces``), fed with the op's arguments.
 
     Declared: the Triton table metric step (explicit codebook, not the last step; no x̂1 buffer when
-    ``x1`` is given; token groups on CUDA), the Triton table path sample and the fused head draw
-    (per-chunk statistics, then the sort). Nothing else allocates scratch through torch: the FSQ and
-    uniform kernels keep none, the native kernels keep host / per-thread scratch of O(threads · K)
-    outside torch (not device memory), and ``linear_ce`` allocates only what it returns (and (1,)
-    scalars).
+    ``x1`` is given; token groups on CUDA), the Triton table path sample, the fused head draw
+    (per-chunk statistics, then the sort) and the native steps' torch side where it runs
+    (:func:`_native_step_workspace`: top-k / top-p filtering or logits converted to float32, in row
+    chunks). Nothing else allocates scratch through torch: the FSQ and uniform kernels keep none,
+    the native kernels keep host / per-thread scratch of O(threads · K) outside torch (not device
+    memory), and ``linear_ce`` allocates only what it returns (and (1,) scalars).
+
+    Which backend: the sampler ops carry the backend that runs them as their first argument, already
+    resolved (``"auto"`` is resolved by :func:`ursa_engine._dispatch.resolve` before the op is called;
+    inside :func:`as_gpu` as on a CUDA device: Triton, except where Triton does not support the call,
+    e.g. top-k / top-p, which resolves to native). The declaration follows that argument.
     """
     name = getattr(func, "name", lambda: "")()
+    if name in _NATIVE_STEPS and args and args[0] == "native":
+        return _native_step_workspace(func, args, kwargs)
     if name == "ursa::metric_step":
         backend, cond, x, table, levels, last, x1 = args[0], args[1], args[3], args[4], args[14], args[15], args[18]
         if backend != "triton" or levels is not None or last or table is None or table.dim() != 2:
@@ -467,6 +475,23 @@ def op_workspace(func, args, kwargs):
     return None
 
 
+_NATIVE_STEPS = ("ursa::metric_step", "ursa::mixture_step", "ursa::mask_step")
+
+
+def _native_step_workspace(func, args, kwargs):
+    """:func:`~ursa_engine.triton_kernels.workspaces.native_step_workspace` of a native step op, from its
+    arguments (by name: the three step ops order them differently): nothing when ``x1`` is given
+    (the logits are not read), else the slow path's chunk buffers (none on the fast path)."""
+    a = dict(zip((arg.name for arg in func._schema.arguments), args, strict=False), **kwargs)
+    cond, x = a["cond"], a["x"]
+    if a["x1"] is not None or cond is None:
+        return None
+    K = cond.shape[-1] if cond.dim() else 0
+    return _workspaces().native_step_workspace(cond, a["uncond"], x.numel(), K, row_len=int(a["row_len"]),
+                                               top_k=int(a["top_k"]), top_p=float(a["top_p"]),
+                                               error=a["error"] is not None)
+
+
 def workspace_buffers(func, args, kwargs) -> tuple[list[tuple[tuple[int, ...], torch.dtype]], str] | None:
     """Scratch tensors a launcher allocates and frees inside ``func`` (our ops only), at the call's
     largest stage, as ``[(shape, dtype), ...]``, and a label: the ``workspace`` callable of
@@ -474,7 +499,7 @@ def workspace_buffers(func, args, kwargs) -> tuple[list[tuple[tuple[int, ...], t
     ws = op_workspace(func, args, kwargs)
     if ws is None or not ws.buffers:
         return None
-    label = _WS_LABELS[str(func.name()).split("::")[1]]
+    label = ws.config.get("label") or _WS_LABELS[str(func.name()).split("::")[1]]
     return [(b.shape, b.dtype) for b in ws.peak_stage()], label
 
 
