@@ -28,20 +28,11 @@ from test_serve import Server  # noqa: E402
 from test_uploads import png_bomb  # noqa: E402
 
 from ursa_engine.serve.image_schema import quality_steps  # noqa: E402
-from ursa_engine.serve.models import ServedModel  # noqa: E402
 from ursa_engine.serve.security import Limits  # noqa: E402
 
 KEY = "sk-test-0123456789"
 STEPS = 4
 UPLOAD = 48 << 10  # the server's max_upload_bytes here
-
-
-@pytest.fixture(scope="module")
-def served():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield ServedModel.load()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -66,14 +66,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def served():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the worker thread and the HTTP side share 2 cores
-    yield ServedModel.load()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def server(served):
     s = Server(served, max_rows=16, max_queue=256)
     yield s

@@ -23,15 +23,12 @@ import time
 from collections import Counter
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from test_serve import Server, _free_port  # noqa: E402
-
-from ursa_engine.serve.models import ServedModel  # noqa: E402
 
 SEED0 = 10**6  # chaos request i has seed SEED0 + i
 CHAOS_REQUESTS = int(os.environ.get("URSA_CHAOS_REQUESTS", "300"))
@@ -45,14 +42,6 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-@pytest.fixture(scope="module")
-def served():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield ServedModel.load()
-    torch.set_num_threads(threads)
 
 
 def _body(prompt="7", **kw):

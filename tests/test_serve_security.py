@@ -9,7 +9,6 @@ import re
 import time
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -39,14 +38,6 @@ class Server(LoopbackServer):
 
     def __init__(self, served: ServedModel, limits: Limits, **batcher_options):
         super().__init__(served, limits, **{"max_rows": 8, "max_queue": 16, **batcher_options})
-
-
-@pytest.fixture(scope="module")
-def served():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield ServedModel.load()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
